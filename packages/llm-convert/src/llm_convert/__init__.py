@@ -1,0 +1,3 @@
+"""llm-convert."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,212 @@
+"""The typed, frozen configuration object.
+
+One flat namespace (as in MaxText) so that every key can be overridden as `key=value` on the command
+line. Values that can be derived (head_dim, num_kv_heads, per-layer attention kinds) are filled in by
+`Config.resolve()`; impossible combinations raise `ConfigError` naming the keys at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+MESH_AXES: tuple[str, ...] = (
+    "data",
+    "stage",
+    "fsdp",
+    "fsdp_transpose",
+    "sequence",
+    "context",
+    "tensor",
+    "expert",
+)
+
+# Logical axis name -> mesh axes it is sharded over (first match that fits the mesh wins).
+DEFAULT_LOGICAL_AXIS_RULES: list[list] = [
+    ["batch", ["data", "fsdp", "fsdp_transpose", "expert"]],
+    ["activation_length", ["sequence", "context"]],
+    ["activation_embed", ["tensor"]],
+    ["activation_heads", ["tensor"]],
+    ["activation_kv_heads", ["tensor"]],
+    ["activation_mlp", ["tensor"]],
+    ["activation_vocab", ["tensor"]],
+    ["vocab", ["tensor"]],
+    ["embed", ["fsdp", "fsdp_transpose", "sequence", "context"]],
+    ["heads", ["tensor"]],
+    ["kv_heads", ["tensor"]],
+    ["head_dim", []],
+    ["mlp", ["tensor", "fsdp_transpose"]],
+    ["exp", ["expert"]],
+    ["layers", ["stage"]],
+    ["norm", []],
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key at fault and what to change in the message."""
+
+
+Family = Literal["llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "gpt3"]
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- model identity
+    model_name: str = "default"
+    model_family: Family = "llama"
+
+    # --- model dimensions
+    vocab_size: int = 32000
+    emb_dim: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # default: num_heads (MHA)
+    head_dim: int | None = None  # default: emb_dim // num_heads
+    mlp_dim: int = 1408
+    mlp_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    gated_mlp: bool = True  # SwiGLU / GeGLU when true, plain up/down when false
+    norm_kind: Literal["rms", "layer"] = "rms"
+    norm_eps: float = 1e-6
+    norm_plus_one: bool = False  # Gemma's RMSNorm computes x * (1 + w)
+    post_norms: bool = False  # Gemma 2/3: extra norms after attention and MLP
+    tie_embeddings: bool = False
+    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(emb_dim)
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    # --- positions
+    position_embedding: Literal["rope", "learned"] = "rope"
+    max_position_embeddings: int = 8192
+    rope_kind: Literal["default", "linear", "llama3", "yarn"] = "default"
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # Gemma 3 local layers use their own base
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position: int = 8192  # llama3 / yarn
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_attention_factor: float | None = None  # default 0.1 * ln(factor) + 1
+    partial_rotary_factor: float = 1.0
+
+    # --- attention
+    attention_backend: Literal["dot_product", "chunked", "flash"] = "dot_product"
+    attention_chunk_size: int = 512  # key/value chunk for the `chunked` backend
+    sliding_window: int | None = None
+    attention_pattern: list[str] | None = None  # repeating group, e.g. [local, global]
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    qk_norm: bool = False
+    query_pre_attn_scalar: float | None = None  # default: head_dim
+
+    # --- numerics and memory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    scan_layers: bool = True
+    remat_policy: Literal["none", "full", "save_dots", "save_dots_no_batch", "offload_dots"] = (
+        "none"
+    )
+
+    # --- mesh: -1 means "fill with the remaining devices" (at most one per kind)
+    ici_data_parallelism: int = 1
+    ici_stage_parallelism: int = 1
+    ici_fsdp_parallelism: int = -1
+    ici_fsdp_transpose_parallelism: int = 1
+    ici_sequence_parallelism: int = 1
+    ici_context_parallelism: int = 1
+    ici_tensor_parallelism: int = 1
+    ici_expert_parallelism: int = 1
+    dcn_data_parallelism: int = -1
+    dcn_stage_parallelism: int = 1
+    dcn_fsdp_parallelism: int = 1
+    dcn_fsdp_transpose_parallelism: int = 1
+    dcn_sequence_parallelism: int = 1
+    dcn_context_parallelism: int = 1
+    dcn_tensor_parallelism: int = 1
+    dcn_expert_parallelism: int = 1
+    logical_axis_rules: list[list] = field(
+        default_factory=lambda: [list(r) for r in DEFAULT_LOGICAL_AXIS_RULES]
+    )
+
+    # --- run
+    run_name: str = "run"
+    base_output_dir: str = "runs"
+    steps: int = 100
+    global_batch_size: int = 8
+    seq_len: int = 256
+    seed: int = 0
+
+    # --- optimisation
+    optimizer: Literal["adamw", "adam", "sgd", "lion", "adafactor"] = "adamw"
+    learning_rate: float = 3e-4
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    z_loss: float = 0.0
+
+    # --- data
+    dataset_kind: Literal["synthetic", "text", "jsonl", "parquet", "arrayrecord", "hf"] = (
+        "synthetic"
+    )
+    dataset_path: str = ""
+    dataset_field: str = "text"
+    tokenizer_path: str = ""
+    packing: bool = True
+    eval_fraction: float = 0.0
+    eval_every: int = 0
+    data_workers: int = 0
+
+    # --- logging and checkpoints
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    profile_start_step: int = -1
+    profile_end_step: int = -1
+
+    # --- inference
+    max_prefill_length: int = 512
+    max_decode_slots: int = 8
+    kv_cache_kind: Literal["contiguous", "paged"] = "contiguous"
+    kv_page_size: int = 16
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.emb_dim // self.num_heads
+
+    @property
+    def resolved_num_kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def layer_attention_kinds(self) -> tuple[str, ...]:
+        """'global' or 'local' for each layer, from the repeating `attention_pattern`."""
+        pattern = self.attention_pattern or ["global"]
+        return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+    @property
+    def scan_group_size(self) -> int:
+        """Layers per scanned group: the length of the repeating attention pattern."""
+        return len(self.attention_pattern) if self.attention_pattern else 1
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def mesh_axis_sizes(self, kind: Literal["ici", "dcn"]) -> dict[str, int]:
+        return {axis: getattr(self, f"{kind}_{axis}_parallelism") for axis in MESH_AXES}
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
