@@ -1,0 +1,288 @@
+"""The engine: prefill a prompt, insert it into a decode slot, generate one token for every slot.
+
+The protocol (as in JetStream) keeps the engine free of any scheduling policy:
+
+    engine = Engine(cfg, graphdef)            # or Engine.from_model(cfg, model) -> (engine, params)
+    state = engine.init_decode_state()
+    prefix = engine.prefill(params, prompt_ids, sampling)     # KV of the prompt + its first token
+    state = engine.insert(prefix, state, slot)
+    state, out = engine.generate(params, state)               # one token for every slot
+    state = engine.release(state, slot)                       # slot (and its pages) free again
+
+Prompts are processed in chunks of at most `max_prefill_length` tokens (`start_prefill` +
+`prefill_chunk` let a scheduler interleave the chunks of a long prompt with decode steps). Chunk and
+prefix lengths are rounded up to power-of-two buckets, so a new prompt length reuses a compiled
+program: at most log2(max_prefill_length) x log2(kv_cache_max_length) prefill programs exist.
+
+The KV cache of the decode slots is contiguous (`llm_core.KVCache`, one [max_len] row per slot) or
+paged (`llm_serve.paged_cache`): see that module for the layout and its memory cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from llm_core import ConfigError, KVCache
+from llm_serve import paged_cache
+from llm_serve.kv_pages import PageAllocator
+from llm_serve.sampling import Sampled, SamplingParams, SlotSampling, sample
+
+MIN_BUCKET = 16
+
+
+def next_bucket(n: int, limit: int, multiple: int = 1) -> int:
+    """Smallest power of two >= max(n, MIN_BUCKET), rounded up to `multiple`, capped at `limit`."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    b = -(-b // multiple) * multiple
+    return min(b, limit)
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache | paged_cache.PagedKV
+    tokens: jax.Array  # [slots] int32: the last token of each slot (fed to the next step)
+    positions: jax.Array  # [slots] int32: the position of that token
+    active: jax.Array  # [slots] bool
+    sampling: SlotSampling
+    counts: jax.Array  # [slots, vocab] int32: tokens generated so far (for the penalties)
+
+
+@dataclass
+class PrefillJob:
+    """A prompt being prefilled chunk by chunk."""
+
+    tokens: np.ndarray
+    sampling: SlotSampling
+    cache: KVCache
+    done: int = 0
+    first: Sampled | None = None
+
+
+@dataclass
+class Prefix:
+    """The KV of a prompt (batch of one, `cache.max_len` >= length) and its first sampled token."""
+
+    cache: KVCache
+    length: int
+    first: Sampled
+    sampling: SlotSampling
+    meta: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg,
+        graphdef,
+        *,
+        kv_cache_kind: str | None = None,
+        slots: int | None = None,
+        max_len: int | None = None,
+        num_pages: int | None = None,
+    ):
+        self.cfg = cfg
+        self.graphdef = graphdef
+        self.kind = kv_cache_kind or cfg.kv_cache_kind
+        self.slots = slots or cfg.max_decode_slots
+        self.max_len = max_len or cfg.kv_cache_max_length
+        self.page_size = cfg.kv_page_size
+        self.max_prefill = cfg.max_prefill_length
+        self.cache_dtype = jnp.dtype(cfg.dtype)
+        if self.kind not in ("contiguous", "paged"):
+            raise ConfigError(f"kv_cache_kind must be 'contiguous' or 'paged', got {self.kind!r}.")
+        if self.kind == "paged" and self.max_len % self.page_size:
+            raise ConfigError(
+                f"kv_cache_max_length ({self.max_len}) must be a multiple of kv_page_size "
+                f"({self.page_size}) for the paged cache."
+            )
+        self.allocator = None
+        if self.kind == "paged":
+            per_slot = self.max_len // self.page_size
+            pages = num_pages or cfg.kv_num_pages or self.slots * per_slot + 1
+            self.allocator = PageAllocator(pages, self.page_size, self.slots, per_slot)
+        self._host_pos = np.zeros(self.slots, np.int64)
+        self._host_active = np.zeros(self.slots, bool)
+        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
+        self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._release_fn = jax.jit(self._release_impl, donate_argnums=(0,))
+
+    @classmethod
+    def from_model(cls, cfg, model: nnx.Module, **kwargs) -> tuple[Engine, nnx.State]:
+        graphdef, params = nnx.split(model)
+        return cls(cfg, graphdef, **kwargs), params
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self.slots
+
+    # ------------------------------------------------------------------ decode state
+    def init_decode_state(self) -> DecodeState:
+        cfg = self.cfg
+        if self.kind == "paged":
+            cache = paged_cache.PagedKV.init(cfg, self.allocator, self.cache_dtype)
+        else:
+            cache = KVCache.init(cfg, self.slots, self.max_len, self.cache_dtype)
+        self._host_pos[:] = 0
+        self._host_active[:] = False
+        return DecodeState(
+            cache=cache,
+            tokens=jnp.zeros((self.slots,), jnp.int32),
+            positions=jnp.zeros((self.slots,), jnp.int32),
+            active=jnp.zeros((self.slots,), bool),
+            sampling=SlotSampling.init(self.slots),
+            counts=jnp.zeros((self.slots, cfg.vocab_size), jnp.int32),
+        )
+
+    # ------------------------------------------------------------------ prefill
+    def start_prefill(self, tokens, sampling: SamplingParams | None = None) -> PrefillJob:
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        if not 0 < len(tokens) < self.max_len:
+            raise ValueError(
+                f"prompt has {len(tokens)} tokens; it must have 1 to {self.max_len - 1} "
+                "(kv_cache_max_length - 1)."
+            )
+        sampling = sampling or SamplingParams(temperature=0.0)
+        length = next_bucket(len(tokens), self.max_len, self.page_size)
+        cache = KVCache.init(self.cfg, 1, length, self.cache_dtype)
+        return PrefillJob(tokens=tokens, sampling=SlotSampling.of(sampling), cache=cache)
+
+    def prefill_chunk(self, params, job: PrefillJob) -> Prefix | None:
+        """Run the next chunk of `job`; returns the Prefix after the last chunk, else None."""
+        n = len(job.tokens)
+        chunk = job.tokens[job.done : job.done + self.max_prefill]
+        c = len(chunk)
+        width = next_bucket(c, self.max_prefill)
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :c] = chunk
+        pos = np.full((1, width), job.cache.max_len, np.int32)  # padding: dropped by the cache
+        pos[0, :c] = np.arange(job.done, job.done + c)
+        job.cache, job.first = self._prefill_fn(
+            params, job.cache, jnp.asarray(ids), jnp.asarray(pos), c - 1, job.sampling
+        )
+        job.done += c
+        if job.done < n:
+            return None
+        return Prefix(cache=job.cache, length=n, first=job.first, sampling=job.sampling)
+
+    def prefill(self, params, tokens, sampling: SamplingParams | None = None) -> Prefix:
+        job = self.start_prefill(tokens, sampling)
+        while (prefix := self.prefill_chunk(params, job)) is None:
+            pass
+        return prefix
+
+    def _prefill_impl(self, params, cache, ids, pos, last, sampling):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model.forward_with_cache(ids, pos, cache)
+        last_logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
+        counts = jnp.zeros(last_logits.shape, jnp.int32)
+        return cache, sample(last_logits, sampling, counts)
+
+    # ------------------------------------------------------------------ insert / release
+    def reserve(self, slot: int, num_tokens: int) -> bool:
+        """Paged cache: reserve pages for `num_tokens` tokens of `slot`; False if too few are free."""
+        if self.allocator is None:
+            return True
+        if not self.allocator.can_reserve(slot, num_tokens):
+            return False
+        self.allocator.reserve(slot, num_tokens)
+        return True
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.slots})")
+        pages = None
+        if self.allocator is not None:
+            self.allocator.reserve(slot, prefix.length + 1)
+            n = prefix.cache.max_len // self.page_size
+            pages = np.zeros(n, np.int32)
+            owned = self.allocator.owned(slot)[:n]
+            pages[: len(owned)] = owned
+            state = state.replace(cache=state.cache.with_table(self.allocator.table))
+            pages = jnp.asarray(pages)
+        state = self._insert_fn(state, prefix.cache, prefix.first, prefix.length, slot, pages)
+        state = state.replace(sampling=_set_slot(state.sampling, prefix.sampling, slot))
+        self._host_pos[slot] = prefix.length
+        self._host_active[slot] = True
+        return state
+
+    def _insert_impl(self, state, cache, first, length, slot, pages):
+        if pages is None:
+            k = jax.lax.dynamic_update_slice_in_dim(state.cache.k, cache.k, slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(state.cache.v, cache.v, slot, axis=1)
+            new_cache = KVCache(k=k, v=v)
+        else:
+            new_cache = state.cache.write_prefix(cache, pages)
+        token = first.tokens[0]
+        counts = jnp.zeros((state.counts.shape[1],), jnp.int32).at[token].add(1)
+        return state.replace(
+            cache=new_cache,
+            tokens=state.tokens.at[slot].set(token),
+            positions=state.positions.at[slot].set(length),
+            active=state.active.at[slot].set(True),
+            counts=state.counts.at[slot].set(counts),
+        )
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        """Deactivate `slot` and return its pages at once."""
+        if self.allocator is not None:
+            self.allocator.release(slot)
+            state = state.replace(cache=state.cache.with_table(self.allocator.table))
+        self._host_active[slot] = False
+        return self._release_fn(state, slot)
+
+    @staticmethod
+    def _release_impl(state, slot):
+        return state.replace(active=state.active.at[slot].set(False))
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, params, state: DecodeState) -> tuple[DecodeState, Sampled]:
+        """One decode step for every slot; rows of inactive slots in the result are meaningless."""
+        if self.allocator is not None:
+            grew = False
+            for slot in np.flatnonzero(self._host_active):
+                need = int(self._host_pos[slot]) + 1
+                if self.allocator.pages_for(need) > len(self.allocator.owned(slot)):
+                    self.allocator.reserve(slot, need)
+                    grew = True
+            if grew:
+                state = state.replace(cache=state.cache.with_table(self.allocator.table))
+        state, out = self._generate_fn(params, state)
+        self._host_pos[self._host_active] += 1
+        return state, out
+
+    def _generate_impl(self, params, state: DecodeState):
+        model = nnx.merge(self.graphdef, params)
+        max_len = self.max_len
+        pos = jnp.where(state.active, state.positions, max_len)[:, None]
+        ids = state.tokens[:, None]
+        if self.kind == "paged":
+            logits, cache = paged_cache.forward(model, ids, pos, state.cache, state.active)
+        else:
+            logits, cache = model.forward_with_cache(ids, pos, state.cache)
+        out = sample(logits[:, 0], state.sampling, state.counts)
+        act = state.active
+        onehot = jax.nn.one_hot(out.tokens, state.counts.shape[1], dtype=jnp.int32)
+        new = state.replace(
+            cache=cache,
+            tokens=jnp.where(act, out.tokens, state.tokens),
+            positions=state.positions + act.astype(jnp.int32),
+            counts=state.counts + onehot * act[:, None].astype(jnp.int32),
+            sampling=state.sampling.replace(step=state.sampling.step + act.astype(jnp.int32)),
+        )
+        return new, out
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _set_slot(all_slots: SlotSampling, one: SlotSampling, slot: int) -> SlotSampling:
+    """Copy a batch-of-one SlotSampling into row `slot` (step 1: the first token is sampled)."""
+    one = one.replace(step=one.step + 1)
+    return jax.tree.map(lambda a, b: a.at[slot].set(b[0]), all_slots, one)

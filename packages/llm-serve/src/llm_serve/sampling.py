@@ -1,0 +1,178 @@
+"""Per-request sampling settings and the batched, jit-friendly sampler.
+
+Every slot of the decode batch carries its own settings as arrays, so one compiled step serves a batch
+that mixes greedy and sampled requests. Order of operations for one slot (as in vLLM):
+
+1. presence / frequency penalties on the logits of tokens this request has generated so far;
+2. temperature == 0 -> greedy (argmax), else logits / temperature;
+3. top-k, then top-p (nucleus), then min-p (keep tokens with p >= min_p * p_max) filtering;
+4. a draw from the filtered distribution with the slot's key folded with its step counter, so one seed
+   always gives the same tokens whatever else is in the batch.
+
+Reported logprobs are those of the model's own distribution (log-softmax of the raw logits), as the
+OpenAI API documents them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+TOP_LOGPROBS_MAX = 20  # most alternatives reported per token (the OpenAI chat API's limit)
+
+
+class SamplingError(ValueError):
+    """A sampling setting out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for. Defaults follow the OpenAI completions API."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None  # None: a fresh random seed
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob + k alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self):
+        self.validate()
+        if self.seed is None:
+            self.seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                raise SamplingError(name, f"'{name}' must be {what}, got {value!r}.")
+
+        need(isinstance(self.max_tokens, int) and self.max_tokens > 0, "max_tokens", "an int > 0")
+        need(self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an int >= 0 (0 = off)")
+        need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        need(0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        need(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
+        need(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
+        need(
+            self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS_MAX,
+            "logprobs",
+            f"null or an int in [0, {TOP_LOGPROBS_MAX}]",
+        )
+        need(
+            self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+            "seed",
+            "null or an int >= 0",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@struct.dataclass
+class SlotSampling:
+    """Sampling settings of every slot, as arrays of shape [slots]."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    key: jax.Array  # [slots, 2] uint32 raw PRNG keys
+    step: jax.Array  # tokens sampled so far by the slot's request
+
+    @classmethod
+    def init(cls, slots: int) -> SlotSampling:
+        f = lambda v: jnp.full((slots,), v, jnp.float32)  # noqa: E731
+        return cls(
+            temperature=f(0.0),
+            top_k=jnp.zeros((slots,), jnp.int32),
+            top_p=f(1.0),
+            min_p=f(0.0),
+            presence=f(0.0),
+            frequency=f(0.0),
+            key=jnp.zeros((slots, 2), jnp.uint32),
+            step=jnp.zeros((slots,), jnp.int32),
+        )
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> SlotSampling:
+        """One request's settings as a batch of one."""
+        return cls(
+            temperature=jnp.array([p.temperature], jnp.float32),
+            top_k=jnp.array([p.top_k], jnp.int32),
+            top_p=jnp.array([p.top_p], jnp.float32),
+            min_p=jnp.array([p.min_p], jnp.float32),
+            presence=jnp.array([p.presence_penalty], jnp.float32),
+            frequency=jnp.array([p.frequency_penalty], jnp.float32),
+            key=jax.random.key_data(jax.random.PRNGKey(p.seed))[None],
+            step=jnp.zeros((1,), jnp.int32),
+        )
+
+
+@struct.dataclass
+class Sampled:
+    """One sampled token per row, with its logprob and the top alternatives."""
+
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] float32
+    top_ids: jax.Array  # [B, TOP_LOGPROBS_MAX] int32
+    top_logprobs: jax.Array  # [B, TOP_LOGPROBS_MAX] float32
+
+
+def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
+    """Top-k, top-p and min-p: logits below each row's threshold become -inf."""
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    rank = jnp.arange(vocab)[None, :]
+    keep = rank < k[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, sorted_desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    keep &= before < s.top_p[:, None]
+    keep &= probs >= s.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, s: SlotSampling, counts: jax.Array) -> Sampled:
+    """logits [B, V] float32, counts [B, V] int32 (tokens generated so far) -> Sampled."""
+    logits = logits.astype(jnp.float32)
+    model_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    penalised = (
+        logits
+        - s.presence[:, None] * (counts > 0)
+        - s.frequency[:, None] * counts.astype(jnp.float32)
+    )
+    greedy_tokens = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        temp = jnp.where(s.temperature > 0, s.temperature, 1.0)
+        filtered = _filter(penalised / temp[:, None], s)
+        keys = jax.vmap(lambda k, t: jax.random.fold_in(jax.random.wrap_key_data(k), t))(
+            s.key, s.step
+        )
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, drawn, greedy_tokens)
+
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tokens, None)
+    chosen = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(model_logprobs, min(TOP_LOGPROBS_MAX, logits.shape[-1]))
+    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
