@@ -104,10 +104,11 @@ class Engine:
                 f"({self.page_size}) for the paged cache."
             )
         self.allocator = None
+        self.num_pages = (
+            num_pages or cfg.kv_num_pages or self.slots * self.max_len // self.page_size + 1
+        )
         if self.kind == "paged":
-            per_slot = self.max_len // self.page_size
-            pages = num_pages or cfg.kv_num_pages or self.slots * per_slot + 1
-            self.allocator = PageAllocator(pages, self.page_size, self.slots, per_slot)
+            self.allocator = self._new_allocator()
         self._host_pos = np.zeros(self.slots, np.int64)
         self._host_active = np.zeros(self.slots, bool)
         self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
@@ -124,10 +125,16 @@ class Engine:
     def max_concurrent_decodes(self) -> int:
         return self.slots
 
+    def _new_allocator(self) -> PageAllocator:
+        per_slot = self.max_len // self.page_size
+        return PageAllocator(self.num_pages, self.page_size, self.slots, per_slot)
+
     # ------------------------------------------------------------------ decode state
     def init_decode_state(self) -> DecodeState:
+        """A fresh decode state: every slot free (and, paged, every page back in the pool)."""
         cfg = self.cfg
         if self.kind == "paged":
+            self.allocator = self._new_allocator()
             cache = paged_cache.PagedKV.init(cfg, self.allocator, self.cache_dtype)
         else:
             cache = KVCache.init(cfg, self.slots, self.max_len, self.cache_dtype)

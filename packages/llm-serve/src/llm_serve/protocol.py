@@ -1,0 +1,256 @@
+"""OpenAI request parsing (with errors naming the field at fault) and response bodies.
+
+Supported request fields. Both endpoints: model, max_tokens, temperature, top_p, n (1 only), stream,
+stream_options.include_usage, stop, seed, presence_penalty, frequency_penalty, and the vLLM
+extensions top_k, min_p, stop_token_ids, ignore_eos. Completions: prompt (a string, a list of token
+ids, or a list of one string), logprobs (0-20), echo (false only). Chat: messages, logprobs (bool),
+top_logprobs (0-20), max_completion_tokens. Unknown fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from llm_serve.sampling import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {
+            400: "invalid_request_error",
+            404: "not_found_error",
+            429: "rate_limit_error",
+            503: "service_unavailable",
+        }.get(self.status, "server_error")
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+
+_MISSING = object()
+_NUM = (int, float)
+
+
+def _field(body: dict, name: str, types, default=_MISSING, what: str = ""):
+    value = body.get(name, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise APIError(400, f"'{name}' is required.", name, "missing_field")
+        return default
+    bad_bool = isinstance(value, bool) and bool not in (
+        types if isinstance(types, tuple) else (types,)
+    )
+    if bad_bool or not isinstance(value, types):
+        names = what or "/".join(
+            t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+        )
+        raise APIError(
+            400, f"'{name}' must be {names}, got {type(value).__name__}.", name, "invalid_type"
+        )
+    return value
+
+
+@dataclass
+class ParsedRequest:
+    model: str
+    prompt: str | list[int] | None
+    messages: list[dict] | None
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+
+
+def _stop(body: dict) -> list[str]:
+    stop = _field(body, "stop", (str, list), [], "a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of up to 4 strings.", "stop")
+    return stop
+
+
+def _common(body: dict, max_tokens_default, logprobs) -> tuple[SamplingParams, bool, bool]:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
+    if _field(body, "n", int, 1) != 1:
+        raise APIError(400, "'n' must be 1: one completion per request is supported.", "n")
+    stop_ids = _field(body, "stop_token_ids", list, [], "a list of ints")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
+        raise APIError(400, "'stop_token_ids' must be a list of ints.", "stop_token_ids")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _field({name: max_tokens}, name, int, max_tokens_default)
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    include_usage = bool(options.get("include_usage", False))
+    seed = _field(body, "seed", int, None)
+    try:
+        sampling = SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else 1 << 30,
+            temperature=float(_field(body, "temperature", _NUM, 1.0, "a number")),
+            top_p=float(_field(body, "top_p", _NUM, 1.0, "a number")),
+            top_k=_field(body, "top_k", int, 0),
+            min_p=float(_field(body, "min_p", _NUM, 0.0, "a number")),
+            seed=seed,
+            stop=_stop(body),
+            stop_token_ids=stop_ids,
+            ignore_eos=_field(body, "ignore_eos", bool, False),
+            logprobs=logprobs,
+            presence_penalty=float(_field(body, "presence_penalty", _NUM, 0.0, "a number")),
+            frequency_penalty=float(_field(body, "frequency_penalty", _NUM, 0.0, "a number")),
+        )
+    except SamplingError as err:
+        param = name if err.field == "max_tokens" else err.field
+        raise APIError(400, str(err).replace("'max_tokens'", f"'{param}'"), param) from None
+    return sampling, stream, include_usage
+
+
+def parse_completion(body) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
+    model = _field(body, "model", str)
+    prompt = _field(body, "prompt", (str, list), what="a string or a list of token ids")
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        elif not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise APIError(
+                400,
+                "'prompt' must be a string, a list of token ids or a list of one string.",
+                "prompt",
+            )
+    logprobs = _field(body, "logprobs", int, None)
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise APIError(400, "'logprobs' must be an int in [0, 5] or null.", "logprobs")
+    if _field(body, "echo", bool, False):
+        raise APIError(400, "'echo' is not supported; leave it false.", "echo")
+    sampling, stream, usage = _common(body, 16, logprobs)
+    return ParsedRequest(model, prompt, None, sampling, stream, usage)
+
+
+def parse_chat(body) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
+    model = _field(body, "model", str)
+    messages = _field(body, "messages", list, what="a list of {role, content} objects")
+    if not messages:
+        raise APIError(400, "'messages' must hold at least one message.", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"'{where}' must be an object with a string 'role'.", where)
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(400, f"'{where}.content' parts must be of type 'text'.", where)
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise APIError(400, f"'{where}.content' must be a string.", f"{where}.content")
+        clean.append({"role": m["role"], "content": content})
+    top = _field(body, "top_logprobs", int, None)
+    if top is not None and not 0 <= top <= TOP_LOGPROBS_MAX:
+        raise APIError(
+            400, f"'top_logprobs' must be an int in [0, {TOP_LOGPROBS_MAX}].", "top_logprobs"
+        )
+    want = _field(body, "logprobs", bool, False)
+    sampling, stream, usage = _common(body, None, (top or 0) if want else None)
+    return ParsedRequest(model, None, clean, sampling, stream, usage)
+
+
+# ---------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def completion_logprobs(tokenizer, events, offset: int = 0) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for ev in events:
+        if ev.token_id is None:
+            continue
+        tokens.append(tokenizer.decode([ev.token_id]))
+        lps.append(ev.logprob)
+        tops.append({tokenizer.decode([i]): lp for i, lp in ev.top_logprobs or []})
+        offsets.append(offset)
+        offset += len(ev.text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, events) -> dict:
+    def entry(token_id, lp):
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    content = []
+    for ev in events:
+        if ev.token_id is None:
+            continue
+        item = entry(ev.token_id, ev.logprob)
+        item["top_logprobs"] = [entry(i, lp) for i, lp in ev.top_logprobs or []]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_body(rid, model, text, finish, logprobs, use) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": use,
+    }
+
+
+def chat_body(rid, model, text, finish, logprobs, use) -> dict:
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": use,
+    }
+
+
+def completion_chunk(rid, model, text, finish=None, logprobs=None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chat_chunk(rid, model, delta: dict, finish=None, logprobs=None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }

@@ -1,0 +1,269 @@
+"""Continuous batching over an engine: requests join and leave decode slots between steps.
+
+One loop iteration (`step`):
+
+1. requests whose client went away leave their slot (and its pages) at once;
+2. waiting requests take free slots (paged cache: only if the pages for prompt + max_tokens are free,
+   so a running request never runs out of pages);
+3. one chunk (<= max_prefill_length tokens) of the oldest prompt being prefilled runs; a finished
+   prefill is inserted into its slot and yields the request's first token. Long prompts are thus
+   spread over several iterations, and running requests keep decoding between their chunks;
+4. one decode step for every slot; each request gets its token, and finished requests leave.
+
+The waiting queue is bounded (`max_queue_size`); `submit` raises `QueueFull` beyond it. The loop runs
+in a background thread (`start` / `stop`) or is driven by hand (`step`, `run_until_idle`) in tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+
+from llm_serve.sampling import SamplingParams
+from llm_serve.tokenizer import TextStream, Tokenizer
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full; try again later (HTTP 429)."""
+
+
+@dataclass
+class Event:
+    """What a request receives per generated token (and once more when it finishes)."""
+
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    finished: bool = False
+    generated: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token_time: float = 0.0
+    stream: TextStream | None = None
+    max_new: int = 0
+    text: str = ""  # filled by generate_text
+    finish_reason: str | None = None
+
+
+class Scheduler:
+    def __init__(self, engine, params, tokenizer: Tokenizer, *, max_queue=None, metrics=None):
+        self.engine = engine
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue if max_queue is not None else engine.cfg.max_queue_size
+        self.metrics = metrics
+        self.state = engine.init_decode_state()
+        self.queue: collections.deque[Request] = collections.deque()
+        self.slots: list[Request | None] = [None] * engine.max_concurrent_decodes
+        self.prefilling: list[tuple[int, object]] = []  # (slot, PrefillJob)
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ client side (any thread)
+    def submit(self, req: Request) -> Request:
+        n = len(req.prompt_ids)
+        room = self.engine.max_len - n
+        if n == 0 or room <= 0:
+            raise ValueError(
+                f"prompt has {n} tokens; the context holds {self.engine.max_len} "
+                "(kv_cache_max_length), prompt included, and a prompt needs at least 1 token."
+            )
+        req.max_new = min(req.sampling.max_tokens, room)
+        req.stream = TextStream(self.tokenizer, req.sampling.stop)
+        with self._cv:
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting (max_queue_size)")
+            self.queue.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: free its slot and pages at the next step boundary."""
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        alloc = self.engine.allocator
+        return {
+            "queue_depth": len(self.queue),
+            "active_slots": sum(r is not None for r in self.slots),
+            "total_slots": len(self.slots),
+            "free_pages": alloc.num_free if alloc else None,
+            "total_pages": alloc.capacity if alloc else None,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="llm-serve-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        try:
+            while self._running:
+                with self._cv:
+                    while self._running and not self._has_work():
+                        self._cv.wait(timeout=1.0)
+                if self._running:
+                    self.step()
+        except BaseException as err:  # pragma: no cover - surfaced through /health
+            self.error = err
+            for slot, req in enumerate(self.slots):
+                if req is not None:
+                    self._finish(slot, "abort")
+            raise
+
+    def _has_work(self) -> bool:
+        return bool(self.queue) or any(r is not None for r in self.slots)
+
+    def run_until_idle(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if not self._has_work():
+                return
+            self.step()
+        raise RuntimeError(f"scheduler still busy after {max_steps} steps")
+
+    def step(self) -> None:
+        for slot, req in enumerate(self.slots):
+            if req is not None and req.cancelled:
+                self._finish(slot, "abort")
+        self._admit()
+        if self.prefilling:
+            slot, job = self.prefilling[0]
+            prefix = self.engine.prefill_chunk(self.params, job)
+            if prefix is not None:
+                self.prefilling.pop(0)
+                self.state = self.engine.insert(prefix, self.state, slot)
+                req = self.slots[slot]
+                if self.metrics:
+                    self.metrics.prompt_tokens.inc(prefix.length)
+                self._deliver(slot, req, jax.device_get(prefix.first), 0)
+        busy = {s for s, _ in self.prefilling}
+        decoding = [s for s, r in enumerate(self.slots) if r is not None and s not in busy]
+        if decoding:
+            self.state, out = self.engine.generate(self.params, self.state)
+            out = jax.device_get(out)
+            for slot in decoding:
+                self._deliver(slot, self.slots[slot], out, slot)
+        self._update_gauges()
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self.queue and self.queue[0].cancelled:
+                self._reject(self.queue.popleft())
+            free = [s for s, r in enumerate(self.slots) if r is None]
+            while self.queue and free:
+                req = self.queue[0]
+                if req.cancelled:
+                    self._reject(self.queue.popleft())
+                    continue
+                slot = free[0]
+                if not self.engine.reserve(slot, len(req.prompt_ids) + req.max_new):
+                    break  # pages come back when running requests finish
+                self.queue.popleft()
+                free.pop(0)
+                self.slots[slot] = req
+                job = self.engine.start_prefill(req.prompt_ids, req.sampling)
+                self.prefilling.append((slot, job))
+
+    def _reject(self, req: Request) -> None:
+        req.finished = True
+        req.on_event(Event(text="", finish_reason="abort"))
+        if self.metrics:
+            self.metrics.requests.labels("abort").inc()
+
+    # ------------------------------------------------------------------ per token
+    def _deliver(self, slot: int, req: Request, out, row: int) -> None:
+        token = int(out.tokens[row])
+        now = time.perf_counter()
+        if self.metrics:
+            if req.generated:
+                self.metrics.itl.observe(now - req.last_token_time)
+            else:
+                self.metrics.ttft.observe(now - req.arrival)
+            self.metrics.generation_tokens.inc()
+        req.last_token_time = now
+        req.generated.append(token)
+        sp = req.sampling
+        lp = top = None
+        if sp.logprobs is not None:
+            lp = float(out.logprobs[row])
+            top = [
+                (int(i), float(v))
+                for i, v in zip(out.top_ids[row][: sp.logprobs], out.top_logprobs[row])
+            ]
+        eos = self.tokenizer.eos_token_id
+        if token in sp.stop_token_ids or (token == eos and not sp.ignore_eos):
+            req.on_event(Event(req.stream.flush(), token, lp, top, None))
+            self._finish(slot, "stop")
+            return
+        text = req.stream.push(token)
+        if req.stream.stopped:
+            req.on_event(Event(text, token, lp, top, None))
+            self._finish(slot, "stop")
+        elif len(req.generated) >= req.max_new:
+            req.on_event(Event(text + req.stream.flush(), token, lp, top, None))
+            self._finish(slot, "length")
+        else:
+            req.on_event(Event(text, token, lp, top, None))
+
+    def _finish(self, slot: int, reason: str) -> None:
+        req = self.slots[slot]
+        self.slots[slot] = None
+        self.prefilling = [(s, j) for s, j in self.prefilling if s != slot]
+        self.state = self.engine.release(self.state, slot)
+        if req is not None and not req.finished:
+            req.finished = True
+            req.finish_reason = reason
+            req.on_event(Event(text="", finish_reason=reason))
+            if self.metrics:
+                self.metrics.requests.labels(reason).inc()
+
+    def _update_gauges(self) -> None:
+        if self.metrics:
+            s = self.stats()
+            self.metrics.queue_depth.set(s["queue_depth"])
+            self.metrics.active_slots.set(s["active_slots"])
+            if s["free_pages"] is not None:
+                self.metrics.free_pages.set(s["free_pages"])
+
+
+def generate_text(scheduler: Scheduler, prompt_ids, sampling: SamplingParams) -> Request:
+    """Run one request to completion on a hand-driven scheduler (tests, the CLI); returns it."""
+    events: list[Event] = []
+    req = scheduler.submit(Request(list(prompt_ids), sampling, events.append))
+    scheduler.run_until_idle()
+    req.text = "".join(e.text for e in events)
+    return req
+
+
+__all__ = ["Event", "QueueFull", "Request", "Scheduler", "generate_text"]
