@@ -72,3 +72,69 @@ def tiny_model(*overrides: str):
 @pytest.fixture
 def tokenizer() -> Tokenizer:
     return tiny_tokenizer()
+
+
+# ---------------------------------------------------------------------- checkpoints and servers
+def save_tiny_checkpoint(folder, *overrides: str):
+    """A native checkpoint of the tiny model (+ tokenizer.json) in `folder`."""
+    from llm_serve.checkpoint import save_native
+
+    cfg, model = tiny_model(*overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_tokenizer().save(str(folder / "tokenizer.json"))
+    save_native(folder, cfg, model)
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`llm-serve serve` in a subprocess on 127.0.0.1:<free port>."""
+
+    def __init__(self, checkpoint, *settings: str, name: str = "tiny", timeout: float = 180):
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "llm_serve.cli", "serve", "--checkpoint", str(checkpoint)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--model-name", name]
+        if settings:
+            cmd += ["--set", *settings]
+        self.log = open(os.path.join(str(checkpoint), f"server-{self.port}.log"), "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise RuntimeError(f"server did not start in {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
+        self.log.close()

@@ -30,7 +30,7 @@ def model():
 @pytest.fixture(scope="module")
 def reference(model):
     """Greedy continuation by re-running the whole sequence without a cache (one compiled length)."""
-    cfg, m = model
+    _, m = model
     graphdef, state = nnx.split(m)
 
     @jax.jit

@@ -1,0 +1,162 @@
+"""Continuous batching: joins and leaves between steps, chunked prefill interleaves with decoding,
+cancellation frees slot and pages, bounded queue, stop strings / ids, max_tokens, seeds, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+from llm_serve.engine import Engine
+from llm_serve.sampling import SamplingParams
+from llm_serve.scheduler import QueueFull, Request, Scheduler, generate_text
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    cfg, m = tiny_model()
+    return {k: Engine.from_model(cfg, m, kv_cache_kind=k) for k in ("contiguous", "paged")}
+
+
+def scheduler(engines, kind="contiguous", **kw):
+    engine, params = engines[kind]
+    return Scheduler(engine, params, tiny_tokenizer(), **kw)
+
+
+def submit(s, prompt, log=None, **sampling):
+    events = []
+
+    def on_event(ev, events=events):
+        events.append(ev)
+        if log is not None:
+            log.append((req.id, ev))
+
+    req = s.submit(Request(list(prompt), SamplingParams(**sampling), on_event))
+    req.events = events
+    return req
+
+
+PROMPTS = [[3, 4, 5], list(range(10, 50)), [9] * 7, [1, 2], list(range(60, 75)), [8], [30, 31]]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_continuous_batching_equals_one_at_a_time(engines, kind):
+    alone = [
+        generate_text(
+            scheduler(engines, kind), p, SamplingParams(max_tokens=4 + i, **GREEDY)
+        ).generated
+        for i, p in enumerate(PROMPTS)
+    ]
+    s = scheduler(engines, kind)
+    reqs = [submit(s, p, max_tokens=4 + i, **GREEDY) for i, p in enumerate(PROMPTS)]
+    peak, steps = 0, 0
+    while s._has_work():
+        s.step()
+        steps += 1
+        peak = max(peak, s.stats()["active_slots"])
+    assert [r.generated for r in reqs] == alone
+    assert peak == 4  # every slot in use; 7 requests on 4 slots means slots were reused
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert steps < sum(4 + i for i in range(7))  # batched, not one after another
+    stats = s.stats()
+    assert stats["active_slots"] == 0
+    if kind == "paged":
+        assert stats["free_pages"] == stats["total_pages"]
+
+
+def test_long_prompt_prefill_interleaves_with_decoding(engines):
+    s = scheduler(engines)
+    log = []
+    short = submit(s, [5, 6, 7], log, max_tokens=12, **GREEDY)
+    s.step()  # short is prefilled and starts decoding
+    long = submit(s, list(range(1, 91)), log, max_tokens=2, **GREEDY)  # 3 chunks of <= 32
+    s.run_until_idle()
+    order = [rid for rid, ev in log if ev.token_id is not None]
+    first_long = order.index(long.id)
+    # the short request kept decoding during the long prompt's 3 prefill steps
+    assert order[:first_long].count(short.id) >= 3
+    alone = generate_text(
+        scheduler(engines), list(range(1, 91)), SamplingParams(max_tokens=2, **GREEDY)
+    )
+    assert long.generated == alone.generated
+
+
+def test_cancel_frees_slot_and_pages_at_once(engines):
+    s = scheduler(engines, "paged")
+    reqs = [submit(s, [4, 5, 6], max_tokens=50, **GREEDY) for _ in range(4)]
+    for _ in range(3):
+        s.step()
+    before = s.stats()["free_pages"]
+    s.cancel(reqs[1])
+    s.step()
+    stats = s.stats()
+    assert stats["active_slots"] == 3
+    assert stats["free_pages"] > before
+    assert reqs[1].events[-1].finish_reason == "abort"
+    for r in reqs:
+        s.cancel(r)
+    s.step()
+    assert s.stats()["free_pages"] == s.stats()["total_pages"]
+    assert not s._has_work()
+
+
+def test_full_queue_refuses(engines):
+    s = scheduler(engines, max_queue=2)
+    submit(s, [1], max_tokens=1)
+    submit(s, [2], max_tokens=1)
+    with pytest.raises(QueueFull):
+        submit(s, [3], max_tokens=1)
+    s.run_until_idle()
+    submit(s, [3], max_tokens=1)  # room again
+
+
+def test_stop_string_and_stop_token(engines):
+    prompt = tiny_tokenizer().encode("the quick brown fox")
+    full = generate_text(scheduler(engines), prompt, SamplingParams(max_tokens=20, **GREEDY))
+    cut = full.text[len(full.text) // 2 :][:3]
+    assert cut
+    stopped = generate_text(
+        scheduler(engines), prompt, SamplingParams(max_tokens=20, stop=[cut], **GREEDY)
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(cut)]
+    by_id = generate_text(
+        scheduler(engines),
+        prompt,
+        SamplingParams(max_tokens=20, stop_token_ids=[full.generated[3]], **GREEDY),
+    )
+    assert by_id.finish_reason == "stop"
+    assert by_id.generated == full.generated[: full.generated.index(full.generated[3]) + 1]
+
+
+def test_context_limit_ends_with_length(engines):
+    s = scheduler(engines)
+    req = generate_text(s, list(range(1, 121)), SamplingParams(max_tokens=50, **GREEDY))
+    assert len(req.generated) == 8  # 128 - 120
+    assert req.finish_reason == "length"
+    with pytest.raises(ValueError, match="kv_cache_max_length"):
+        s.submit(Request(list(range(128)), SamplingParams(), lambda ev: None))
+
+
+def test_seed_reproducible_and_logprobs(engines):
+    def run(seed):
+        return generate_text(
+            scheduler(engines),
+            [5, 6, 7],
+            SamplingParams(max_tokens=16, temperature=1.0, seed=seed, logprobs=3, ignore_eos=True),
+        )
+
+    a, b, c = run(11), run(11), run(12)
+    assert a.generated == b.generated and a.text == b.text
+    assert a.generated != c.generated
+    # the same seed gives the same tokens when other requests share the batch
+    s = scheduler(engines)
+    submit(s, [9, 9], max_tokens=16, temperature=1.0, seed=3)
+    mixed = submit(
+        s, [5, 6, 7], max_tokens=16, temperature=1.0, seed=11, ignore_eos=True, logprobs=3
+    )
+    s.run_until_idle()
+    assert mixed.generated == a.generated
+    token_events = [e for e in mixed.events if e.token_id is not None]
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in token_events)
