@@ -34,7 +34,7 @@ def test_round_trip_gives_the_same_logits(checkpoint):
 
 def test_overrides_and_bad_folders(checkpoint, tmp_path):
     assert load_native(checkpoint, ["max_decode_slots=2"]).cfg.max_decode_slots == 2
-    with pytest.raises(FileNotFoundError, match="config.yml"):
+    with pytest.raises(FileNotFoundError, match=r"config\.yml"):
         load_native(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_any(tmp_path)
