@@ -1,0 +1,122 @@
+"""Serving benchmark: bench-small (float32) decoding 128 tokens after a 32-token prompt, batch 1 and 8.
+
+Prints tokens/s and time-to-first-token for llm-serve's engine and for Hugging Face `transformers`
+`generate` (torch, CPU) on a LlamaForCausalLM of the same dimensions with random weights, side by
+side, plus the implied weight-read bandwidth at batch 1 (every decode step reads every weight once).
+
+    python benchmarks/serve.py [--batches 1 8] [--new-tokens 128] [--prompt-len 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from llm_core import build_model, load_config
+
+from llm_serve.engine import Engine
+from llm_serve.sampling import SamplingParams
+
+
+def ours(cfg, model, batch: int, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
+    cfg = cfg.replace(max_decode_slots=batch)
+    engine, params = Engine.from_model(cfg, model)
+    greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens)
+
+    def run():
+        t0 = time.perf_counter()
+        state = engine.init_decode_state()
+        for slot in range(batch):
+            prefix = engine.prefill(params, prompts[slot], greedy)
+            state = engine.insert(prefix, state, slot)
+        jax.block_until_ready(state.tokens)
+        ttft = time.perf_counter() - t0
+        for _ in range(new_tokens - 1):
+            state, out = engine.generate(params, state)
+            np.asarray(out.tokens)  # the scheduler reads every step's tokens back too
+        return ttft, time.perf_counter() - t0
+
+    run()  # compile
+    runs = [run() for _ in range(repeats)]
+    ttft, total = min(r[0] for r in runs), min(r[1] for r in runs)
+    return {"ttft_s": ttft, "tok_s": batch * new_tokens / total}
+
+
+def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict | None:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.emb_dim,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.resolved_num_kv_heads,
+        head_dim=cfg.resolved_head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.tensor(prompts[:batch], dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def gen(n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        return time.perf_counter() - t0
+
+    gen(2)  # warm up
+    ttft = min(gen(1) for _ in range(repeats))
+    total = min(gen(new_tokens) for _ in range(repeats))
+    return {"ttft_s": ttft, "tok_s": batch * new_tokens / total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    length = args.prompt_len + args.new_tokens
+    max_len = 1 << (length - 1).bit_length()
+    cfg = load_config(
+        "bench-small.yml", [f"kv_cache_max_length={max_len}", "max_prefill_length=64"]
+    )
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    decode_bytes = (n_params - cfg.vocab_size * cfg.emb_dim) * 4  # the embedding is only gathered
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, cfg.vocab_size, (max(args.batches), args.prompt_len)).astype(np.int32)
+    print(f"bench-small: {n_params / 1e6:.1f}M params float32, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, devices {jax.devices()}")  # fmt: skip
+    print(f"{'batch':>5} | {'llm-serve tok/s':>15} {'TTFT ms':>8} | {'transformers tok/s':>18} "
+          f"{'TTFT ms':>8} | {'speed-up':>8}")  # fmt: skip
+    for batch in args.batches:
+        a = ours(cfg, model, batch, prompts, args.new_tokens, args.repeats)
+        b = hf(cfg, batch, prompts, args.new_tokens, args.repeats)
+        hf_cols = f"{b['tok_s']:18.1f} {b['ttft_s'] * 1e3:8.1f}" if b else f"{'n/a':>18} {'':>8}"
+        ratio = f"{a['tok_s'] / b['tok_s']:7.2f}x" if b else ""
+        print(f"{batch:5d} | {a['tok_s']:15.1f} {a['ttft_s'] * 1e3:8.1f} | {hf_cols} | {ratio}")
+        if batch == 1:
+            gbs = a["tok_s"] * decode_bytes / 1e9
+            print(
+                f"      batch 1 implied weight reads: {gbs:.1f} GB/s ({decode_bytes / 1e6:.0f} MB/step)"
+            )
+
+
+if __name__ == "__main__":
+    main()
