@@ -15,8 +15,8 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from llm_core import build_model, load_config
 
+from llm_core import build_model, load_config
 from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
 
