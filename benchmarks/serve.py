@@ -21,7 +21,8 @@ from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
 
 
-def ours(cfg, model, batch: int, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
+def ours(cfg, model, batch: int, prompts: np.ndarray, new_tokens: int):
+    """A function running one timed generation: returns (ttft_s, total_s)."""
     cfg = cfg.replace(max_decode_slots=batch)
     engine, params = Engine.from_model(cfg, model)
     greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens)
@@ -40,12 +41,11 @@ def ours(cfg, model, batch: int, prompts: np.ndarray, new_tokens: int, repeats: 
         return ttft, time.perf_counter() - t0
 
     run()  # compile
-    runs = [run() for _ in range(repeats)]
-    ttft, total = min(r[0] for r in runs), min(r[1] for r in runs)
-    return {"ttft_s": ttft, "tok_s": batch * new_tokens / total}
+    return run
 
 
-def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict | None:
+def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int):
+    """Same for transformers' generate (TTFT: a separate generate of one token); None without it."""
     try:
         import torch
         import transformers
@@ -77,9 +77,7 @@ def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int, repeats: int) -> d
         return time.perf_counter() - t0
 
     gen(2)  # warm up
-    ttft = min(gen(1) for _ in range(repeats))
-    total = min(gen(new_tokens) for _ in range(repeats))
-    return {"ttft_s": ttft, "tok_s": batch * new_tokens / total}
+    return lambda: (gen(1), gen(new_tokens))
 
 
 def main() -> None:
@@ -106,8 +104,22 @@ def main() -> None:
     print(f"{'batch':>5} | {'llm-serve tok/s':>15} {'TTFT ms':>8} | {'transformers tok/s':>18} "
           f"{'TTFT ms':>8} | {'speed-up':>8}")  # fmt: skip
     for batch in args.batches:
-        a = ours(cfg, model, batch, prompts, args.new_tokens, args.repeats)
-        b = hf(cfg, batch, prompts, args.new_tokens, args.repeats)
+        runners = [ours(cfg, model, batch, prompts, args.new_tokens)]
+        runners.append(hf(cfg, batch, prompts, args.new_tokens))
+        times: list[list] = [[], []]
+        for _ in range(args.repeats):  # alternate, so load from other processes hits both alike
+            for i, run in enumerate(runners):
+                if run is not None:
+                    times[i].append(run())
+        a, b = (
+            {
+                "ttft_s": min(t[0] for t in ts),
+                "tok_s": batch * args.new_tokens / min(t[1] for t in ts),
+            }
+            if ts
+            else None
+            for ts in times
+        )
         hf_cols = f"{b['tok_s']:18.1f} {b['ttft_s'] * 1e3:8.1f}" if b else f"{'n/a':>18} {'':>8}"
         ratio = f"{a['tok_s'] / b['tok_s']:7.2f}x" if b else ""
         print(f"{batch:5d} | {a['tok_s']:15.1f} {a['ttft_s'] * 1e3:8.1f} | {hf_cols} | {ratio}")

@@ -90,7 +90,7 @@ def test_penalties_steer_away_from_repeats():
 
 
 def test_logprobs_are_the_model_log_softmax(logits):
-    s = SlotSampling.of(SamplingParams(temperature=0.0))
+    s = SlotSampling.of(SamplingParams(temperature=0.0, logprobs=2))
     s = jax.tree.map(lambda a: jnp.repeat(a, 4, 0), s)
     out = sample(logits, s, jnp.zeros((4, V), jnp.int32))
     ref = jax.nn.log_softmax(logits, -1)

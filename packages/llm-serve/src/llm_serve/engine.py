@@ -277,12 +277,12 @@ class Engine:
             logits, cache = model.forward_with_cache(ids, pos, state.cache)
         out = sample(logits[:, 0], state.sampling, state.counts)
         act = state.active
-        onehot = jax.nn.one_hot(out.tokens, state.counts.shape[1], dtype=jnp.int32)
+        rows = jnp.arange(self.slots)
         new = state.replace(
             cache=cache,
             tokens=jnp.where(act, out.tokens, state.tokens),
             positions=state.positions + act.astype(jnp.int32),
-            counts=state.counts + onehot * act[:, None].astype(jnp.int32),
+            counts=state.counts.at[rows, out.tokens].add(act.astype(jnp.int32)),
             sampling=state.sampling.replace(step=state.sampling.step + act.astype(jnp.int32)),
         )
         return new, out

@@ -96,6 +96,7 @@ class SlotSampling:
     frequency: jax.Array
     key: jax.Array  # [slots, 2] uint32 raw PRNG keys
     step: jax.Array  # tokens sampled so far by the slot's request
+    top_n: jax.Array  # alternatives wanted per token (0: none; skips the top-k work when all 0)
 
     @classmethod
     def init(cls, slots: int) -> SlotSampling:
@@ -109,6 +110,7 @@ class SlotSampling:
             frequency=f(0.0),
             key=jnp.zeros((slots, 2), jnp.uint32),
             step=jnp.zeros((slots,), jnp.int32),
+            top_n=jnp.zeros((slots,), jnp.int32),
         )
 
     @classmethod
@@ -123,6 +125,7 @@ class SlotSampling:
             frequency=jnp.array([p.frequency_penalty], jnp.float32),
             key=jax.random.key_data(jax.random.PRNGKey(p.seed))[None],
             step=jnp.zeros((1,), jnp.int32),
+            top_n=jnp.array([p.logprobs or 0], jnp.int32),
         )
 
 
@@ -156,10 +159,14 @@ def sample(logits: jax.Array, s: SlotSampling, counts: jax.Array) -> Sampled:
     """logits [B, V] float32, counts [B, V] int32 (tokens generated so far) -> Sampled."""
     logits = logits.astype(jnp.float32)
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalised = (
-        logits
-        - s.presence[:, None] * (counts > 0)
-        - s.frequency[:, None] * counts.astype(jnp.float32)
+    penalised = jax.lax.cond(
+        jnp.any((s.presence != 0) | (s.frequency != 0)),
+        lambda: (
+            logits
+            - s.presence[:, None] * (counts > 0)
+            - s.frequency[:, None] * counts.astype(jnp.float32)
+        ),
+        lambda: logits,
     )
     greedy_tokens = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
 
@@ -174,5 +181,13 @@ def sample(logits: jax.Array, s: SlotSampling, counts: jax.Array) -> Sampled:
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tokens, None)
     chosen = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(model_logprobs, min(TOP_LOGPROBS_MAX, logits.shape[-1]))
+    k = min(TOP_LOGPROBS_MAX, logits.shape[-1])
+    top_lp, top_ids = jax.lax.cond(
+        jnp.any(s.top_n > 0),
+        lambda: tuple(jax.lax.top_k(model_logprobs, k)),
+        lambda: (
+            jnp.zeros((logits.shape[0], k), jnp.float32),
+            jnp.zeros((logits.shape[0], k), jnp.int32),
+        ),
+    )
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
