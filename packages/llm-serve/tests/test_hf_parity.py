@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flax import nnx
-from llm_core import build_model, load_config
 
+from llm_core import build_model, load_config
 from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
 

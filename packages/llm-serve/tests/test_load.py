@@ -59,9 +59,7 @@ def run_phase(url: str, seconds: float, seed: int) -> dict:
 
 def test_concurrent_streaming_clients(tmp_path):
     folder = save_tiny_checkpoint(tmp_path / "tiny")
-    server = ServerProcess(
-        folder, "kv_cache_kind=paged", "max_decode_slots=8", "max_queue_size=64"
-    )
+    server = ServerProcess(folder, "kv_cache_kind=paged", "max_decode_slots=8", "max_queue_size=64")
     try:
         proc = psutil.Process(server.proc.pid)
         warm = run_phase(server.url, PHASE_SECONDS[0], 1)
