@@ -154,7 +154,11 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
                     else:
                         yield sse(P.completion_chunk(rid, parsed.model, "", ev.finish_reason))
                     if parsed.include_usage:
-                        body = P.completion_chunk(rid, parsed.model, "")
+                        body = (
+                            P.chat_chunk(rid, parsed.model, {})
+                            if chat
+                            else P.completion_chunk(rid, parsed.model, "")
+                        )
                         body["choices"] = []
                         body["usage"] = P.usage(len(req.prompt_ids), len(req.generated))
                         yield sse(body)
