@@ -78,7 +78,7 @@ def build_hf_model(name: str, folder, dtype=None):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     with torch.no_grad():  # norms start at identity; perturb so a wrong norm mapping shows
-        for pname, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llm_convert.errors import ConversionError
 from llm_convert.transforms import (
     CONV1D,
     CONV1D_OUT_HEADS,
@@ -136,4 +137,6 @@ def family_for_model_type(model_type: str) -> Family:
         if model_type in family.model_types:
             return family
     supported = sorted(t for f in FAMILIES.values() for t in f.model_types)
-    raise ValueError(f"Unsupported model_type '{model_type}'. Supported: {', '.join(supported)}.")
+    raise ConversionError(
+        f"Unsupported model_type '{model_type}'. Supported: {', '.join(supported)}."
+    )

@@ -69,7 +69,10 @@ def _rope(params: dict | None, prefix: str = "") -> dict[str, Any]:
 def config_from_hf(
     hf: dict[str, Any], source: str = "config.json", overrides=()
 ) -> tuple[Config, Family]:
-    family = family_for_model_type(_require(hf, "model_type", source))
+    try:
+        family = family_for_model_type(_require(hf, "model_type", source))
+    except ConversionError as err:
+        raise ConversionError(f"{source}: {err}") from None
     values: dict[str, Any] = {"model_family": family.name, "model_name": "default"}
     if family.name == "gpt3":
         e, h = _require(hf, "n_embd", source), _require(hf, "n_head", source)
