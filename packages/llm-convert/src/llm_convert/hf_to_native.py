@@ -126,9 +126,10 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
                 f"shape {tuple(shape)} implied by config.json."
             ) from None
         if stacked is None:
-            target[...] = value.astype(np_dtype)
+            target[...] = value  # casts in place: no extra copy of the tensor
         else:
-            target[stacked] = value.astype(np_dtype)
+            target[stacked] = value
+        del tensor, value
         seen.add((path, stacked))
     not_filled = [
         ".".join(p)

@@ -33,6 +33,7 @@ def save_params(params: dict, cfg: Config, path: str | os.PathLike) -> Path:
     """Atomically write `params` (nested dict of arrays, `nnx.to_pure_dict` layout) and the config."""
     import orbax.checkpoint as ocp
 
+    params = _to_device_leafwise(params)
     final = Path(path).absolute()
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -47,6 +48,15 @@ def save_params(params: dict, cfg: Config, path: str | os.PathLike) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _to_device_leafwise(tree: dict) -> dict:
+    """numpy -> jax arrays one leaf at a time, dropping each numpy array as it goes (Orbax would
+    otherwise copy every leaf at once, doubling peak memory). Replaces the leaves of `tree` in place."""
+    for key in list(tree):
+        value = tree[key]
+        tree[key] = _to_device_leafwise(value) if isinstance(value, dict) else jax.device_put(value)
+    return tree
 
 
 def save(model: nnx.Module, path: str | os.PathLike) -> Path:
