@@ -100,10 +100,13 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
             f"{folder}: unexpected tensor(s) {extra[:5]} not used by the {family.name} model."
         )
 
-    handles: dict[Path, object] = {}
+    # File by file, closing each when done: memory-mapped pages of finished files leave RSS.
+    expected.sort(key=lambda item: str(index[item[0]]))
+    handle, current = None, None
     for name, entry, path, stacked in expected:
         file = index[name]
-        handle = handles.get(file) or handles.setdefault(file, _open(file))
+        if file != current:
+            handle, current = _open(file), file
         with_dtype = handle.get_slice(name).get_dtype()
         if with_dtype not in SUPPORTED_DTYPES:
             raise ConversionError(
