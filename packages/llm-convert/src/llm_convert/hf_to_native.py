@@ -113,6 +113,8 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
                 f"{file}: tensor '{name}' has dtype {with_dtype}; supported: F32, BF16, F16."
             )
         tensor = handle.get_tensor(name)
+        if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
+            tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
         if entry.split is not None:
             part, parts = entry.split
             size = tensor.shape[-1] // parts
@@ -128,6 +130,8 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
                 f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, which does not fit the native "
                 f"shape {tuple(shape)} implied by config.json."
             ) from None
+        if value.dtype == np.uint16:
+            target = target.view(np.uint16)
         if stacked is None:
             target[...] = value  # casts in place: no extra copy of the tensor
         else:
