@@ -79,10 +79,9 @@ def save_tiny_checkpoint(folder, *overrides: str):
     """A native checkpoint of the tiny model (+ tokenizer.json) in `folder`."""
     from llm_serve.checkpoint import save_native
 
-    cfg, model = tiny_model(*overrides)
-    folder.mkdir(parents=True, exist_ok=True)
+    _, model = tiny_model(*overrides)
+    save_native(folder, model)
     hf_tokenizer().save(str(folder / "tokenizer.json"))
-    save_native(folder, cfg, model)
     return folder
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
+from llm_core import CheckpointError
 from llm_serve.checkpoint import load_any, load_native
 from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
@@ -34,7 +35,7 @@ def test_round_trip_gives_the_same_logits(checkpoint):
 
 def test_overrides_and_bad_folders(checkpoint, tmp_path):
     assert load_native(checkpoint, ["max_decode_slots=2"]).cfg.max_decode_slots == 2
-    with pytest.raises(FileNotFoundError, match=r"config\.yml"):
+    with pytest.raises(CheckpointError, match=r"config\.yml"):
         load_native(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_any(tmp_path)
