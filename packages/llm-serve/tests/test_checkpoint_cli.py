@@ -81,3 +81,25 @@ def test_cli_help_and_bad_flag(checkpoint):
     assert out.returncode == 0 and "examples:" in out.stdout and "--temperature" in out.stdout
     bad = cli("decode", "--checkpoint", str(checkpoint), "--prompt", "x", "--top-p", "0")
     assert bad.returncode != 0 and "--top-p" in bad.stderr
+
+
+def test_decode_cli_on_a_hugging_face_folder(tmp_path):
+    llm_convert = pytest.importorskip("llm_convert")
+    pytest.importorskip("transformers")
+    from conftest import hf_tokenizer
+    from test_hf_parity import hf_model
+
+    folder = tmp_path / "hf"
+    hf_model().save_pretrained(folder)
+    hf_tokenizer().save(str(folder / "tokenizer.json"))
+    model = llm_convert.load_hf(folder)
+    engine, params = Engine.from_model(model.cfg, model)
+    tok = tiny_tokenizer()
+    want = generate_text(
+        Scheduler(engine, params, tok),
+        tok.encode("the quick"),
+        SamplingParams(temperature=0, max_tokens=8),
+    ).text
+    out = cli("decode", "--checkpoint", str(folder), "--prompt", "the quick", "--max-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want + "\n"

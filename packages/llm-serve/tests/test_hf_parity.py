@@ -1,7 +1,7 @@
 """Greedy parity with Hugging Face `transformers` generate on a tiny random Llama.
 
-llm-convert has not landed, so the weights are mapped here (HF Linear [out, in] -> our [in, ...]);
-when it lands this test should load through `llm_convert.load_hf` instead.
+The weights reach llm-core two ways: mapped by hand here (HF Linear [out, in] -> our [in, ...]), which
+needs no llm-convert, and through `llm_convert.load_hf` from a saved HF folder (the CLI's path).
 """
 
 from __future__ import annotations
@@ -96,10 +96,22 @@ def hf_greedy(hf, prompt):
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "paged"])
-def test_greedy_matches_transformers_generate(kind):
+def via_llm_convert(hf, folder):
+    llm_convert = pytest.importorskip("llm_convert")
+    hf.save_pretrained(folder)
+    model = llm_convert.load_hf(
+        folder, overrides=["kv_cache_max_length=128", "max_prefill_length=32", "max_decode_slots=4"]
+    )
+    return model.cfg, model
+
+
+@pytest.mark.parametrize(
+    "kind,loader",
+    [("contiguous", "by-hand"), ("paged", "by-hand"), ("contiguous", "llm-convert")],
+)
+def test_greedy_matches_transformers_generate(kind, loader, tmp_path):
     hf = hf_model()
-    cfg, model = to_native(hf)
+    cfg, model = to_native(hf) if loader == "by-hand" else via_llm_convert(hf, tmp_path / "hf")
     engine, params = Engine.from_model(cfg, model, kv_cache_kind=kind)
     state = engine.init_decode_state()
     got = {}
