@@ -116,3 +116,9 @@ def test_bad_settings_name_the_field(kw, field):
     with pytest.raises(SamplingError, match=field) as err:
         SamplingParams(**kw)
     assert err.value.field == field
+
+
+def test_large_seeds_work_and_differ(logits):
+    a = run(logits, temperature=1.0, seeds=[2**40 + 1] * 4, steps=20)
+    b = run(logits, temperature=1.0, seeds=[2**41 + 1] * 4, steps=20)
+    assert (a != b).any()

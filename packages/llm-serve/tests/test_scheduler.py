@@ -160,3 +160,13 @@ def test_seed_reproducible_and_logprobs(engines):
     assert mixed.generated == a.generated
     token_events = [e for e in mixed.events if e.token_id is not None]
     assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in token_events)
+
+
+def test_request_larger_than_the_page_pool_is_refused(engines):
+    cfg, m = tiny_model()
+    engine, params = Engine.from_model(cfg, m, kv_cache_kind="paged", num_pages=5)  # 4 pages of 8
+    s = Scheduler(engine, params, tiny_tokenizer())
+    with pytest.raises(ValueError, match="kv_num_pages"):
+        s.submit(Request([1] * 20, SamplingParams(max_tokens=20), lambda ev: None))
+    ok = generate_text(s, [1] * 20, SamplingParams(max_tokens=12, **GREEDY))
+    assert len(ok.generated) == 12

@@ -123,10 +123,16 @@ class SlotSampling:
             min_p=jnp.array([p.min_p], jnp.float32),
             presence=jnp.array([p.presence_penalty], jnp.float32),
             frequency=jnp.array([p.frequency_penalty], jnp.float32),
-            key=jax.random.key_data(jax.random.PRNGKey(p.seed))[None],
+            key=jax.random.key_data(_seed_key(p.seed))[None],
             step=jnp.zeros((1,), jnp.int32),
             top_n=jnp.array([p.logprobs or 0], jnp.int32),
         )
+
+
+def _seed_key(seed: int) -> jax.Array:
+    """A PRNG key from a seed of any size (64-bit seeds fold their high half in)."""
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return jax.random.fold_in(key, (seed >> 32) & 0xFFFFFFFF) if seed >> 32 else key
 
 
 @struct.dataclass

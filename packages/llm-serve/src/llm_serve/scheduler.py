@@ -90,6 +90,12 @@ class Scheduler:
                 "(kv_cache_max_length), prompt included, and a prompt needs at least 1 token."
             )
         req.max_new = min(req.sampling.max_tokens, room)
+        alloc = self.engine.allocator
+        if alloc is not None and alloc.pages_for(n + req.max_new) > alloc.capacity:
+            raise ValueError(
+                f"prompt + max_tokens need {alloc.pages_for(n + req.max_new)} KV pages but the pool "
+                f"holds {alloc.capacity} (kv_num_pages); lower max_tokens or raise kv_num_pages."
+            )
         req.stream = TextStream(self.tokenizer, req.sampling.stop)
         with self._cv:
             if len(self.queue) >= self.max_queue:

@@ -109,6 +109,8 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
             raise P.APIError(
                 429, f"Server busy: {err}. Retry shortly.", None, "queue_full"
             ) from None
+        except ValueError as err:
+            raise P.APIError(400, str(err), "max_tokens") from None
         return req, queue
 
     async def run(parsed: P.ParsedRequest, ids: list[int], chat: bool):
