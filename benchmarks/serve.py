@@ -89,8 +89,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    length = args.prompt_len + args.new_tokens
-    max_len = 1 << (length - 1).bit_length()
+    max_len = -(-(args.prompt_len + args.new_tokens) // 16) * 16  # the context this run needs
     cfg = load_config(
         "bench-small.yml", [f"kv_cache_max_length={max_len}", "max_prefill_length=64"]
     )

@@ -14,8 +14,11 @@ Prompts are processed in chunks of at most `max_prefill_length` tokens (`start_p
 prefix lengths are rounded up to power-of-two buckets, so a new prompt length reuses a compiled
 program: at most log2(max_prefill_length) x log2(kv_cache_max_length) prefill programs exist.
 
-The KV cache of the decode slots is contiguous (`llm_core.KVCache`, one [max_len] row per slot) or
-paged (`llm_serve.paged_cache`): see that module for the layout and its memory cost.
+The KV cache of the decode slots is contiguous (`llm_core.KVCache`, one row per slot) or paged
+(`llm_serve.paged_cache`): see that module for the layout and its memory cost. Either way a decode
+step works on a cache *length* that follows the longest active request, in power-of-two buckets of at
+least DECODE_MIN_BUCKET (the contiguous cache is grown or cut between steps; the paged view gathers
+only the leading pages), so short requests do not pay for `kv_cache_max_length` positions per step.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from llm_serve.kv_pages import PageAllocator
 from llm_serve.sampling import Sampled, SamplingParams, SlotSampling, sample
 
 MIN_BUCKET = 16
+DECODE_MIN_BUCKET = 64
 
 
 def next_bucket(n: int, limit: int, multiple: int = 1) -> int:
@@ -111,9 +115,11 @@ class Engine:
             self.allocator = self._new_allocator()
         self._host_pos = np.zeros(self.slots, np.int64)
         self._host_active = np.zeros(self.slots, bool)
+        self.decode_len = self._decode_bucket(1)  # cache length a decode step works on
         self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
+        self._resize_fn = jax.jit(_resize, static_argnums=(1,))  # new shape: nothing to donate
         self._release_fn = jax.jit(self._release_impl, donate_argnums=(0,))
 
     @classmethod
@@ -125,6 +131,19 @@ class Engine:
     def max_concurrent_decodes(self) -> int:
         return self.slots
 
+    def _decode_bucket(self, need: int) -> int:
+        return max(
+            next_bucket(need, self.max_len, self.page_size), min(DECODE_MIN_BUCKET, self.max_len)
+        )
+
+    def _fit(self, state: DecodeState, need: int) -> DecodeState:
+        """Make the decode length the bucket of `need` positions (contiguous: grow / cut the cache)."""
+        length = self._decode_bucket(need)
+        if length != self.decode_len and self.kind == "contiguous":
+            state = state.replace(cache=self._resize_fn(state.cache, length))
+        self.decode_len = length
+        return state
+
     def _new_allocator(self) -> PageAllocator:
         per_slot = self.max_len // self.page_size
         return PageAllocator(self.num_pages, self.page_size, self.slots, per_slot)
@@ -133,11 +152,12 @@ class Engine:
     def init_decode_state(self) -> DecodeState:
         """A fresh decode state: every slot free (and, paged, every page back in the pool)."""
         cfg = self.cfg
+        self.decode_len = self._decode_bucket(1)
         if self.kind == "paged":
             self.allocator = self._new_allocator()
             cache = paged_cache.PagedKV.init(cfg, self.allocator, self.cache_dtype)
         else:
-            cache = KVCache.init(cfg, self.slots, self.max_len, self.cache_dtype)
+            cache = KVCache.init(cfg, self.slots, self.decode_len, self.cache_dtype)
         self._host_pos[:] = 0
         self._host_active[:] = False
         return DecodeState(
@@ -215,6 +235,8 @@ class Engine:
             pages[: len(owned)] = owned
             state = state.replace(cache=state.cache.with_table(self.allocator.table))
             pages = jnp.asarray(pages)
+        need = max([prefix.length + 1, *(self._host_pos[self._host_active] + 1)])
+        state = self._fit(state, max(need, prefix.cache.max_len))
         state = self._insert_fn(state, prefix.cache, prefix.first, prefix.length, slot, pages)
         state = state.replace(sampling=_set_slot(state.sampling, prefix.sampling, slot))
         self._host_pos[slot] = prefix.length
@@ -262,17 +284,18 @@ class Engine:
                     grew = True
             if grew:
                 state = state.replace(cache=state.cache.with_table(self.allocator.table))
-        state, out = self._generate_fn(params, state)
+        if self._host_active.any():
+            state = self._fit(state, int(self._host_pos[self._host_active].max()) + 1)
+        state, out = self._generate_fn(params, state, self.decode_len)
         self._host_pos[self._host_active] += 1
         return state, out
 
-    def _generate_impl(self, params, state: DecodeState):
+    def _generate_impl(self, params, state: DecodeState, length: int):
         model = nnx.merge(self.graphdef, params)
-        max_len = self.max_len
-        pos = jnp.where(state.active, state.positions, max_len)[:, None]
+        pos = jnp.where(state.active, state.positions, self.max_len)[:, None]  # inactive: dropped
         ids = state.tokens[:, None]
         if self.kind == "paged":
-            logits, cache = paged_cache.forward(model, ids, pos, state.cache, state.active)
+            logits, cache = paged_cache.forward(model, ids, pos, state.cache, state.active, length)
         else:
             logits, cache = model.forward_with_cache(ids, pos, state.cache)
         out = sample(logits[:, 0], state.sampling, state.counts)
@@ -286,6 +309,17 @@ class Engine:
             sampling=state.sampling.replace(step=state.sampling.step + act.astype(jnp.int32)),
         )
         return new, out
+
+
+def _resize(cache: KVCache, length: int) -> KVCache:
+    """Cut or zero-pad the position axis of a contiguous cache to `length`."""
+
+    def fit(a):
+        if a.shape[2] >= length:
+            return a[:, :, :length]
+        return jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0), (0, 0)))
+
+    return KVCache(k=fit(cache.k), v=fit(cache.v))
 
 
 @partial(jax.jit, donate_argnums=(0,))

@@ -10,8 +10,9 @@ The model's `forward_with_cache` expects a contiguous cache, so one decode step 
 2. runs the model on it (which writes the new token's K/V at its position),
 3. scatters only the new token's K/V back into its page.
 
-Memory cost: the gathered view is a transient buffer as large as a contiguous cache for all slots
-(2 * num_layers * slots * max_len * kv_heads * head_dim * itemsize bytes), alive during the step. The
+Memory cost: the gathered view is a transient buffer as large as a contiguous cache for all slots at
+the current decode length (at most 2 * num_layers * slots * kv_cache_max_length * kv_heads *
+head_dim * itemsize bytes), alive during the step. The
 pool itself can be smaller than a contiguous cache (`kv_num_pages`), since short requests hold only
 the pages they use. A decode-attention kernel reading pages in place (`llm_kernels.paged_attention`,
 with a model hook taking the page table) would remove that buffer; the model exposes no such hook yet.
@@ -55,13 +56,16 @@ class PagedKV:
     def with_table(self, table: np.ndarray) -> PagedKV:
         return self.replace(table=jnp.asarray(table))
 
-    def gather(self) -> KVCache:
-        """Contiguous view [num_layers, slots, pages_per_slot * page_size, K, D] of every slot."""
+    def gather(self, length: int | None = None) -> KVCache:
+        """Contiguous view [num_layers, slots, length, K, D] of every slot's first `length` tokens
+        (a multiple of the page size; default: the whole page table)."""
         n_layers, _, ps, kh, d = self.k.shape
         slots, pps = self.table.shape
+        n = pps if length is None else length // ps
+        table = self.table[:, :n]
 
         def view(pool):
-            return pool[:, self.table].reshape(n_layers, slots, pps * ps, kh, d)
+            return pool[:, table].reshape(n_layers, slots, n * ps, kh, d)
 
         return KVCache(k=view(self.k), v=view(self.v))
 
@@ -76,9 +80,10 @@ class PagedKV:
         return self.replace(k=put(self.k, prefix.k), v=put(self.v, prefix.v))
 
 
-def forward(model, ids, pos, cache: PagedKV, active):
-    """One decode step over a paged cache: ids, pos [slots, 1]. Returns (logits, new PagedKV)."""
-    view = cache.gather()
+def forward(model, ids, pos, cache: PagedKV, active, length: int | None = None):
+    """One decode step over a paged cache: ids, pos [slots, 1]; the view covers `length` tokens.
+    Returns (logits, new PagedKV)."""
+    view = cache.gather(length)
     logits, view = model.forward_with_cache(ids, pos, view)
     slots = ids.shape[0]
     p = jnp.clip(pos[:, 0], 0, view.max_len - 1)
