@@ -144,3 +144,19 @@ def test_paged_max_length_must_be_page_multiple(model):
     cfg, m = model
     with pytest.raises(ConfigError, match="kv_page_size"):
         Engine.from_model(cfg.replace(kv_cache_max_length=100), m, kv_cache_kind="paged")
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_decode_length_follows_the_longest_request(engines, kind):
+    engine, params = engines[kind]
+    (short, _), state = decode_batch(engine, params, [[5, 6, 7], list(range(1, 71))], 3)
+    assert engine.decode_len == 128  # the 70-token prompt needs the 128 bucket
+    if kind == "contiguous":
+        assert state.cache.max_len == 128
+    state = engine.release(state, 1)
+    state, out = engine.generate(params, state)
+    assert engine.decode_len == 64  # cut back once the long request left
+    if kind == "contiguous":
+        assert state.cache.max_len == 64
+    alone, _ = decode_batch(engine, params, [[5, 6, 7]], 4)
+    assert [*short, int(out.tokens[0])] == alone[0]
