@@ -34,6 +34,7 @@ from flax import nnx, struct
 from llm_core import ConfigError, KVCache
 from llm_serve import paged_cache
 from llm_serve.kv_pages import PageAllocator
+from llm_serve.layerwise import Layerwise
 from llm_serve.sampling import Sampled, SamplingParams, SlotSampling, sample
 
 MIN_BUCKET = 16
@@ -91,9 +92,11 @@ class Engine:
         slots: int | None = None,
         max_len: int | None = None,
         num_pages: int | None = None,
+        layerwise: Layerwise | None = None,
     ):
         self.cfg = cfg
         self.graphdef = graphdef
+        self.layerwise = layerwise
         self.kind = kv_cache_kind or cfg.kv_cache_kind
         self.slots = slots or cfg.max_decode_slots
         self.max_len = max_len or cfg.kv_cache_max_length
@@ -123,9 +126,19 @@ class Engine:
         self._release_fn = jax.jit(self._release_impl, donate_argnums=(0,))
 
     @classmethod
-    def from_model(cls, cfg, model: nnx.Module, **kwargs) -> tuple[Engine, nnx.State]:
+    def from_model(cls, cfg, model: nnx.Module, *, layerwise: bool = True, **kwargs):
+        """(engine, params). layerwise=True (default) runs the per-layer fast path
+        (`llm_serve.layerwise`) and returns its params; False runs `model.forward_with_cache`."""
+        if layerwise:
+            lw = Layerwise(model)
+            return cls(cfg, None, layerwise=lw, **kwargs), lw.params
         graphdef, params = nnx.split(model)
         return cls(cfg, graphdef, **kwargs), params
+
+    def _forward(self, params, ids, positions, cache: KVCache):
+        if self.layerwise is not None:
+            return self.layerwise.forward_with_cache(params, ids, positions, cache)
+        return nnx.merge(self.graphdef, params).forward_with_cache(ids, positions, cache)
 
     @property
     def max_concurrent_decodes(self) -> int:
@@ -207,8 +220,7 @@ class Engine:
         return prefix
 
     def _prefill_impl(self, params, cache, ids, pos, last, sampling):
-        model = nnx.merge(self.graphdef, params)
-        logits, cache = model.forward_with_cache(ids, pos, cache)
+        logits, cache = self._forward(params, ids, pos, cache)
         last_logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
         counts = jnp.zeros(last_logits.shape, jnp.int32)
         return cache, sample(last_logits, sampling, counts)
@@ -291,13 +303,13 @@ class Engine:
         return state, out
 
     def _generate_impl(self, params, state: DecodeState, length: int):
-        model = nnx.merge(self.graphdef, params)
         pos = jnp.where(state.active, state.positions, self.max_len)[:, None]  # inactive: dropped
         ids = state.tokens[:, None]
+        fwd = partial(self._forward, params)
         if self.kind == "paged":
-            logits, cache = paged_cache.forward(model, ids, pos, state.cache, state.active, length)
+            logits, cache = paged_cache.forward(fwd, ids, pos, state.cache, state.active, length)
         else:
-            logits, cache = model.forward_with_cache(ids, pos, state.cache)
+            logits, cache = fwd(ids, pos, state.cache)
         out = sample(logits[:, 0], state.sampling, state.counts)
         act = state.active
         rows = jnp.arange(self.slots)

@@ -7,7 +7,7 @@ lives in page `table[s, p // page_size]` at offset `p % page_size`.
 The model's `forward_with_cache` expects a contiguous cache, so one decode step (`forward`):
 
 1. gathers every slot's pages into a contiguous `[num_layers, slots, max_len, ...]` view,
-2. runs the model on it (which writes the new token's K/V at its position),
+2. runs the model's cached forward on it (which writes the new token's K/V at its position),
 3. scatters only the new token's K/V back into its page.
 
 Memory cost: the gathered view is a transient buffer as large as a contiguous cache for all slots at
@@ -80,11 +80,11 @@ class PagedKV:
         return self.replace(k=put(self.k, prefix.k), v=put(self.v, prefix.v))
 
 
-def forward(model, ids, pos, cache: PagedKV, active, length: int | None = None):
-    """One decode step over a paged cache: ids, pos [slots, 1]; the view covers `length` tokens.
-    Returns (logits, new PagedKV)."""
+def forward(fwd, ids, pos, cache: PagedKV, active, length: int | None = None):
+    """One decode step over a paged cache: ids, pos [slots, 1]; the view covers `length` tokens;
+    `fwd(ids, positions, KVCache)` is the model's cached forward. Returns (logits, new PagedKV)."""
     view = cache.gather(length)
-    logits, view = model.forward_with_cache(ids, pos, view)
+    logits, view = fwd(ids, pos, view)
     slots = ids.shape[0]
     p = jnp.clip(pos[:, 0], 0, view.max_len - 1)
     rows = jnp.arange(slots)
