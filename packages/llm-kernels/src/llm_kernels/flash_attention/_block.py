@@ -80,11 +80,12 @@ def online_softmax_step(s, visible, m_prev, l_prev, acc_prev, v):
     return m_new, l_new, acc_new
 
 
-def finalize(m, l, acc):
+def finalize(m, denom, acc):
     """(out, lse) from the running statistics; rows with no visible key give 0 and lse=-inf."""
-    empty = l == 0.0
-    out = acc / jnp.where(empty, 1.0, l)
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    empty = denom == 0.0
+    safe = jnp.where(empty, 1.0, denom)
+    out = acc / safe
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
     return out, lse
 
 

@@ -35,7 +35,9 @@ def _key_block_range(q0, bq: int, bk: int, nk: int, cfg: AttentionConfig, q_len:
     return lo, hi
 
 
-def _query_block_range(k0, bk: int, bq: int, nq: int, cfg: AttentionConfig, q_len: int, kv_len: int):
+def _query_block_range(
+    k0, bk: int, bq: int, nq: int, cfg: AttentionConfig, q_len: int, kv_len: int
+):
     """[lo, hi) of query blocks that can see keys [k0, k0 + bk)."""
     offset = cfg.visible_offset(q_len, kv_len)
     lo, hi = jnp.int32(0), jnp.int32(nq)
@@ -62,17 +64,17 @@ def _fwd_kernel(*refs, cfg, q_len, kv_len, has_seg, bk, nk):
     q_seg = qs_ref[...][:, None] if has_seg else None
 
     def step(j, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         k0 = j * bk
         k, v = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
         k_seg = ks_ref[pl.ds(k0, bk)][None, :] if has_seg else None
         visible = _block.mask(q_idx, _iota((1, bk), 1, k0), q_seg, k_seg, cfg, q_len, kv_len)
-        return _block.online_softmax_step(_block.scores(q, k, cfg), visible, m, l, acc, v)
+        return _block.online_softmax_step(_block.scores(q, k, cfg), visible, m, denom, acc, v)
 
     lo, hi = _key_block_range(q0, bq, bk, nk, cfg, q_len, kv_len)
     init = (jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32), jnp.zeros((bq, dim), F32))
-    m, l, acc = jax.lax.fori_loop(lo, hi, step, init)
-    out, lse = _block.finalize(m, l, acc)
+    m, denom, acc = jax.lax.fori_loop(lo, hi, step, init)
+    out, lse = _block.finalize(m, denom, acc)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
@@ -217,7 +219,10 @@ def backward(q, k, v, segment_ids, out, lse, dout, cfg: AttentionConfig):
         in_specs=[q_group, kv_spec, kv_spec, q_group, row_group, row_group]
         + (seg_specs2 if has_seg else []),
         out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
+        out_shape=[
+            jax.ShapeDtypeStruct(kh.shape, k.dtype),
+            jax.ShapeDtypeStruct(vh.shape, v.dtype),
+        ],
         interpret=cfg.interpret,
     )(qh, kh, vh, doh, *rows, *segs)
     return (

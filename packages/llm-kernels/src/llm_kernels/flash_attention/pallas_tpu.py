@@ -62,10 +62,10 @@ def _fwd_kernel(*refs, cfg: AttentionConfig, q_len: int, kv_len: int, has_seg: b
             qs_ref[...] if has_seg else None, ks_ref[...] if has_seg else None,
             cfg, q_len, kv_len,
         )  # fmt: skip
-        m, l, acc = _block.online_softmax_step(
+        m, denom, acc = _block.online_softmax_step(
             s, visible, m_scr[...], l_scr[...], acc_scr[...], v_ref[...]
         )
-        m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
+        m_scr[...], l_scr[...], acc_scr[...] = m, denom, acc
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -75,9 +75,7 @@ def _fwd_kernel(*refs, cfg: AttentionConfig, q_len: int, kv_len: int, has_seg: b
 
 
 def _params(n_parallel: int) -> pltpu.CompilerParams:
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * n_parallel + ("arbitrary",)
-    )
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
 
 
 def forward(q, k, v, segment_ids, cfg: AttentionConfig):
@@ -108,9 +106,12 @@ def forward(q, k, v, segment_ids, cfg: AttentionConfig):
             grid=(batch, heads, nq, nk),
             in_specs=in_specs,
             out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))],
-            scratch_shapes=[pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32),
-                            pltpu.VMEM((bq, dim), F32)],
-        ),  # fmt: skip
+            scratch_shapes=[
+                pltpu.VMEM((bq, 1), F32),
+                pltpu.VMEM((bq, 1), F32),
+                pltpu.VMEM((bq, dim), F32),
+            ],
+        ),
         out_shape=[
             jax.ShapeDtypeStruct((batch, heads, lq_pad, dim), q.dtype),
             jax.ShapeDtypeStruct((batch, heads, lq_pad, 1), F32),
@@ -242,7 +243,10 @@ def backward(q, k, v, segment_ids, out, lse, dout, cfg: AttentionConfig):
             out_specs=[kv_spec2, kv_spec2],
             scratch_shapes=[pltpu.VMEM((bk, dim), F32), pltpu.VMEM((bk, dim), F32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
+        out_shape=[
+            jax.ShapeDtypeStruct(kh.shape, k.dtype),
+            jax.ShapeDtypeStruct(vh.shape, v.dtype),
+        ],
         compiler_params=_params(3),
         interpret=cfg.interpret,
     )(qh, kh, vh, doh, *rows, *segs)

@@ -44,7 +44,9 @@ def validate_attention_args(
             f"k.dtype={k.dtype}, v.dtype={v.dtype}"
         )
     if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v must have the same shape, got {_shapes(q, k, v)}")
+        raise ValueError(
+            f"flash_attention: k and v must have the same shape, got {_shapes(q, k, v)}"
+        )
     if q.shape[0] != k.shape[0]:
         raise ValueError(
             f"flash_attention: batch mismatch: q batch {q.shape[0]} != k/v batch {k.shape[0]} "
@@ -62,7 +64,9 @@ def validate_attention_args(
             f"({_shapes(q, k, v)})"
         )
     if sliding_window is not None and (
-        isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0
+        isinstance(sliding_window, bool)
+        or not isinstance(sliding_window, int)
+        or sliding_window <= 0
     ):
         raise ValueError(
             f"flash_attention: sliding_window must be a positive int or None, got {sliding_window!r}"
@@ -77,7 +81,9 @@ def validate_attention_args(
         if block is not None and (not isinstance(block, int) or block <= 0):
             raise ValueError(f"flash_attention: {name} must be a positive int, got {block!r}")
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"flash_attention: unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise ValueError(
+            f"flash_attention: unknown backend {backend!r}; expected one of {BACKENDS}"
+        )
     if segment_ids is not None:
         expected = (q.shape[0], q.shape[1])
         if q.shape[1] != k.shape[1]:
