@@ -63,9 +63,11 @@ struct Mask {
   }
 };
 
-// Copies x[b, :, h, :] ([L, H, D] strided) to dst[Lpad][Dp] (rows) and/or dst_t[Dp][Lpad].
+// Copies x[b, :, h, :] ([L, H, D] strided) to rows[Lpad][Dp] and/or to cols, the transpose
+// stored as column panels [Lpad / blk][Dp][blk]: a block's panel is contiguous with a short
+// leading dimension, avoiding the cache-set conflicts of a power-of-two row stride.
 void pack_head(const float* x, int64_t L, int64_t H, int64_t D, int64_t h, int64_t Lpad,
-               int64_t Dp, float* rows, float* cols) {
+               int64_t Dp, float* rows, float* cols, int64_t blk) {
   if (rows) {
     std::fill(rows, rows + Lpad * Dp, 0.f);
     for (int64_t i = 0; i < L; ++i) std::copy_n(x + (i * H + h) * D, D, rows + i * Dp);
@@ -74,7 +76,8 @@ void pack_head(const float* x, int64_t L, int64_t H, int64_t D, int64_t h, int64
     std::fill(cols, cols + Lpad * Dp, 0.f);
     for (int64_t i = 0; i < L; ++i) {
       const float* src = x + (i * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) cols[d * Lpad + i] = src[d];
+      float* panel = cols + (i / blk) * Dp * blk + i % blk;
+      for (int64_t d = 0; d < D; ++d) panel[d * blk] = src[d];
     }
   }
 }
@@ -115,12 +118,14 @@ void attention_fwd(const AttnFwdArgs& a) {
   const Geometry g(p);
   const int64_t B = p.batch, H = p.heads, Hk = p.kv_heads, D = p.head_dim, Dp = g.Dp;
   const int workers = num_threads();
-  // K transposed [B][Hk][Dp][lk_pad] and V rows [B][Hk][lk_pad][Dp].
+  // K transposed in panels [B][Hk][nkb][Dp][bk] and V rows [B][Hk][lk_pad][Dp].
   std::vector<float> kt(B * Hk * Dp * g.lk_pad), vr(B * Hk * g.lk_pad * Dp);
   parallel_for(B * Hk, workers, [&](int64_t t, int) {
     const int64_t b = t / Hk, h = t % Hk, off = t * Dp * g.lk_pad;
-    pack_head(a.k + b * p.kv_len * Hk * D, p.kv_len, Hk, D, h, g.lk_pad, Dp, nullptr, &kt[off]);
-    pack_head(a.v + b * p.kv_len * Hk * D, p.kv_len, Hk, D, h, g.lk_pad, Dp, &vr[off], nullptr);
+    pack_head(a.k + b * p.kv_len * Hk * D, p.kv_len, Hk, D, h, g.lk_pad, Dp, nullptr, &kt[off],
+              g.bk);
+    pack_head(a.v + b * p.kv_len * Hk * D, p.kv_len, Hk, D, h, g.lk_pad, Dp, &vr[off], nullptr,
+              g.bk);
   });
 
   const int64_t scratch = g.bq * Dp * 2 + g.bq * g.bk + 2 * g.bq;
@@ -148,7 +153,7 @@ void attention_fwd(const AttnFwdArgs& a) {
     mask.key_blocks(q0, q0 + rows, g.bk, g.nkb, kb_lo, kb_hi);
     for (int64_t kb = kb_lo; kb < kb_hi; ++kb) {
       const int64_t k0 = kb * g.bk;
-      gemm(rows, g.bk, Dp, qs, Dp, kt_h + k0, g.lk_pad, s, g.bk, false);
+      gemm(rows, g.bk, Dp, qs, Dp, kt_h + kb * Dp * g.bk, g.bk, s, g.bk, false);
       const bool full = mask.full(q0, q0 + rows, k0, k0 + g.bk);
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = s + r * g.bk;
@@ -225,8 +230,9 @@ void attention_bwd(const AttnBwdArgs& a) {
   parallel_for(B * H + B * Hk, workers, [&](int64_t t, int) {
     if (t < B * H) {
       const int64_t b = t / H, h = t % H;
-      pack_head(a.q + b * Lq * H * D, Lq, H, D, h, lqp, Dp, &qr[t * qsz], &qt[t * qsz]);
-      pack_head(a.dout + b * Lq * H * D, Lq, H, D, h, lqp, Dp, &dor[t * qsz], &dot[t * qsz]);
+      pack_head(a.q + b * Lq * H * D, Lq, H, D, h, lqp, Dp, &qr[t * qsz], &qt[t * qsz], g.bq);
+      pack_head(a.dout + b * Lq * H * D, Lq, H, D, h, lqp, Dp, &dor[t * qsz], &dot[t * qsz],
+                g.bq);
       for (int64_t i = 0; i < Lq; ++i) {
         const float x = a.lse[t * Lq + i];
         lse[t * lqp + i] = std::isinf(x) ? 0.f : x;  // empty rows: every p is masked to 0 anyway
@@ -235,8 +241,8 @@ void attention_bwd(const AttnBwdArgs& a) {
     } else {
       t -= B * H;
       const int64_t b = t / Hk, h = t % Hk;
-      pack_head(a.k + b * Lk * Hk * D, Lk, Hk, D, h, lkp, Dp, &kr[t * ksz], &kt[t * ksz]);
-      pack_head(a.v + b * Lk * Hk * D, Lk, Hk, D, h, lkp, Dp, &vr[t * ksz], &vt[t * ksz]);
+      pack_head(a.k + b * Lk * Hk * D, Lk, Hk, D, h, lkp, Dp, &kr[t * ksz], &kt[t * ksz], g.bk);
+      pack_head(a.v + b * Lk * Hk * D, Lk, Hk, D, h, lkp, Dp, &vr[t * ksz], &vt[t * ksz], g.bk);
     }
   });
 
@@ -259,9 +265,10 @@ void attention_bwd(const AttnBwdArgs& a) {
     mask.key_blocks(q0, q0 + rows, g.bk, g.nkb, kb_lo, kb_hi);
     for (int64_t kb = kb_lo; kb < kb_hi; ++kb) {
       const int64_t k0 = kb * g.bk;
-      gemm(rows, g.bk, Dp, &qr[bh * qsz + q0 * Dp], Dp, &kt[bk_h * ksz + k0], lkp, s, g.bk, false);
-      gemm(rows, g.bk, Dp, &dor[bh * qsz + q0 * Dp], Dp, &vt[bk_h * ksz + k0], lkp, dp, g.bk,
-           false);
+      gemm(rows, g.bk, Dp, &qr[bh * qsz + q0 * Dp], Dp, &kt[bk_h * ksz + kb * Dp * g.bk], g.bk, s,
+           g.bk, false);
+      gemm(rows, g.bk, Dp, &dor[bh * qsz + q0 * Dp], Dp, &vt[bk_h * ksz + kb * Dp * g.bk], g.bk,
+           dp, g.bk, false);
       const bool full = mask.full(q0, q0 + rows, k0, k0 + g.bk);
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = s + r * g.bk;
@@ -300,8 +307,8 @@ void attention_bwd(const AttnBwdArgs& a) {
       const int64_t bh = b * H + hk * g.group + gi;
       for (int64_t qb = qb_lo; qb < qb_hi; ++qb) {
         const int64_t q0 = qb * g.bq;
-        gemm(krows, g.bq, Dp, k_rows, Dp, &qt[bh * qsz + q0], lqp, s, g.bq, false);
-        gemm(krows, g.bq, Dp, v_rows, Dp, &dot[bh * qsz + q0], lqp, dp, g.bq, false);
+        gemm(krows, g.bq, Dp, k_rows, Dp, &qt[bh * qsz + qb * Dp * g.bq], g.bq, s, g.bq, false);
+        gemm(krows, g.bq, Dp, v_rows, Dp, &dot[bh * qsz + qb * Dp * g.bq], g.bq, dp, g.bq, false);
         const bool full = mask.full(q0, q0 + g.bq, k0, k0 + krows);
         for (int64_t r = 0; r < krows; ++r) {
           float* srow = s + r * g.bq;

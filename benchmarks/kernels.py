@@ -1,0 +1,143 @@
+"""CPU benchmark of the llm_kernels C++ FFI kernels against XLA's compiled jnp references.
+
+Prints, per shape, the time and peak extra resident memory of each implementation, measured in
+the same run, and the ratio XLA / C++ (> 1 means the C++ kernel is faster / leaner).
+
+    python benchmarks/kernels.py            # seq 512, 2048, 8192 + RMSNorm [8192, 4096]
+    python benchmarks/kernels.py --quick    # seq 512, 2048 + a smaller RMSNorm, fewer repeats
+
+Peak memory: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during the
+first call after compilation, minus the RSS just before it. It covers XLA buffers and the C++
+kernel's own scratch alike. Do not run this next to the test suite: both want every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llm_kernels
+from llm_kernels import flash_attention, mha_reference, rms_norm, rms_norm_reference
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn: Callable, args: tuple, repeats: int) -> tuple[float, float]:
+    """(best seconds per call, peak extra MiB of the first call) of a jitted fn."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(args)
+    ok = _reset_peak()
+    base = _status_kib("VmRSS")
+    jax.block_until_ready(compiled(*args))
+    peak_mib = (_status_kib("VmHWM") - base) / 1024 if ok else float("nan")
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        best = min(best, time.perf_counter() - start)
+    return best, peak_mib
+
+
+def _row(name: str, ours: tuple[float, float], xla: tuple[float, float], flops: float) -> None:
+    (t_c, m_c), (t_x, m_x) = ours, xla
+    gf = f"{flops / t_c / 1e9:7.1f} / {flops / t_x / 1e9:6.1f}" if flops else " " * 16
+    print(
+        f"{name:<28} {t_c * 1e3:9.1f} {t_x * 1e3:9.1f} {t_x / t_c:6.2f}x   {gf}"
+        f" {m_c:9.1f} {m_x:9.1f}"
+    )
+
+
+def bench_attention(seqs: list[int], repeats: int, heads: int = 8, dim: int = 64) -> None:
+    print(f"\nflash attention, causal, batch 1, {heads} heads, head_dim {dim}, float32")
+    print(
+        f"{'case':<28} {'C++ ms':>9} {'XLA ms':>9} {'XLA/C++':>7}  {'GFLOP/s C++/XLA':>16}"
+        f" {'C++ MiB':>9} {'XLA MiB':>9}"
+    )
+    rng = np.random.default_rng(0)
+    for seq in seqs:
+        q, k, v = (
+            jnp.asarray(rng.standard_normal((1, seq, heads, dim), dtype=np.float32))
+            for _ in range(3)
+        )
+        flops = 2 * 2 * seq * seq * dim * heads / 2  # causal half of QK^T and PV
+
+        def cpu_fwd(q, k, v):
+            return flash_attention(q, k, v, causal=True, backend="cpu")
+
+        def xla_fwd(q, k, v):
+            return mha_reference(q, k, v, causal=True)
+
+        def loss(fn):
+            return jax.grad(lambda a, b, c: jnp.sum(fn(a, b, c)), argnums=(0, 1, 2))
+
+        reps = repeats if seq < 8192 else 1
+        ours = measure(cpu_fwd, (q, k, v), reps)
+        xla = measure(xla_fwd, (q, k, v), reps)
+        _row(f"seq {seq} fwd", ours, xla, flops)
+        ours = measure(loss(cpu_fwd), (q, k, v), reps)
+        xla = measure(loss(xla_fwd), (q, k, v), reps)
+        _row(f"seq {seq} fwd+bwd", ours, xla, 3.5 * flops)
+
+
+def bench_rms_norm(shape: tuple[int, int], repeats: int) -> None:
+    print(f"\nRMSNorm {list(shape)}, float32")
+    print(
+        f"{'case':<28} {'C++ ms':>9} {'XLA ms':>9} {'XLA/C++':>7}  {'':>16} {'C++ MiB':>9} {'XLA MiB':>9}"
+    )
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal(shape[-1:], dtype=np.float32))
+
+    def cpu(x, w):
+        return rms_norm(x, w, backend="cpu")
+
+    def grad(fn):
+        return jax.grad(lambda x, w: jnp.sum(fn(x, w) * x), argnums=(0, 1))
+
+    _row("fwd", measure(cpu, (x, w), repeats), measure(rms_norm_reference, (x, w), repeats), 0)
+    _row(
+        "fwd+bwd",
+        measure(grad(cpu), (x, w), repeats),
+        measure(grad(rms_norm_reference), (x, w), repeats),
+        0,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run: seq 512 and 2048")
+    parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
+    args = parser.parse_args()
+    info = llm_kernels.cpu_kernels_info()
+    if not info["available"]:
+        raise SystemExit(f"C++ kernels not available: {info['error']}")
+    print(f"jax {jax.__version__}, C++ kernels: {info}")
+    seqs = args.seqs or ([512, 2048] if args.quick else [512, 2048, 8192])
+    repeats = 2 if args.quick else 3
+    bench_attention(seqs, repeats)
+    bench_rms_norm((2048, 4096) if args.quick else (8192, 4096), repeats)
+
+
+if __name__ == "__main__":
+    main()
