@@ -11,6 +11,7 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace llmk {
@@ -119,7 +120,7 @@ void attention_fwd(const AttnFwdArgs& a) {
   const int64_t B = p.batch, H = p.heads, Hk = p.kv_heads, D = p.head_dim, Dp = g.Dp;
   const int workers = num_threads();
   // K transposed in panels [B][Hk][nkb][Dp][bk] and V rows [B][Hk][lk_pad][Dp].
-  std::vector<float> kt(B * Hk * Dp * g.lk_pad), vr(B * Hk * g.lk_pad * Dp);
+  Scratch kt(B * Hk * Dp * g.lk_pad), vr(B * Hk * g.lk_pad * Dp);
   parallel_for(B * Hk, workers, [&](int64_t t, int) {
     const int64_t b = t / Hk, h = t % Hk, off = t * Dp * g.lk_pad;
     pack_head(a.k + b * p.kv_len * Hk * D, p.kv_len, Hk, D, h, g.lk_pad, Dp, nullptr, &kt[off],
@@ -129,7 +130,7 @@ void attention_fwd(const AttnFwdArgs& a) {
   });
 
   const int64_t scratch = g.bq * Dp * 2 + g.bq * g.bk + 2 * g.bq;
-  std::vector<float> work(static_cast<size_t>(workers) * scratch);
+  Scratch work(static_cast<size_t>(workers) * scratch);
   parallel_for(B * H * g.nqb, workers, [&](int64_t t, int worker) {
     const int64_t qb = g.nqb - 1 - t % g.nqb, bh = t / g.nqb;  // heavy (late) blocks first
     const int64_t b = bh / H, h = bh % H, hk = h / g.group;
@@ -224,9 +225,9 @@ void attention_bwd(const AttnBwdArgs& a) {
   const int64_t Lq = p.q_len, Lk = p.kv_len, lqp = g.lq_pad, lkp = g.lk_pad;
   const int workers = num_threads();
   const int64_t qsz = lqp * Dp, ksz = lkp * Dp;
-  std::vector<float> qr(B * H * qsz), qt(B * H * qsz), dor(B * H * qsz), dot(B * H * qsz);
-  std::vector<float> kr(B * Hk * ksz), kt(B * Hk * ksz), vr(B * Hk * ksz), vt(B * Hk * ksz);
-  std::vector<float> lse(B * H * lqp, 0.f), delta(B * H * lqp, 0.f);
+  Scratch qr(B * H * qsz), qt(B * H * qsz), dor(B * H * qsz), dot(B * H * qsz);
+  Scratch kr(B * Hk * ksz), kt(B * Hk * ksz), vr(B * Hk * ksz), vt(B * Hk * ksz);
+  Scratch lse(B * H * lqp, 0.f), delta(B * H * lqp, 0.f);
   parallel_for(B * H + B * Hk, workers, [&](int64_t t, int) {
     if (t < B * H) {
       const int64_t b = t / H, h = t % H;
@@ -248,7 +249,7 @@ void attention_bwd(const AttnBwdArgs& a) {
 
   const int64_t blk = std::max(g.bq, g.bk);
   const int64_t scratch = 3 * g.bq * g.bk + 2 * blk * Dp;
-  std::vector<float> work(static_cast<size_t>(workers) * scratch);
+  Scratch work(static_cast<size_t>(workers) * scratch);
 
   // Pass 1: dq, one task per (b, h, query block).
   parallel_for(B * H * g.nqb, workers, [&](int64_t t, int worker) {

@@ -4,6 +4,7 @@
 #include "ffi_handlers.h"
 #include "kernels.h"
 #include "parallel.h"
+#include "scratch.h"
 
 namespace nb = nanobind;
 
@@ -26,4 +27,9 @@ NB_MODULE(_cpu_kernels, m) {
   });
   m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");
   m.def("num_threads", []() { return llmk::num_threads(); });
+  m.def("scratch_peak_bytes", []() { return llmk::ScratchStats::peak().load(); },
+        "Peak bytes of kernel scratch since the last reset (all kernels, all threads).");
+  m.def("reset_scratch_peak", []() {
+    llmk::ScratchStats::peak().store(llmk::ScratchStats::current().load());
+  });
 }

@@ -7,6 +7,7 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace llmk {
@@ -47,7 +48,7 @@ void rms_norm_bwd(const RmsNormArgs& a) {
   const int workers = num_threads();
   const int64_t tasks = (a.rows + kRowsPerTask - 1) / kRowsPerTask;
   // Per-worker partial sums of dweight, reduced at the end.
-  std::vector<float> partial(static_cast<size_t>(workers) * n_weights * a.dim, 0.f);
+  Scratch partial(static_cast<size_t>(workers) * n_weights * a.dim, 0.f);
   parallel_for(tasks, workers, [&](int64_t t, int worker) {
     const int64_t r1 = std::min(a.rows, (t + 1) * kRowsPerTask);
     for (int64_t r = t * kRowsPerTask; r < r1; ++r) {
