@@ -112,18 +112,17 @@ def bench_rms_norm(shape: tuple[int, int], repeats: int) -> None:
         return jax.grad(lambda x, w: jnp.sum(fn(x, w) * x), argnums=(0, 1))
 
     _row("fwd", measure(cpu, (x, w), repeats), measure(rms_norm_reference, (x, w), repeats), 0)
-    _row(
-        "fwd+bwd",
-        measure(grad(cpu), (x, w), repeats),
-        measure(grad(rms_norm_reference), (x, w), repeats),
-        0,
-    )
+    xla_grad = measure(grad(rms_norm_reference), (x, w), repeats)
+    _row("fwd+bwd", measure(grad(cpu), (x, w), repeats), xla_grad, 0)
+    default = measure(grad(rms_norm), (x, w), repeats)  # XLA forward + C++ backward
+    _row("fwd+bwd default (XLA fwd)", default, xla_grad, 0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: seq 512 and 2048")
     parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
+    parser.add_argument("--only", choices=["attention", "rms_norm"], help="run one benchmark")
     args = parser.parse_args()
     info = llm_kernels.cpu_kernels_info()
     if not info["available"]:
@@ -131,8 +130,10 @@ def main() -> None:
     print(f"jax {jax.__version__}, C++ kernels: {info}")
     seqs = args.seqs or ([512, 2048] if args.quick else [512, 2048, 8192])
     repeats = 2 if args.quick else 3
-    bench_attention(seqs, repeats)
-    bench_rms_norm((2048, 4096) if args.quick else (8192, 4096), repeats)
+    if args.only != "rms_norm":
+        bench_attention(seqs, repeats)
+    if args.only != "attention":
+        bench_rms_norm((2048, 4096) if args.quick else (8192, 4096), repeats)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,15 @@ def test_rms_norm_vmap_over_x_and_weight():
     assert max_err(gw, gw_ref) < 1e-5
 
 
-def test_rms_norm_default_backend_uses_kernel():
-    x, w = jnp.ones((2, 8)), jnp.ones((8,))
-    assert "llm_kernels_rms_norm_fwd" in str(jax.make_jaxpr(rms_norm)(x, w))
+def test_rms_norm_default_backend_uses_cpp_backward():
+    rng = np.random.default_rng(4)
+    x, w = rand(rng, (6, 40)), rand(rng, (40,))
+    grad_fn = jax.grad(_loss(rms_norm), argnums=(0, 1))
+    jaxpr = str(jax.make_jaxpr(grad_fn)(x, w))
+    assert "llm_kernels_rms_norm_bwd" in jaxpr and "llm_kernels_rms_norm_fwd" not in jaxpr
+    want = jax.grad(_loss(rms_norm_reference), argnums=(0, 1))(x, w)
+    assert all(max_err(a, b) < 1e-5 for a, b in zip(grad_fn(x, w), want))
+    assert max_err(rms_norm(x, w), rms_norm_reference(x, w)) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,15 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def pick_block(requested: int | None, default: int, length: int, multiple: int = 8) -> int:
-    """The requested block, else the default, never much larger than the (padded) length."""
-    block = default if requested is None else requested
-    return max(multiple, min(block, round_up(length, multiple)))
+def pick_block(
+    requested: int | None, default: int, length: int, multiple: int = 8, power_of_two: bool = False
+) -> int:
+    """The requested block, else the default, never much larger than the (padded) length.
+
+    Triton needs power-of-two block shapes, hence power_of_two for the GPU kernel's defaults.
+    """
+    if requested is not None:
+        return requested
+    if power_of_two:
+        return min(default, max(16, 1 << (length - 1).bit_length()))
+    return max(multiple, min(default, round_up(length, multiple)))

@@ -110,13 +110,14 @@ def flash_attention(
             logit_soft_cap=logit_soft_cap, sm_scale=scale,
         )  # fmt: skip
     default_q, default_k = DEFAULT_BLOCKS[chosen]
+    gpu = chosen == "pallas_gpu"
     cfg = AttentionConfig(
         causal=bool(causal),
         sliding_window=sliding_window,
         logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
         sm_scale=scale,
-        block_q=pick_block(block_q, default_q, q.shape[1]),
-        block_k=pick_block(block_k, default_k, k.shape[1]),
+        block_q=pick_block(block_q, default_q, q.shape[1], power_of_two=gpu),
+        block_k=pick_block(block_k, default_k, k.shape[1], power_of_two=gpu),
         interpret=interpret,
     )
     return _flash(q, k, v, segment_ids, cfg, chosen)
