@@ -85,7 +85,7 @@ def bench_attention(seqs: list[int], repeats: int, heads: int = 8, dim: int = 64
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
         def loss(fn):
-            return jax.grad(lambda a, b, c: jnp.sum(fn(a, b, c)), argnums=(0, 1, 2))
+            return jax.value_and_grad(lambda a, b, c: jnp.sum(fn(a, b, c)), argnums=(0, 1, 2))
 
         reps = repeats if seq < 8192 else 1
         ours = measure(cpu_fwd, (q, k, v), reps)
@@ -109,7 +109,7 @@ def bench_rms_norm(shape: tuple[int, int], repeats: int) -> None:
         return rms_norm(x, w, backend="cpu")
 
     def grad(fn):
-        return jax.grad(lambda x, w: jnp.sum(fn(x, w) * x), argnums=(0, 1))
+        return jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * x), argnums=(0, 1))
 
     _row("fwd", measure(cpu, (x, w), repeats), measure(rms_norm_reference, (x, w), repeats), 0)
     xla_grad = measure(grad(rms_norm_reference), (x, w), repeats)
