@@ -116,3 +116,29 @@ def test_cpu_is_default_on_cpu():
     (q, k, v), _ = _setup("causal-mha", jnp.float32)
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: llm_kernels.flash_attention(q, k, v))(q, k, v))
     assert "llm_kernels_attention_fwd" in jaxpr
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cpu_other_isa_builds(isa):
+    """The SSE (x86-64-v2) and AVX2 builds, picked with LLM_KERNELS_ISA in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, jax.numpy as jnp, numpy as np, llm_kernels as lk\n"
+        "info = lk.cpu_kernels_info()\n"
+        "r = np.random.default_rng(0)\n"
+        "q, k, v = (jnp.asarray(r.standard_normal((1, 45, 4, 24), dtype=np.float32)) for _ in range(3))\n"
+        "kw = dict(sliding_window=9, logit_soft_cap=2.0)\n"
+        "f = lambda fn: jax.value_and_grad(lambda q: jnp.sum(fn(q, k, v, **kw) ** 2))(q)\n"
+        "(a, ga), (b, gb) = f(lambda *x, **y: lk.flash_attention(*x, backend='cpu', **y)), f(lk.mha_reference)\n"
+        "print(info['isa'], float(jnp.abs(a - b) / b), float(jnp.max(jnp.abs(ga - gb))))\n"
+    )
+    env = dict(os.environ, LLM_KERNELS_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got_isa, loss_err, grad_err = out.stdout.split()
+    if got_isa != isa:
+        pytest.skip(f"CPU lacks {isa}")
+    assert float(loss_err) < 1e-5 and float(grad_err) < 5e-5
