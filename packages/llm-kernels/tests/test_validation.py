@@ -48,3 +48,14 @@ Q, KV = (2, 8, 4, 16), (2, 8, 2, 16)
 def test_bad_arguments(q, k, v, kw, match):
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v, **kw)
+
+
+def test_numpy_scalars_are_accepted():
+    import numpy as np
+
+    q = jnp.ones(Q)
+    kv = jnp.ones(KV)
+    out = flash_attention(
+        q, kv, kv, sliding_window=np.int64(3), sm_scale=np.float32(0.2), block_q=np.int32(16)
+    )
+    assert out.shape == Q

@@ -113,11 +113,15 @@ def flash_attention(
     gpu = chosen == "pallas_gpu"
     cfg = AttentionConfig(
         causal=bool(causal),
-        sliding_window=sliding_window,
+        sliding_window=None if sliding_window is None else int(sliding_window),
         logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
         sm_scale=scale,
-        block_q=pick_block(block_q, default_q, q.shape[1], power_of_two=gpu),
-        block_k=pick_block(block_k, default_k, k.shape[1], power_of_two=gpu),
+        block_q=pick_block(
+            None if block_q is None else int(block_q), default_q, q.shape[1], power_of_two=gpu
+        ),
+        block_k=pick_block(
+            None if block_k is None else int(block_k), default_k, k.shape[1], power_of_two=gpu
+        ),
         interpret=interpret,
     )
     return _flash(q, k, v, segment_ids, cfg, chosen)

@@ -3,6 +3,8 @@ argument and the shapes involved."""
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -75,10 +77,10 @@ def validate_attention_args(
         raise ValueError(
             f"flash_attention: logit_soft_cap must be > 0 or None, got {logit_soft_cap!r}"
         )
-    if sm_scale is not None and not isinstance(sm_scale, int | float):
+    if sm_scale is not None and not isinstance(sm_scale, numbers.Real):
         raise ValueError(f"flash_attention: sm_scale must be a Python float, got {sm_scale!r}")
     for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if block is not None and (not isinstance(block, int) or block <= 0):
+        if block is not None and (not isinstance(block, numbers.Integral) or block <= 0):
             raise ValueError(f"flash_attention: {name} must be a positive int, got {block!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(
