@@ -67,7 +67,7 @@ def validate_attention_args(
         )
     if sliding_window is not None and (
         isinstance(sliding_window, bool)
-        or not isinstance(sliding_window, int)
+        or not isinstance(sliding_window, numbers.Integral)
         or sliding_window <= 0
     ):
         raise ValueError(
