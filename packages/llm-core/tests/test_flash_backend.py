@@ -31,7 +31,7 @@ def _loss_and_grads(cfg, ids, segment_ids=None):
         )
         return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
 
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return logits, grads
 
 
