@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from llm_core.config import MESH_AXES as _AXES
 from llm_core.config import resolve_mesh_shape
 

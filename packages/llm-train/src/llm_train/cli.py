@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="key=value overrides")
         if name == "export":
             s.add_argument("--out", required=True, help="output folder")
-            s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+            s.add_argument(
+                "--step", type=int, default=None, help="checkpoint step (default: latest)"
+            )
     return p
 
 

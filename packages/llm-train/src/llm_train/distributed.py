@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+
 from llm_core import Config
 
 _INITIALIZED = False
@@ -43,4 +44,3 @@ def initialize(cfg: Config) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     _INITIALIZED = True
-

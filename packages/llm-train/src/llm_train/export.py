@@ -13,8 +13,8 @@ import os
 import jax
 import yaml
 from flax import nnx
-from llm_core import Config, load_config
 
+from llm_core import Config, load_config
 from llm_train.checkpoint import Checkpointer, load_params, save_params
 from llm_train.model import build_model
 from llm_train.optim import make_optimizer

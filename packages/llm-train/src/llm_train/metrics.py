@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+
 from llm_core import Config
 
 # Dense peak FLOP/s per device for known accelerators (bf16); the CPU is measured.
@@ -75,7 +76,8 @@ class MetricsWriter:
         self.total, self.cfg = total_steps, cfg
         self.start_time, self.start_step = time.time(), None
         self.tty = sys.stderr.isatty()
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if self.enabled else None
+        path = os.path.join(out_dir, "metrics.jsonl")
+        self.jsonl = open(path, "a") if self.enabled else None  # noqa: SIM115 - closed in close()
         self.tb = None
         if self.enabled and cfg.tensorboard:
             try:
@@ -88,7 +90,10 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {k: (float(v) if isinstance(v, np.floating | np.ndarray) else v) for k, v in record.items()}
+        record = {
+            k: (float(v) if isinstance(v, np.floating | np.ndarray) else v)
+            for k, v in record.items()
+        }
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+
 from llm_core import Config, ConfigError
 
 # Parameter path fragments that never get weight decay (norm scales, biases, embeddings' norms).
@@ -26,7 +27,7 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     elif cfg.lr_schedule == "wsd":
         if not 0.0 <= cfg.decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {cfg.decay_fraction}.")
-        decay = int(round(steps * cfg.decay_fraction))
+        decay = round(steps * cfg.decay_fraction)
         stable = max(rest - decay, 0)
         main = optax.join_schedules(
             [optax.constant_schedule(peak), optax.linear_schedule(peak, end, max(decay, 1))],

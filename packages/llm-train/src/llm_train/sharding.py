@@ -6,8 +6,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from llm_core import Config, ConfigError
 
+from llm_core import Config, ConfigError
 from llm_train.model import create_mesh, logical_sharding
 
 # Mesh axes the batch dimension is split over (the data-parallel degree is their product).

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from llm_core import Config
 
+from llm_core import Config
 from llm_train.model import build_model
 from llm_train.sharding import batch_sharding, state_shardings
 
@@ -101,7 +101,10 @@ class Steps:
             x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
             x = jnp.swapaxes(x, 0, 1)
             return jax.lax.with_sharding_constraint(
-                x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
+                x,
+                jax.sharding.NamedSharding(
+                    self.mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec)
+                ),
             )
 
         micro = {k: to_micro(v) for k, v in batch.items()}
@@ -121,7 +124,7 @@ class Steps:
         grads, nll, count = self._grads(params, state["rest"], batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_state = dict(
             state,

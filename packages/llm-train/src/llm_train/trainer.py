@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -12,8 +13,8 @@ import jax
 import numpy as np
 import yaml
 from jax.experimental import multihost_utils
-from llm_core import Config
 
+from llm_core import Config
 from llm_train import distributed
 from llm_train.checkpoint import Checkpointer
 from llm_train.data.pipeline import Data
@@ -49,10 +50,8 @@ class _StopFlag:
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum, _frame):
@@ -91,7 +90,9 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     steps = Steps(cfg, mesh, make_optimizer(cfg))
     schedule = make_schedule(cfg)
     data = Data(cfg)
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing)
+    ckpt = Checkpointer(
+        os.path.join(out_dir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing
+    )
     writer = MetricsWriter(out_dir, cfg, cfg.steps)
     _save_config(cfg, out_dir)
 

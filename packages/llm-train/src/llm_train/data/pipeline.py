@@ -10,8 +10,8 @@ import grain
 import grain.experimental as gx
 import jax
 import numpy as np
-from llm_core import Config
 
+from llm_core import Config
 from llm_train.data.sources import open_documents
 from llm_train.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
@@ -114,7 +114,7 @@ def _split_docs(docs, eval_fraction: float, seed: int):
     if eval_fraction <= 0:
         return docs, None
     order = np.random.default_rng(seed + EVAL_SEED_OFFSET).permutation(len(docs))
-    n_eval = max(1, int(round(len(docs) * eval_fraction)))
+    n_eval = max(1, round(len(docs) * eval_fraction))
     if n_eval >= len(docs):
         raise ValueError(f"eval_fraction={eval_fraction} leaves no training documents.")
     return _Subset(docs, order[n_eval:]), _Subset(docs, order[:n_eval])

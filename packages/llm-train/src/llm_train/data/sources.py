@@ -70,7 +70,9 @@ def parquet_docs(pattern: str, field: str) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover
-        raise DataError("dataset_kind=parquet needs pyarrow: pip install 'llm-train[data]'") from None
+        raise DataError(
+            "dataset_kind=parquet needs pyarrow: pip install 'llm-train[data]'"
+        ) from None
     docs: list[str] = []
     for path in _files(pattern, "parquet"):
         table = pq.read_table(path)
@@ -112,7 +114,9 @@ class HFDocs:
         try:
             import datasets
         except ImportError:  # pragma: no cover
-            raise DataError("dataset_kind=hf needs `datasets`: pip install 'llm-train[data]'") from None
+            raise DataError(
+                "dataset_kind=hf needs `datasets`: pip install 'llm-train[data]'"
+            ) from None
         if not path or not os.path.exists(path):
             raise DataError(f"dataset_path={path!r} does not exist (dataset_kind=hf).")
         if os.path.isdir(path) and (

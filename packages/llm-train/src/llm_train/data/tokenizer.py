@@ -51,3 +51,24 @@ def check_vocab(tokenizer: Tokenizer, cfg: Config) -> None:
             f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{cfg.vocab_size}: set vocab_size>={tokenizer.vocab_size} or use a smaller tokenizer."
         )
+
+
+def train_bpe(
+    files: list[str], vocab_size: int, out_path, show_progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (with `<|endoftext|>`) on text files; save tokenizer.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train(files, trainer)
+    tok.save(str(out_path))
+    return Tokenizer(tok)
