@@ -25,7 +25,7 @@ TEST_TARGETS["e2e"] = [f"./packages/{name}[test]" for name in PACKAGES]
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tests"]
-nox.options.reuse_existing_virtualenvs = True
+nox.options.reuse_existing_virtualenvs = False  # fresh venvs: uv makes them in seconds
 
 
 def _works(python: str) -> bool:

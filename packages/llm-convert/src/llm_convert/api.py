@@ -1,0 +1,100 @@
+"""The Python API: load_hf, hf_to_native, native_to_hf."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llm_convert.errors import ConversionError
+from llm_convert.hf_config import config_from_hf, read_hf_config
+from llm_convert.hf_to_native import convert_hf_params
+from llm_convert.native_to_hf import write_hf_folder
+from llm_core import Config, Transformer
+from llm_core.io import load as load_native
+from llm_core.io import model_from_params, save_params
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConversionError(
+            f"dtype '{dtype}' is not supported; choose one of {', '.join(DTYPES)}."
+        )
+
+
+def read_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> tuple[Config, dict]:
+    """Config and native parameters (nested dict of numpy arrays) of a Hugging Face folder."""
+    _check_dtype(dtype)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is not a folder: pass a Hugging Face model folder.")
+    hf = read_hf_config(folder)
+    cfg, family = config_from_hf(
+        hf,
+        str(folder / "config.json"),
+        {"weight_dtype": dtype, "dtype": dtype, **_as_dict(overrides)},
+    )
+    return cfg, convert_hf_params(folder, cfg, family, dtype)
+
+
+def _as_dict(overrides) -> dict:
+    from llm_core.config import parse_overrides
+
+    return dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> Transformer:
+    """A ready llm-core model from a Hugging Face folder: `model(input_ids)` -> float32 logits."""
+    cfg, params = read_hf(path, dtype, overrides)
+    return model_from_params(cfg, params)
+
+
+def hf_to_native(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32") -> Path:
+    """Convert a Hugging Face folder into a native checkpoint (config.yml + Orbax params/)."""
+    cfg, params = read_hf(src, dtype)
+    return save_params(params, cfg, dst)
+
+
+def native_to_hf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write a native checkpoint as a Hugging Face folder (config.json + safetensors)."""
+    model = load_native(src)
+    dtype = dtype or model.cfg.weight_dtype
+    _check_dtype(dtype)
+    return save_hf(model, dst, dtype, max_shard_bytes)
+
+
+def save_hf(
+    model: Transformer,
+    dst: str | os.PathLike,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    from llm_convert.hf_to_native import NP_DTYPES
+
+    params = jax.tree.map(
+        lambda a: np.asarray(a).astype(NP_DTYPES[dtype]),
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    )
+    final = Path(dst).absolute()
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        write_hf_folder(params, model.cfg, tmp, dtype, max_shard_bytes)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,249 @@
+"""Hugging Face config.json <-> llm-core Config, per family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llm_convert.errors import ConversionError
+from llm_convert.families import FAMILIES, Family, family_for_model_type
+from llm_core import Config, load_config
+
+ACTIVATIONS = {
+    "silu": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise ConversionError(
+            f"{path} not found: SRC must be a Hugging Face model folder with config.json."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON: {err}") from None
+
+
+def _require(hf: dict, key: str, path: str) -> Any:
+    if key not in hf:
+        raise ConversionError(f"{path}: config.json is missing the field '{key}'.")
+    return hf[key]
+
+
+def _rope(params: dict | None, prefix: str = "") -> dict[str, Any]:
+    params = dict(params or {})
+    out: dict[str, Any] = {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if "rope_theta" in params:
+        out["rope_theta"] = float(params["rope_theta"])
+    if kind not in ("default", "linear", "llama3", "yarn"):
+        raise ConversionError(
+            f"config.json: rope_type '{kind}' is not supported (default, linear, llama3, yarn)."
+        )
+    out["rope_kind"] = kind
+    if kind != "default":
+        out["rope_scaling_factor"] = float(params.get("factor", 1.0))
+    if kind == "llama3":
+        out["rope_low_freq_factor"] = float(params["low_freq_factor"])
+        out["rope_high_freq_factor"] = float(params["high_freq_factor"])
+        out["rope_original_max_position"] = int(params["original_max_position_embeddings"])
+    if kind == "yarn":
+        out["rope_original_max_position"] = int(
+            params.get("original_max_position_embeddings", 4096)
+        )
+        out["rope_yarn_beta_fast"] = float(params.get("beta_fast", 32.0))
+        out["rope_yarn_beta_slow"] = float(params.get("beta_slow", 1.0))
+        if params.get("attention_factor") is not None:
+            out["rope_yarn_attention_factor"] = float(params["attention_factor"])
+    return out
+
+
+def config_from_hf(
+    hf: dict[str, Any], source: str = "config.json", overrides=()
+) -> tuple[Config, Family]:
+    try:
+        family = family_for_model_type(_require(hf, "model_type", source))
+    except ConversionError as err:
+        raise ConversionError(f"{source}: {err}") from None
+    values: dict[str, Any] = {"model_family": family.name, "model_name": "default"}
+    if family.name == "gpt3":
+        e, h = _require(hf, "n_embd", source), _require(hf, "n_head", source)
+        values.update(
+            vocab_size=_require(hf, "vocab_size", source),
+            emb_dim=e,
+            num_layers=_require(hf, "n_layer", source),
+            num_heads=h,
+            num_kv_heads=h,
+            head_dim=e // h,
+            mlp_dim=hf.get("n_inner") or 4 * e,
+            mlp_activation=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+            gated_mlp=False,
+            norm_kind="layer",
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            position_embedding="learned",
+            attention_bias=True,
+            mlp_bias=True,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            max_position_embeddings=_require(hf, "n_positions", source),
+        )
+    else:
+        h = _require(hf, "num_attention_heads", source)
+        e = _require(hf, "hidden_size", source)
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        values.update(
+            vocab_size=_require(hf, "vocab_size", source),
+            emb_dim=e,
+            num_layers=_require(hf, "num_hidden_layers", source),
+            num_heads=h,
+            num_kv_heads=hf.get("num_key_value_heads") or h,
+            head_dim=hf.get("head_dim") or e // h,
+            mlp_dim=_require(hf, "intermediate_size", source),
+            mlp_activation=ACTIVATIONS[act],
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=_require(hf, "max_position_embeddings", source),
+            attention_bias=bool(hf.get("attention_bias", False)),
+        )
+        rope = hf.get("rope_parameters") or {
+            "rope_theta": hf.get("rope_theta", 10000.0),
+            **(hf.get("rope_scaling") or {}),
+        }
+        if family.name == "gemma3":
+            values.update(_rope(rope.get("full_attention", rope)))
+            values["rope_local_theta"] = float(
+                rope.get("sliding_attention", {}).get(
+                    "rope_theta", hf.get("rope_local_base_freq", 10000.0)
+                )
+            )
+        else:
+            values.update(_rope(rope))
+        if hf.get("partial_rotary_factor"):
+            values["partial_rotary_factor"] = float(hf["partial_rotary_factor"])
+        if family.name == "mistral" and hf.get("sliding_window"):
+            values["sliding_window"] = int(hf["sliding_window"])
+        if family.name in ("gemma", "gemma2", "gemma3"):
+            values.update(norm_plus_one=True, scale_embeddings=True)
+        if family.name == "qwen3":
+            values["qk_norm"] = True
+            if hf.get("use_sliding_window") and hf.get("sliding_window"):
+                raise ConversionError(
+                    f"{source}: Qwen3 with use_sliding_window=true is not supported yet."
+                )
+        if family.name in ("gemma2", "gemma3"):
+            layer_types = hf.get("layer_types")
+            if layer_types:
+                kinds = ["local" if t == "sliding_attention" else "global" for t in layer_types]
+                period = 2 if family.name == "gemma2" else int(hf.get("_sliding_window_pattern", 6))
+                pattern = kinds[:period]
+                if any(kinds[i] != pattern[i % period] for i in range(len(kinds))):
+                    raise ConversionError(
+                        f"{source}: layer_types do not repeat with period {period}."
+                    )
+            else:
+                pattern = (
+                    ["local", "global"] if family.name == "gemma2" else ["local"] * 5 + ["global"]
+                )
+            values.update(
+                post_norms=True,
+                attention_pattern=pattern,
+                sliding_window=int(_require(hf, "sliding_window", source)),
+                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or values["head_dim"]),
+                attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                final_logit_softcap=hf.get("final_logit_softcapping"),
+            )
+            if family.name == "gemma3":
+                values["qk_norm"] = True
+    values["seq_len"] = min(256, values["max_position_embeddings"])
+    from llm_core.config import parse_overrides
+
+    extra = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
+    return load_config(None, {**values, **extra}), family
+
+
+def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
+    family = FAMILIES[cfg.model_family]
+    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype]
+    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[
+        cfg.mlp_activation
+    ]
+    if family.name == "gpt3":
+        return {
+            "architectures": [family.architecture],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.emb_dim,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads,
+            "n_inner": cfg.mlp_dim,
+            "n_positions": cfg.max_position_embeddings,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new"
+            if cfg.mlp_activation == "gelu_tanh"
+            else cfg.mlp_activation,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "dtype": torch_dtype,
+        }
+    rope: dict[str, Any] = {"rope_type": cfg.rope_kind, "rope_theta": cfg.rope_theta}
+    if cfg.rope_kind != "default":
+        rope["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_kind == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position,
+        )
+    if cfg.rope_kind == "yarn":
+        rope.update(
+            original_max_position_embeddings=cfg.rope_original_max_position,
+            beta_fast=cfg.rope_yarn_beta_fast,
+            beta_slow=cfg.rope_yarn_beta_slow,
+        )
+        if cfg.rope_yarn_attention_factor is not None:
+            rope["attention_factor"] = cfg.rope_yarn_attention_factor
+    out: dict[str, Any] = {
+        "architectures": [family.architecture],
+        "model_type": family.model_types[0],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.resolved_num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "rope_parameters": rope,
+        "dtype": torch_dtype,
+    }
+    out["hidden_activation" if family.name in ("gemma2", "gemma3") else "hidden_act"] = act
+    if family.name == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if family.name in ("gemma2", "gemma3"):
+        kinds = cfg.layer_attention_kinds
+        out.update(
+            layer_types=["sliding_attention" if k == "local" else "full_attention" for k in kinds],
+            sliding_window=cfg.sliding_window,
+            query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+            attn_logit_softcapping=cfg.attn_logit_softcap,
+            final_logit_softcapping=cfg.final_logit_softcap,
+        )
+    if family.name == "gemma3":
+        out["rope_parameters"] = {
+            "full_attention": rope,
+            "sliding_attention": {
+                "rope_type": "default",
+                "rope_theta": cfg.rope_local_theta or 10000.0,
+            },
+        }
+        out["_sliding_window_pattern"] = len(cfg.attention_pattern or [1])
+    return out

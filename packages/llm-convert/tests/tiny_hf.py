@@ -1,0 +1,86 @@
+"""Tiny random Hugging Face models, built locally from transformers' own config classes."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
+def tiny_hf_configs() -> dict:
+    t = transformers
+    llama3_rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    return {
+        "llama3": t.LlamaConfig(**COMMON, num_hidden_layers=3, rope_parameters=llama3_rope),
+        "llama2": t.LlamaConfig(
+            **{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=2, rms_norm_eps=1e-5
+        ),
+        "llama-yarn": t.LlamaConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        "mistral": t.MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=8),
+        "qwen3": t.Qwen3Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=False),
+        "gemma": t.GemmaConfig(**{**COMMON, "num_key_value_heads": 1}, num_hidden_layers=2),
+        "gemma2": t.Gemma2Config(
+            **COMMON, num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=24
+        ),
+        "gemma3": t.Gemma3TextConfig(
+            **COMMON,
+            num_hidden_layers=7,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+        "gpt2": t.GPT2Config(
+            vocab_size=256,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    }
+
+
+def build_hf_model(name: str, folder, dtype=None):
+    """Instantiate from the config class with random weights, save_pretrained to `folder`."""
+    cfg = tiny_hf_configs()[name]
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():  # norms start at identity; perturb so a wrong norm mapping shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(folder)
+    return model

@@ -1,0 +1,132 @@
+"""Attention backends behind one function. All share one masking rule:
+
+key j is visible to query i iff kv_pos[j] <= q_pos[i] (causal), q_pos[i] - kv_pos[j] < window (local
+layers), the segment ids match (packed sequences) and the key is valid. A query that sees no key
+returns zeros. Softmax runs in float32; GQA never materialises repeated K/V heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    scale: float
+    sliding_window: int | None = None
+    logit_softcap: float | None = None
+    causal: bool = True
+
+
+def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec: AttentionSpec):
+    """Boolean [B, S, T] mask."""
+    qp, kp = q_pos[:, :, None], kv_pos[:, None, :]
+    mask = jnp.ones(qp.shape[:2] + kp.shape[2:], bool)
+    if spec.causal:
+        mask &= kp <= qp
+    if spec.sliding_window is not None:
+        mask &= qp - kp < spec.sliding_window
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == kv_seg[:, None, :]
+    if kv_valid is not None:
+        mask &= kv_valid[:, None, :]
+    return mask
+
+
+def _scores(q, k, spec: AttentionSpec):
+    """q [B,S,K,G,D], k [B,T,K,D] -> float32 scores [B,K,G,S,T] with softcap applied."""
+    s = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * spec.scale
+    if spec.logit_softcap is not None:
+        s = spec.logit_softcap * jnp.tanh(s / spec.logit_softcap)
+    return s
+
+
+def dot_product_attention(q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None):
+    """Reference backend. q [B,S,H,D]; k, v [B,T,K,D] -> [B,S,H,D]."""
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, s, kh, h // kh, d)
+    scores = _scores(qg, k, spec)
+    mask = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec)[:, None, None]
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum(
+        "bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype)
+
+
+def chunked_attention(
+    q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None, chunk=512
+):
+    """Memory-efficient backend in plain JAX: online softmax over key chunks (O(S * chunk) memory)."""
+    b, s, h, d = q.shape
+    t, kh = k.shape[1], k.shape[2]
+    chunk = min(chunk, t)
+    pad = (-t) % chunk
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)))
+        valid = jnp.ones((b, t), bool) if kv_valid is None else kv_valid
+        kv_valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        if kv_seg is not None:
+            kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))
+    n = k.shape[1] // chunk
+
+    def split(x):
+        return None if x is None else jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    qg = q.reshape(b, s, kh, h // kh, d)
+
+    def step(carry, xs):
+        m, denom, acc = carry
+        kc, vc, pc, segc, validc = xs
+        sc = _scores(qg, kc, spec)
+        mask = _visible(q_pos, pc, q_seg, segc, validc, spec)[:, None, None]
+        sc = jnp.where(mask, sc, NEG_INF)
+        m_new = jnp.maximum(m, sc.max(-1))
+        p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        denom = denom * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum(
+            "bkgst,btkd->bkgsd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32
+        )
+        return (m_new, denom, acc), None
+
+    g = h // kh
+    init = (
+        jnp.full((b, kh, g, s), NEG_INF, jnp.float32),
+        jnp.zeros((b, kh, g, s), jnp.float32),
+        jnp.zeros((b, kh, g, s, v.shape[-1]), jnp.float32),
+    )
+    xs = (split(k), split(v), split(kv_pos), split(kv_seg), split(kv_valid))
+    (_, denom, acc), _ = jax.lax.scan(step, init, xs)
+    out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+    return jnp.einsum("bkgsd->bskgd", out).reshape(b, s, h, v.shape[-1]).astype(q.dtype)
+
+
+def flash_attention(q, k, v, spec, segment_ids=None):
+    """The llm-kernels flash kernel (index-based causal masking: training / full-prefix path)."""
+    try:
+        import llm_kernels
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "attention_backend=flash needs the llm-kernels package: pip install packages/llm-kernels"
+        ) from err
+    return llm_kernels.flash_attention(
+        q,
+        k,
+        v,
+        causal=spec.causal,
+        sliding_window=spec.sliding_window,
+        segment_ids=segment_ids,
+        logit_soft_cap=spec.logit_softcap,
+        sm_scale=spec.scale,
+    )
