@@ -12,7 +12,11 @@ from llm_train.trainer import train
 LAYOUTS = {
     "dp8": ["ici_data_parallelism=8", "ici_fsdp_parallelism=1"],
     "fsdp8": ["ici_data_parallelism=1", "ici_fsdp_parallelism=8"],
-    "dp2_fsdp2_tp2": ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"],
+    "dp2_fsdp2_tp2": [
+        "ici_data_parallelism=2",
+        "ici_fsdp_parallelism=2",
+        "ici_tensor_parallelism=2",
+    ],
 }
 
 CHILD = """
@@ -35,7 +39,8 @@ from llm_train.step import Steps
 cfg = load_config(None, base + layouts["fsdp8"])
 steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
 import math
-sizes = [math.prod(x.sharding.shard_shape(x.shape)) / math.prod(x.shape) for x in jax.tree.leaves(steps.abstract_with_sharding()["params"]) if len(x.shape) > 1]
+flat = jax.tree_util.tree_flatten_with_path(steps.abstract_with_sharding()["params"])[0]
+sizes = [math.prod(x.sharding.shard_shape(x.shape)) / math.prod(x.shape) for path, x in flat if "norm" not in jax.tree_util.keystr(path)]
 out["fsdp8_max_shard_fraction"] = max(sizes)
 try:
     train(load_config(None, base + ["global_batch_size=4", "ici_data_parallelism=8", "ici_fsdp_parallelism=1", "run_name=bad"]))
@@ -57,10 +62,12 @@ def test_losses_agree_across_mesh_layouts(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("RESULT ")[1])
-    single = train(tiny_config(tmp_path, steps=3, warmup_steps=0, learning_rate=3e-3, run_name="one"))
+    single = train(
+        tiny_config(tmp_path, steps=3, warmup_steps=0, learning_rate=3e-3, run_name="one")
+    )
     want = [single.losses[s] for s in (1, 2, 3)]
     assert want[2] < want[0]
     for name in LAYOUTS:
         np.testing.assert_allclose(out[name], want, rtol=1e-5, err_msg=name)
-    assert out["fsdp8_max_shard_fraction"] <= 1 / 8  # every matrix is split 8 ways
+    assert out["fsdp8_max_shard_fraction"] <= 1 / 8  # every weight matrix is split 8 ways
     assert "not divisible by the data-parallel size 8" in out["batch_error"]

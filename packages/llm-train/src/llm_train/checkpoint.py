@@ -89,19 +89,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def save_params(path: str, params) -> None:
-    """A parameter-only checkpoint: an orbax PyTree (StandardCheckpointer) of the params State."""
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.abspath(path), params, force=True)
-    ckpt.wait_until_finished()
-    ckpt.close()
-
-
-def load_params(path: str, abstract_params):
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        return ckpt.restore(os.path.abspath(path), abstract_params)
-    finally:
-        ckpt.close()

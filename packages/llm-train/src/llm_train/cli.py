@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             from llm_train.export import export
 
             path = export(cfg, args.out, args.step)
-            print(f"exported parameters to {path}")
+            print(f"exported parameters to {path} (load with llm_core.load)")
         elif args.command == "plan":
             from llm_train.plan import plan, plan_table
 

@@ -1,29 +1,31 @@
-"""Parameter-only export of a training run.
+"""Parameter-only export of a training run, in llm-core's native checkpoint layout.
 
-Layout of `<out>/`:
-  params/     an orbax PyTree checkpoint (StandardCheckpointer) of the model's params `nnx.State`
-              (`nnx.split(model, nnx.Param, ...)[1]`); restore it with `load_exported`.
-  config.yml  the resolved config of the run (`llm_core.load_config(<out>/config.yml)` rebuilds it).
+`<out>/` holds:
+  config.yml  the run's resolved config
+  params/     an orbax PyTree checkpoint (StandardCheckpointer) of the model params as a nested dict
+              (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`)
+`llm_core.load(out)` rebuilds the model; llm-convert turns the folder into Hugging Face format and
+llm-serve loads it. The folder is written atomically (temporary folder renamed into place).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import jax
-import yaml
 from flax import nnx
 
-from llm_core import Config, load_config
-from llm_train.checkpoint import Checkpointer, load_params, save_params
-from llm_train.model import build_model
+import llm_core
+from llm_core import Config
+from llm_train.checkpoint import Checkpointer
 from llm_train.optim import make_optimizer
 from llm_train.sharding import build_mesh
-from llm_train.step import Steps, abstract_model
+from llm_train.step import Steps
 from llm_train.trainer import run_dir
 
 
-def export(cfg: Config, out: str, step: int | None = None) -> str:
+def export(cfg: Config, out: str, step: int | None = None) -> Path:
+    """Write the params of checkpoint `step` (default: the latest) of the run `cfg` names."""
     mesh = build_mesh(cfg)
     steps = Steps(cfg, mesh, make_optimizer(cfg))
     ckpt = Checkpointer(os.path.join(run_dir(cfg), "checkpoints"), use_async=False)
@@ -33,21 +35,4 @@ def export(cfg: Config, out: str, step: int | None = None) -> str:
         state, _ = ckpt.restore(steps.abstract_with_sharding(), step)
     finally:
         ckpt.close()
-    os.makedirs(out, exist_ok=True)
-    save_params(os.path.join(out, "params"), state["params"])
-    if jax.process_index() == 0:
-        with open(os.path.join(out, "config.yml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    return os.path.abspath(out)
-
-
-def load_exported(path: str, overrides=()) -> nnx.Module:
-    """The model of an exported folder, parameters loaded (single host)."""
-    cfg = load_config(os.path.join(path, "config.yml"), overrides)
-    graphdef, abs_params, rest = abstract_model(cfg)
-    params = load_params(os.path.join(path, "params"), abs_params)
-    with nnx.use_eager_sharding(False):
-        model = build_model(cfg, rngs=nnx.Rngs(cfg.seed))
-    nnx.update(model, params)
-    del graphdef, rest
-    return model
+    return llm_core.save(nnx.merge(steps.graphdef, state["params"], state["rest"]), out)

@@ -141,11 +141,11 @@ class Data:
             self._train = synthetic_dataset(cfg, cfg.seed)
             self._eval_docs = cfg.eval_fraction > 0 or cfg.eval_every > 0
         else:
-            self.tokenizer = load_tokenizer(cfg.tokenizer_path)
-            check_vocab(self.tokenizer, cfg)
             docs = open_documents(
                 cfg.dataset_kind, cfg.dataset_path, cfg.dataset_field, cfg.dataset_split
             )
+            self.tokenizer = load_tokenizer(cfg.tokenizer_path)
+            check_vocab(self.tokenizer, cfg)
             train_docs, self._eval_docs = _split_docs(docs, cfg.eval_fraction, cfg.seed)
             self._train = text_dataset(cfg, train_docs, self.tokenizer, cfg.seed, cfg.shuffle_data)
         self.train_iter = iter(self._train)

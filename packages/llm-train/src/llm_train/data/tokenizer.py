@@ -36,6 +36,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if os.path.exists(file):
         return Tokenizer(HFTokenizer.from_file(file))
+    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        raise ConfigError(
+            f"tokenizer_path={path!r} holds neither tokenizer.json nor tokenizer_config.json."
+        )
     try:  # a folder with only slow-tokenizer files: let transformers convert it
         from transformers import AutoTokenizer
     except ImportError:  # pragma: no cover
