@@ -80,8 +80,11 @@ def _save_config(cfg: Config, out_dir: str) -> None:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
-    """Train to `cfg.steps` (or stop after `max_steps` steps in this call), resuming if possible."""
+def train(
+    cfg: Config, max_steps: int | None = None, time_limit_s: float | None = None
+) -> TrainResult:
+    """Train to `cfg.steps`, resuming if possible; stop early after `max_steps` steps or
+    `time_limit_s` seconds in this call (a checkpoint is saved either way)."""
     distributed.initialize(cfg)
     out_dir = run_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
@@ -111,6 +114,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     flops_tok = flops_per_token(cfg)
     peak = peak_flops_per_device() * jax.device_count()
     last_saved = latest
+    t0 = time.time()
     try:
         with _StopFlag() as stop:
             for step in range(start, end):
@@ -152,7 +156,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                     writer.message(
                         f"eval step {step + 1}: loss {ev['eval_loss']:.4f} ppl {ev['eval_perplexity']:.2f}"
                     )
+                out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
                 stopping = stop.any_process()
+                if out_of_time:
+                    writer.message(f"Time limit of {time_limit_s:.0f}s reached at step {step + 1}.")
+                    break
                 if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                     ckpt.save(step + 1, state, data.get_state(), force=stopping)
                     last_saved = step + 1
