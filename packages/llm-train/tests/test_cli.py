@@ -20,9 +20,12 @@ def test_help_has_examples(command, capsys):
 
 
 def test_train_then_export_loads_in_llm_core(tmp_path, capsys):
-    over = tiny_overrides(tmp_path, steps=2, run_name="cli")
-    assert main(["train", "pretrain.yml", *over]) == 0
-    assert "done: steps 0->2" in capsys.readouterr().out
+    over = tiny_overrides(tmp_path, steps=3, run_name="cli")
+    prof = ["profile_start_step=2", "profile_end_step=3"]
+    assert main(["train", "pretrain.yml", *over, *prof]) == 0
+    assert "done: steps 0->3" in capsys.readouterr().out
+    traces = list((tmp_path / "runs" / "cli" / "profile").rglob("*.xplane.pb"))
+    assert traces, "the profiler wrote no trace for steps 2..3"
     out = tmp_path / "exported"
     assert main(["export", "pretrain.yml", *over, "--out", str(out)]) == 0
     model = llm_core.load(out)

@@ -115,17 +115,20 @@ def train(
     peak = peak_flops_per_device() * jax.device_count()
     last_saved = latest
     t0 = time.time()
+    profiling = False
     try:
         with _StopFlag() as stop:
             for step in range(start, end):
                 t_start = time.perf_counter()
-                if step == cfg.profile_start_step:
+                if step + 1 == cfg.profile_start_step:  # trace steps a..b (1-based, inclusive)
                     jax.profiler.start_trace(os.path.join(out_dir, "profile"))
+                    profiling = True
                 batch = _global_batch(next(data.train_iter), steps.batch_sharding)
                 state, metrics = steps.train_step(state, batch)
                 metrics = jax.device_get(metrics)
-                if step == cfg.profile_end_step:
+                if profiling and step + 1 >= cfg.profile_end_step:
                     jax.profiler.stop_trace()
+                    profiling = False
                 dt = time.perf_counter() - t_start
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
@@ -171,6 +174,8 @@ def train(
         if result.last_step > start and last_saved != result.last_step:
             ckpt.save(result.last_step, state, data.get_state(), force=True)
     finally:
+        if profiling:
+            jax.profiler.stop_trace()
         ckpt.close()
         writer.close()
     return result
