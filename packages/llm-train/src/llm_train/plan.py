@@ -13,13 +13,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llm_core import Config
 from llm_train.metrics import count_params, flops_per_token
 from llm_train.optim import make_optimizer
 from llm_train.sharding import build_mesh, check_batch, data_parallel_size
-from llm_train.step import BATCH_KEYS, Steps
+from llm_train.step import Steps
 
 GIB = 1024**3
 
@@ -107,15 +106,10 @@ def compile_step(cfg: Config):
     mesh = build_mesh(cfg)
     check_batch(cfg, mesh)
     steps = Steps(cfg, mesh, make_optimizer(cfg))
-    shape = (cfg.global_batch_size, cfg.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(
-            shape, np.float32 if k == "weights" else np.int32, sharding=steps.batch_sharding
-        )
-        for k in BATCH_KEYS
-    }
     t = time.perf_counter()
-    compiled = steps.train_step.lower(steps.abstract_with_sharding(), batch).compile()
+    compiled = steps.train_step.lower(
+        steps.abstract_with_sharding(), steps.abstract_batch()
+    ).compile()
     return compiled, time.perf_counter() - t
 
 

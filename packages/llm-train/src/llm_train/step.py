@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -57,6 +58,33 @@ class Steps:
             donate_argnums=(0,),
         )
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, batch_sh))
+        self._compiling = self._compiled = None
+
+    # ------------------------------------------------------------------ ahead-of-time compile
+    def abstract_batch(self) -> dict:
+        shape = (self.cfg.global_batch_size, self.cfg.seq_len)
+        return {
+            k: jax.ShapeDtypeStruct(
+                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=self.batch_sharding
+            )
+            for k in BATCH_KEYS
+        }
+
+    def start_compile(self) -> None:
+        """Compile the train step in a background thread (it overlaps with state creation)."""
+        lowered = self.train_step.lower(self.abstract_with_sharding(), self.abstract_batch())
+        self._pool = ThreadPoolExecutor(1)
+        self._compiling = self._pool.submit(lowered.compile)
+
+    def run_train_step(self, state, batch):
+        """The train step: the AOT-compiled one when `start_compile` ran, else the jitted one."""
+        if self._compiling is not None:
+            self._compiled = self._compiling.result()
+            self._compiling = None
+            self._pool.shutdown()
+        if self._compiled is not None:
+            return self._compiled(state, batch)
+        return self.train_step(state, batch)
 
     # ------------------------------------------------------------------ state
     def _fresh(self, params, rest) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def train(
     mesh = build_mesh(cfg)
     check_batch(cfg, mesh)
     steps = Steps(cfg, mesh, make_optimizer(cfg))
+    steps.start_compile()  # overlaps with data set-up and state creation / restore
     schedule = make_schedule(cfg)
     data = Data(cfg)
     ckpt = Checkpointer(
@@ -124,7 +125,7 @@ def train(
                     jax.profiler.start_trace(os.path.join(out_dir, "profile"))
                     profiling = True
                 batch = _global_batch(next(data.train_iter), steps.batch_sharding)
-                state, metrics = steps.train_step(state, batch)
+                state, metrics = steps.run_train_step(state, batch)
                 metrics = jax.device_get(metrics)
                 if profiling and step + 1 >= cfg.profile_end_step:
                     jax.profiler.stop_trace()
