@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer_path": tok_path,
         "base_output_dir": args.out,
         "run_name": "quickstart",
-        "eval_every": max(args.steps // 4, 1),
+        "eval_every": max(args.steps // 4, 1),  # a key=value override wins
     }
     cfg = llm_core.load_config(
         "pretrain.yml", [f"{k}={v}" for k, v in values.items()] + list(args.overrides)

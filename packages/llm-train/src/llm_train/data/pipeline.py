@@ -105,6 +105,10 @@ def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bo
         it = it.map(_pad(cfg))
     it = it.batch(local, drop_remainder=True)
     if cfg.data_workers > 0:
+        from absl import flags  # grain's worker processes read absl flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data_workers))
     return it
 
