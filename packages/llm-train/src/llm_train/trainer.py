@@ -59,11 +59,13 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.raised = True
 
-    def any_process(self) -> bool:
+    def any_process(self, out_of_time: bool = False) -> tuple[bool, bool]:
+        """(a signal reached some process, some process ran out of time): every process agrees."""
         if jax.process_count() == 1:
-            return self.raised
-        flags = multihost_utils.process_allgather(np.array([int(self.raised)], np.int32))
-        return bool(np.max(flags))
+            return self.raised, out_of_time
+        local = np.array([int(self.raised), int(out_of_time)], np.int32)
+        flags = multihost_utils.process_allgather(local).reshape(-1, 2).max(axis=0)
+        return bool(flags[0]), bool(flags[1])
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -160,8 +162,8 @@ def train(
                     writer.message(
                         f"eval step {step + 1}: loss {ev['eval_loss']:.4f} ppl {ev['eval_perplexity']:.2f}"
                     )
-                out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
-                stopping = stop.any_process()
+                late = time_limit_s is not None and time.time() - t0 > time_limit_s
+                stopping, out_of_time = stop.any_process(late)
                 if out_of_time:
                     writer.message(f"Time limit of {time_limit_s:.0f}s reached at step {step + 1}.")
                     break
