@@ -38,3 +38,19 @@ def test_plan_and_compile_commands(capsys):
     assert main(["compile", "pretrain.yml", *BASE, "global_batch_size=2"]) == 0
     out = capsys.readouterr().out
     assert "compiled the train step" in out and "peak" in out
+
+
+def test_compile_for_simulated_devices():
+    """`--devices 4` simulates 4 CPU devices: the step compiles for an FSDP=4 mesh without running."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    cmd = [sys.executable, "-m", "llm_train.cli", "compile", "pretrain.yml", "--devices", "4"]
+    cmd += [*BASE, "global_batch_size=4", "ici_fsdp_parallelism=4"]
+    env = subprocess_env()
+    env.pop("XLA_FLAGS")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "for 4 cpu devices" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """examples:
@@ -12,7 +13,7 @@ EPILOG = """examples:
   llm-train train bench-small steps=20 run_name=smoke          # again: resumes from step 20's checkpoint
   llm-train export bench-small run_name=smoke --out exported/   # parameter-only checkpoint
   llm-train plan bench-small ici_fsdp_parallelism=8              # memory / FLOPs estimate
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 llm-train compile bench-small ici_fsdp_parallelism=8
+  llm-train compile bench-small --devices 8 ici_fsdp_parallelism=8   # 8 simulated CPU devices
 
 Output goes to <base_output_dir>/<run_name>/: checkpoints/, metrics.jsonl, tensorboard/, config.yml.
 """
@@ -42,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument("config", help="a YAML file or a shipped config name (e.g. bench-small)")
         s.add_argument("overrides", nargs="*", help="key=value overrides")
+        if name in ("plan", "compile"):
+            s.add_argument(
+                "--devices",
+                type=int,
+                default=0,
+                help="simulate N CPU devices (sets XLA_FLAGS before JAX starts)",
+            )
         if name == "export":
             s.add_argument("--out", required=True, help="output folder")
             s.add_argument(
@@ -51,7 +59,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if "=" not in x or x.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]  # key=value after an option
+    if getattr(args, "devices", 0):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+        os.environ["JAX_PLATFORMS"] = "cpu"
     from llm_core import ConfigError, load_config
 
     try:
