@@ -100,16 +100,21 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
             f"{folder}: unexpected tensor(s) {extra[:5]} not used by the {family.name} model."
         )
 
-    handles: dict[Path, object] = {}
+    # File by file, closing each when done: memory-mapped pages of finished files leave RSS.
+    expected.sort(key=lambda item: str(index[item[0]]))
+    handle, current = None, None
     for name, entry, path, stacked in expected:
         file = index[name]
-        handle = handles.get(file) or handles.setdefault(file, _open(file))
+        if file != current:
+            handle, current = _open(file), file
         with_dtype = handle.get_slice(name).get_dtype()
         if with_dtype not in SUPPORTED_DTYPES:
             raise ConversionError(
                 f"{file}: tensor '{name}' has dtype {with_dtype}; supported: F32, BF16, F16."
             )
         tensor = handle.get_tensor(name)
+        if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
+            tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
         if entry.split is not None:
             part, parts = entry.split
             size = tensor.shape[-1] // parts
@@ -125,6 +130,8 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
                 f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, which does not fit the native "
                 f"shape {tuple(shape)} implied by config.json."
             ) from None
+        if value.dtype == np.uint16:
+            target = target.view(np.uint16)
         if stacked is None:
             target[...] = value  # casts in place: no extra copy of the tensor
         else:

@@ -1,0 +1,207 @@
+// XLA FFI handlers: decode buffers and attributes, check shapes, call the kernels.
+// Leading dimensions beyond the op's own rank are folded into the batch, which is what
+// ffi_call(vmap_method="broadcast_all") produces under jax.vmap.
+#include <cstdint>
+#include <string>
+
+#include "ffi_handlers.h"
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace llmk {
+namespace {
+
+template <typename Buf>
+int64_t lead_product(const Buf& buf, size_t keep) {
+  auto dims = buf.dimensions();
+  int64_t n = 1;
+  for (size_t i = 0; i + keep < dims.size(); ++i) n *= dims[i];
+  return n;
+}
+
+ffi::Error attn_params(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                       ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::S32>& q_seg,
+                       ffi::Buffer<ffi::S32>& k_seg, bool causal, int64_t window, float softcap,
+                       float scale, bool has_segments, int64_t block_q, int64_t block_k,
+                       AttnParams& p) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() < 4 || kd.size() != qd.size() || vd.size() != qd.size())
+    return ffi::Error::InvalidArgument("flash_attention: q, k, v must have the same rank >= 4");
+  const size_t r = qd.size();
+  p.batch = lead_product(q, 3);
+  p.q_len = qd[r - 3];
+  p.heads = qd[r - 2];
+  p.head_dim = qd[r - 1];
+  p.kv_len = kd[r - 3];
+  p.kv_heads = kd[r - 2];
+  if (lead_product(k, 3) != p.batch || kd[r - 1] != p.head_dim || vd[r - 1] != p.head_dim ||
+      vd[r - 2] != p.kv_heads || vd[r - 3] != p.kv_len || lead_product(v, 3) != p.batch)
+    return ffi::Error::InvalidArgument("flash_attention: k/v shapes do not match q");
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0)
+    return ffi::Error::InvalidArgument("flash_attention: heads not divisible by kv_heads");
+  p.causal = causal;
+  p.window = window;
+  p.softcap = softcap;
+  p.scale = scale;
+  p.block_q = block_q;
+  p.block_k = block_k;
+  p.q_seg = p.k_seg = nullptr;
+  if (has_segments) {
+    if (static_cast<int64_t>(q_seg.element_count()) != p.batch * p.q_len ||
+        static_cast<int64_t>(k_seg.element_count()) != p.batch * p.kv_len)
+      return ffi::Error::InvalidArgument("flash_attention: segment id shapes do not match");
+    p.q_seg = q_seg.typed_data();
+    p.k_seg = k_seg.typed_data();
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg,
+                            ffi::Buffer<ffi::S32> k_seg, bool causal, int64_t window,
+                            float softcap, float scale, bool has_segments, int64_t block_q,
+                            int64_t block_k, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse) {
+  AttnFwdArgs a;
+  ffi::Error err = attn_params(q, k, v, q_seg, k_seg, causal, window, softcap, scale,
+                               has_segments, block_q, block_k, a.p);
+  if (err.failure()) return err;
+  if (static_cast<int64_t>(lse->element_count()) != a.p.batch * a.p.heads * a.p.q_len)
+    return ffi::Error::InvalidArgument("flash_attention: lse has the wrong size");
+  a.q = q.typed_data();
+  a.k = k.typed_data();
+  a.v = v.typed_data();
+  a.out = out->typed_data();
+  a.lse = lse->typed_data();
+  attention_fwd(a);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg,
+                            ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::F32> dout,
+                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta, bool causal,
+                            int64_t window, float softcap, float scale, bool has_segments,
+                            int64_t block_q, int64_t block_k, ffi::ResultBuffer<ffi::F32> dq,
+                            ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  AttnBwdArgs a;
+  ffi::Error err = attn_params(q, k, v, q_seg, k_seg, causal, window, softcap, scale,
+                               has_segments, block_q, block_k, a.p);
+  if (err.failure()) return err;
+  const int64_t rows = a.p.batch * a.p.heads * a.p.q_len;
+  if (dout.element_count() != q.element_count() ||
+      static_cast<int64_t>(lse.element_count()) != rows ||
+      static_cast<int64_t>(delta.element_count()) != rows)
+    return ffi::Error::InvalidArgument("flash_attention_bwd: dout/lse/delta shapes do not match");
+  a.q = q.typed_data();
+  a.k = k.typed_data();
+  a.v = v.typed_data();
+  a.dout = dout.typed_data();
+  a.lse = lse.typed_data();
+  a.delta = delta.typed_data();
+  a.dq = dq->typed_data();
+  a.dk = dk->typed_data();
+  a.dv = dv->typed_data();
+  attention_bwd(a);
+  return ffi::Error::Success();
+}
+
+ffi::Error norm_args(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, float eps,
+                     RmsNormArgs& a) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() == 0 || wd.size() == 0 || xd[xd.size() - 1] != wd[wd.size() - 1] ||
+      xd[xd.size() - 1] == 0)
+    return ffi::Error::InvalidArgument("rms_norm: weight must match the last dim of x");
+  a.dim = xd[xd.size() - 1];
+  a.rows = x.element_count() / a.dim;
+  const int64_t n_w = w.element_count() / a.dim;
+  if (n_w == 0 || a.rows % n_w != 0)
+    return ffi::Error::InvalidArgument("rms_norm: weight batch does not divide x rows");
+  a.rows_per_weight = a.rows / n_w;
+  a.eps = eps;
+  a.x = x.typed_data();
+  a.weight = w.typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error RmsNormFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, float eps,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  RmsNormArgs a{};
+  ffi::Error err = norm_args(x, w, eps, a);
+  if (err.failure()) return err;
+  a.y = y->typed_data();
+  if (a.rows > 0) rms_norm_fwd(a);
+  return ffi::Error::Success();
+}
+
+ffi::Error RmsNormBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::F32> dy, float eps, ffi::ResultBuffer<ffi::F32> dx,
+                          ffi::ResultBuffer<ffi::F32> dw) {
+  RmsNormArgs a{};
+  ffi::Error err = norm_args(x, w, eps, a);
+  if (err.failure()) return err;
+  a.dy = dy.typed_data();
+  a.dx = dx->typed_data();
+  a.dweight = dw->typed_data();
+  rms_norm_bwd(a);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace llmk
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkAttentionFwd, llmk::AttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_segments")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkAttentionBwd, llmk::AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_segments")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkRmsNormFwd, llmk::RmsNormFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkRmsNormBwd, llmk::RmsNormBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,10 @@
+// XLA FFI handler symbols defined in ffi_handlers.cc.
+#pragma once
+#include "xla/ffi/api/c_api.h"
+
+extern "C" {
+XLA_FFI_Error* LlmkAttentionFwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkAttentionBwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkRmsNormFwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkRmsNormBwd(XLA_FFI_CallFrame* call_frame);
+}

@@ -1,0 +1,60 @@
+// Plain-C++ interface of the CPU kernels, independent of XLA. Each ISA build (base/avx2/avx512)
+// defines the same functions in its own namespace; dispatch.cc picks one at runtime.
+#pragma once
+#include <cstdint>
+
+namespace llmk {
+
+struct AttnParams {
+  int64_t batch, q_len, kv_len, heads, kv_heads, head_dim;
+  bool causal;
+  int64_t window;   // 0: no sliding window
+  float softcap;    // 0: no soft-capping
+  float scale;
+  int64_t block_q, block_k;
+  const int32_t* q_seg;  // [batch, q_len] or nullptr
+  const int32_t* k_seg;  // [batch, kv_len] or nullptr
+};
+
+struct AttnFwdArgs {
+  AttnParams p;
+  const float *q, *k, *v;  // [B, Lq, H, D], [B, Lk, Hkv, D] x2
+  float* out;              // [B, Lq, H, D]
+  float* lse;              // [B, H, Lq]
+};
+
+struct AttnBwdArgs {
+  AttnParams p;
+  const float *q, *k, *v, *dout;  // like forward
+  const float *lse, *delta;        // [B, H, Lq]
+  float *dq, *dk, *dv;
+};
+
+struct RmsNormArgs {
+  int64_t rows, dim, rows_per_weight;  // x: [rows, dim], weight: [rows / rows_per_weight, dim]
+  float eps;
+  const float *x, *weight, *dy;  // dy only for backward
+  float *y, *dx, *dweight;       // y for forward; dx, dweight for backward
+};
+
+#define LLMK_DECLARE_KERNELS(ns)                 \
+  namespace ns {                                 \
+  void attention_fwd(const AttnFwdArgs& a);      \
+  void attention_bwd(const AttnBwdArgs& a);      \
+  void rms_norm_fwd(const RmsNormArgs& a);       \
+  void rms_norm_bwd(const RmsNormArgs& a);       \
+  const char* isa_name();                        \
+  }
+
+LLMK_DECLARE_KERNELS(base)
+LLMK_DECLARE_KERNELS(avx2)
+LLMK_DECLARE_KERNELS(avx512)
+
+// Runtime-dispatched entry points (dispatch.cc).
+void attention_fwd(const AttnFwdArgs& a);
+void attention_bwd(const AttnBwdArgs& a);
+void rms_norm_fwd(const RmsNormArgs& a);
+void rms_norm_bwd(const RmsNormArgs& a);
+const char* isa_name();
+
+}  // namespace llmk

@@ -1,0 +1,35 @@
+// nanobind module: exposes the FFI handlers as capsules for jax.ffi.register_ffi_target.
+#include <nanobind/nanobind.h>
+
+#include "ffi_handlers.h"
+#include "kernels.h"
+#include "parallel.h"
+#include "scratch.h"
+
+namespace nb = nanobind;
+
+namespace {
+template <typename T>
+nb::capsule encapsulate(T* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+}  // namespace
+
+NB_MODULE(_cpu_kernels, m) {
+  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm).";
+  m.def("registrations", []() {
+    nb::dict d;
+    d["llm_kernels_attention_fwd"] = encapsulate(LlmkAttentionFwd);
+    d["llm_kernels_attention_bwd"] = encapsulate(LlmkAttentionBwd);
+    d["llm_kernels_rms_norm_fwd"] = encapsulate(LlmkRmsNormFwd);
+    d["llm_kernels_rms_norm_bwd"] = encapsulate(LlmkRmsNormBwd);
+    return d;
+  });
+  m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");
+  m.def("num_threads", []() { return llmk::num_threads(); });
+  m.def("scratch_peak_bytes", []() { return llmk::ScratchStats::peak().load(); },
+        "Peak bytes of kernel scratch since the last reset (all kernels, all threads).");
+  m.def("reset_scratch_peak", []() {
+    llmk::ScratchStats::peak().store(llmk::ScratchStats::current().load());
+  });
+}

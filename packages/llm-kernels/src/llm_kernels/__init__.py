@@ -1,0 +1,29 @@
+"""llm_kernels: attention and normalisation kernels for JAX.
+
+Public API: ``flash_attention``, ``rms_norm``, ``paged_attention`` (and their references ``mha_reference``,
+``rms_norm_reference``, ``paged_attention_reference``), ``sharded_flash_attention``, ``cpu_kernels_available``,
+``cpu_kernels_info``.
+Importing registers the C++ XLA FFI targets for the CPU platform when the compiled module loads,
+and otherwise warns once and keeps the jax.numpy fallbacks.
+"""
+
+from llm_kernels._ffi import cpu_kernels_available, cpu_kernels_info
+from llm_kernels.flash_attention import flash_attention, mha_reference
+from llm_kernels.flash_attention.sharded import sharded_flash_attention
+from llm_kernels.paged_attention import paged_attention, paged_attention_reference
+from llm_kernels.rms_norm import rms_norm, rms_norm_reference
+
+cpu_kernels_available()  # load + register now, so a broken build warns at import time
+
+__version__ = "0.1.0"
+__all__ = [
+    "cpu_kernels_available",
+    "cpu_kernels_info",
+    "flash_attention",
+    "mha_reference",
+    "paged_attention",
+    "paged_attention_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "sharded_flash_attention",
+]

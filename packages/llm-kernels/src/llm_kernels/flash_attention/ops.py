@@ -1,0 +1,127 @@
+"""Public flash_attention: argument checks, backend dispatch and custom_vjp wiring.
+
+Every kernel backend provides ``forward(q, k, v, segment_ids, cfg) -> (out, lse)`` and
+``backward(q, k, v, segment_ids, out, lse, dout, cfg) -> (dq, dk, dv)``; the custom_vjp here
+saves (q, k, v, segment_ids, out, lse) and calls the backend's own backward kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+
+import jax
+
+from llm_kernels import _ffi
+from llm_kernels._platform import current_platform
+from llm_kernels.flash_attention import cpu, pallas_gpu, pallas_tpu
+from llm_kernels.flash_attention.config import DEFAULT_BLOCKS, AttentionConfig, pick_block
+from llm_kernels.flash_attention.reference import mha_reference
+from llm_kernels.flash_attention.validation import validate_attention_args
+
+_KERNELS: dict[str, ModuleType] = {"cpu": cpu, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
+
+# The C++ kernel is the CPU default because benchmarks/kernels.py shows it beating XLA's
+# compiled reference on CPU (numbers in docs/llm-kernels.md).
+CPU_DEFAULT_BACKEND = "cpu"
+# interpret=True without a backend runs the TPU (Mosaic-style, BlockSpec grid) kernel.
+INTERPRET_DEFAULT_BACKEND = "pallas_tpu"
+
+
+def resolve_backend(backend: str | None, interpret: bool) -> str:
+    """The backend to run, or a loud error when the platform has none."""
+    if interpret:
+        backend = backend or INTERPRET_DEFAULT_BACKEND
+        if backend not in ("pallas_tpu", "pallas_gpu"):
+            raise ValueError(
+                f"flash_attention: interpret=True runs a Pallas kernel; backend must be "
+                f"'pallas_tpu' or 'pallas_gpu', got {backend!r}"
+            )
+        return backend
+    if backend is not None:
+        if backend == "cpu":
+            _ffi.require_cpu_kernels("flash_attention")
+        return backend
+    platform = current_platform()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform == "gpu":
+        return "pallas_gpu"
+    if platform == "cpu":
+        if CPU_DEFAULT_BACKEND == "cpu" and _ffi.cpu_kernels_available():
+            return "cpu"
+        return "reference"
+    raise NotImplementedError(
+        f"flash_attention: no kernel for platform {platform!r}; supported: cpu, gpu, tpu. "
+        "Pass backend='reference' to use the jax.numpy implementation."
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, segment_ids, cfg: AttentionConfig, backend: str):
+    return _KERNELS[backend].forward(q, k, v, segment_ids, cfg)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, cfg, backend):
+    out, lse = _KERNELS[backend].forward(q, k, v, segment_ids, cfg)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _flash_bwd(cfg, backend, res, dout):
+    q, k, v, segment_ids, out, lse = res
+    dq, dk, dv = _KERNELS[backend].backward(q, k, v, segment_ids, out, lse, dout, cfg)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    logit_soft_cap: float | None = None,
+    sm_scale: float | None = None,
+    interpret: bool = False,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """Memory-efficient attention. q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] -> [B, Lq, H, D].
+
+    See docs/llm-kernels.md for the masking semantics (aligned-end causal, Mistral-style sliding
+    window, packed segments, Gemma-2 soft-cap) and the backends.
+    """
+    validate_attention_args(
+        q, k, v,
+        sliding_window=sliding_window, segment_ids=segment_ids, logit_soft_cap=logit_soft_cap,
+        sm_scale=sm_scale, block_q=block_q, block_k=block_k, backend=backend,
+    )  # fmt: skip
+    chosen = resolve_backend(backend, interpret)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if chosen == "reference":
+        return mha_reference(
+            q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
+            logit_soft_cap=logit_soft_cap, sm_scale=scale,
+        )  # fmt: skip
+    default_q, default_k = DEFAULT_BLOCKS[chosen]
+    gpu = chosen == "pallas_gpu"
+    cfg = AttentionConfig(
+        causal=bool(causal),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+        sm_scale=scale,
+        block_q=pick_block(
+            None if block_q is None else int(block_q), default_q, q.shape[1], power_of_two=gpu
+        ),
+        block_k=pick_block(
+            None if block_k is None else int(block_k), default_k, k.shape[1], power_of_two=gpu
+        ),
+        interpret=interpret,
+    )
+    return _flash(q, k, v, segment_ids, cfg, chosen)
