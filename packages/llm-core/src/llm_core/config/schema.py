@@ -179,7 +179,7 @@ class Config:
     tokenizer_add_eos: bool = True  # append the tokenizer's EOS (if any) to every document
     tensorboard: bool = True
     console_progress: bool = True
-    coordinator_address: str = ""  # multi-host: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS)
+    coordinator_address: str = ""  # multi-host: "host:port" of process 0
     num_processes: int = 0  # 0: from the environment / cluster auto-detection
     process_id: int = -1  # -1: from the environment / cluster auto-detection
     # --- end of llm-train additions ---------------------------------------------------------------
