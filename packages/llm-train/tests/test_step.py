@@ -106,3 +106,14 @@ def test_packed_segments_do_not_see_each_other(tmp_path):
     first_a = float(s.eval_step(state, {**a, "weights": a["weights"] * (seg == 1)})["nll"])
     first_b = float(s.eval_step(state, {**b, "weights": b["weights"] * (seg == 1)})["nll"])
     assert abs(first_a - first_b) > 1e-4  # the change is visible inside its own segment
+
+
+def test_remat_policies_give_the_same_step(tmp_path):
+    bt = batch(tiny_config(tmp_path))
+    out = {}
+    for policy in ("none", "full", "save_dots"):
+        s = make_steps(tiny_config(tmp_path, remat_policy=policy, warmup_steps=0))
+        _, m = s.train_step(s.init(), bt)
+        out[policy] = (float(m["loss"]), float(m["grad_norm"]))
+    for policy in ("full", "save_dots"):
+        np.testing.assert_allclose(out[policy], out["none"], rtol=1e-5)
