@@ -110,9 +110,12 @@ def build(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def quickstart(session: nox.Session) -> None:
-    """The README's main job: everything that exists so far, end to end."""
-    session.install(*[f"./packages/{n}" for n in PACKAGES if (ROOT / "packages" / n).exists()])
-    session.run("python", "-m", "llm_core.cli", "config", "show", "bench-small")
+    """The README's main job: train a small model on the standard library's .py files, then generate.
+
+    Extra arguments go to the script: `nox -s quickstart -- --minutes 1 --prompt 'def fib(n):'`.
+    """
+    session.install("./packages/llm-train")
+    session.run("python", "-m", "llm_train.quickstart", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -172,6 +172,18 @@ class Config:
     profile_start_step: int = -1
     profile_end_step: int = -1
 
+    # --- llm-train additions (owned by packages/llm-train) -------------------------------------
+    eval_batches: int = 4  # batches per periodic eval
+    dataset_split: str = "train"  # Hugging Face datasets: split to read
+    shuffle_data: bool = True
+    tokenizer_add_eos: bool = True  # append the tokenizer's EOS (if any) to every document
+    tensorboard: bool = True
+    console_progress: bool = True
+    coordinator_address: str = ""  # multi-host: "host:port" of process 0
+    num_processes: int = 0  # 0: from the environment / cluster auto-detection
+    process_id: int = -1  # -1: from the environment / cluster auto-detection
+    # --- end of llm-train additions ---------------------------------------------------------------
+
     # --- inference
     max_prefill_length: int = 512
     max_decode_slots: int = 8

@@ -1,0 +1,165 @@
+"""Training throughput of llm-train on the CPU against transformers' LlamaForCausalLM (torch eager).
+
+Model: configs/bench-small.yml (vocab 32000, d_model 512, 8 layers, 8 heads, 4 kv heads, head_dim
+64, SwiGLU 1408, seq 256, batch 4, float32), AdamW, synthetic tokens. Prints tokens/s, MFU against
+the CPU's measured fp32 matmul ceiling (timed here), time from process start to the first finished
+step, and the ratio to the torch baseline (run in a child process with 2 threads).
+
+    python benchmarks/train.py [--steps 8] [--threads 2] [--skip-torch]
+"""
+
+from __future__ import annotations
+
+import time
+
+T_IMPORT = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+TORCH_CHILD = r"""
+import json, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+steps, threads = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+model = LlamaForCausalLM(cfg).train()
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+ids = torch.randint(0, 32000, (4, 257))
+times = []
+for i in range(steps + 2):
+    t = time.perf_counter()
+    out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step(); opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t)
+step = sorted(times[2:])[len(times[2:]) // 2]
+a = torch.ones(2048, 2048)
+a @ a
+best = float("inf")
+for _ in range(5):
+    t = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t)
+print("RESULT", json.dumps({"step_s": step, "tokens_per_sec": 4 * 256 / step, "matmul_flops": 2 * 2048**3 / best}))
+"""
+
+
+def process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:  # pragma: no cover
+        return T_IMPORT
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(x, x).block_until_ready()
+    best = min(_timed(lambda: f(x, x).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_jax(steps: int) -> dict:
+    start = process_start()
+    import jax
+    import numpy as np
+
+    from llm_core import load_config
+    from llm_train.data.pipeline import synthetic_dataset
+    from llm_train.metrics import flops_per_token
+    from llm_train.optim import make_optimizer
+    from llm_train.sharding import build_mesh
+    from llm_train.step import Steps
+
+    cfg = load_config("bench-small", [f"steps={steps + 2}", "warmup_steps=0"])
+    s = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+    s.start_compile()  # as the trainer does: compile the step while the state is created
+    data = iter(synthetic_dataset(cfg, 0))
+    state = s.init()
+    times = []
+    first_done = None
+    for _ in range(steps + 2):
+        batch = {k: jax.device_put(v, s.batch_sharding) for k, v in next(data).items()}
+        t = time.perf_counter()
+        state, m = s.run_train_step(state, batch)
+        loss = float(m["loss"])
+        times.append(time.perf_counter() - t)
+        if first_done is None:
+            first_done = time.time() - start
+    step = float(np.median(times[2:]))
+    tokens = cfg.global_batch_size * cfg.seq_len
+    return {
+        "first_step_s": first_done,
+        "step_s": step,
+        "tokens_per_sec": tokens / step,
+        "flops_per_token": flops_per_token(cfg),
+        "final_loss": loss,
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def run_torch(steps: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_CHILD, str(steps), str(threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    if proc.returncode:
+        raise SystemExit(f"torch baseline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.split("RESULT ")[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the baseline")
+    p.add_argument("--skip-torch", action="store_true")
+    args = p.parse_args()
+    jx = run_jax(args.steps)
+    peak = matmul_ceiling()
+    mfu = jx["tokens_per_sec"] * jx["flops_per_token"] / peak
+    print(f"matmul ceiling (fp32 2048^3, jax): {peak / 1e9:,.1f} GFLOP/s")
+    print(
+        f"llm-train bench-small: {jx['tokens_per_sec']:,.0f} tokens/s, step {jx['step_s']:.3f}s, "
+        f"MFU {100 * mfu:.1f}%, first step finished {jx['first_step_s']:.1f}s after process start"
+    )
+    result = {"jax": jx, "matmul_ceiling_flops": peak, "mfu": mfu}
+    if not args.skip_torch:
+        th = run_torch(args.steps, args.threads)
+        ratio = jx["tokens_per_sec"] / th["tokens_per_sec"]
+        t_mfu = th["tokens_per_sec"] * jx["flops_per_token"] / peak
+        print(
+            f"torch LlamaForCausalLM + AdamW ({args.threads} threads, eager): "
+            f"{th['tokens_per_sec']:,.0f} tokens/s, step {th['step_s']:.3f}s, MFU {100 * t_mfu:.1f}% "
+            f"(torch's own fp32 2048^3 matmul: {th['matmul_flops'] / 1e9:,.1f} GFLOP/s)"
+        )
+        print(f"ratio llm-train / torch: {ratio:.2f}x (target >= 1.15x)")
+        result.update(torch=th, ratio=ratio)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""grain data pipelines: document sources, tokenizers, packing and batching."""

@@ -1,0 +1,178 @@
+"""grain pipelines: documents -> shuffle -> tokenize -> pack (or pad) -> batch, per process.
+
+Every pipeline yields this process's rows of the global batch as numpy arrays (see step.BATCH_KEYS)
+and is a grain DatasetIterator, so `get_state()` / `set_state()` make resume exact.
+"""
+
+from __future__ import annotations
+
+import grain
+import grain.experimental as gx
+import jax
+import numpy as np
+
+from llm_core import Config
+from llm_train.data.sources import open_documents
+from llm_train.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
+
+EVAL_SEED_OFFSET = 7919
+
+
+def _finish(tokens: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
+    """A row of seq_len + 1 tokens -> next-token inputs / targets with restarted positions."""
+    inputs, targets = tokens[:-1], tokens[1:]
+    seg_in, seg_next = seg[:-1], seg[1:]
+    starts = np.concatenate([[True], seg_in[1:] != seg_in[:-1]])
+    idx = np.arange(len(seg_in))
+    positions = idx - np.maximum.accumulate(np.where(starts, idx, 0))
+    weights = ((seg_in == seg_next) & (seg_in > 0)).astype(np.float32)
+    return {
+        "inputs": inputs.astype(np.int32),
+        "targets": targets.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "segment_ids": seg_in.astype(np.int32),
+        "weights": weights,
+    }
+
+
+def _synthetic_row(cfg: Config, index: int, seed: int) -> dict[str, np.ndarray]:
+    """A learnable row: runs of an arithmetic progression (mod vocab) with random start/stride."""
+    rng = np.random.default_rng([seed, index])
+    n = cfg.seq_len + 1
+    start, stride = rng.integers(0, cfg.vocab_size), rng.integers(1, 8)
+    tokens = (start + stride * np.arange(n)) % cfg.vocab_size
+    return _finish(tokens, np.ones(n, np.int32))
+
+
+def _local_rows(cfg: Config) -> tuple[int, int]:
+    per_process = cfg.global_batch_size // jax.process_count()
+    return per_process, jax.process_index() * per_process
+
+
+def synthetic_dataset(cfg: Config, seed: int) -> grain.IterDataset:
+    """Row j of global batch b is record b * global_batch_size + j, whatever the process count."""
+    local, offset = _local_rows(cfg)
+    g = cfg.global_batch_size
+
+    def row(i: int, _):
+        b, j = divmod(i, local)
+        return _synthetic_row(cfg, b * g + offset + j, seed)
+
+    ds = grain.MapDataset.range(1 << 40).map_with_index(row)
+    return ds.batch(local, drop_remainder=True).to_iter_dataset()
+
+
+def _tokenize_fn(tokenizer: Tokenizer, add_eos: bool):
+    def fn(text: str) -> dict[str, np.ndarray]:
+        ids = tokenizer.encode(text)
+        if add_eos and tokenizer.eos_id is not None:
+            ids = [*ids, tokenizer.eos_id]
+        return {"tokens": np.asarray(ids, np.int32)}
+
+    return fn
+
+
+def _pad(cfg: Config):
+    def fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = cfg.seq_len + 1
+        t = x["tokens"][:n]
+        tokens = np.zeros(n, np.int32)
+        seg = np.zeros(n, np.int32)
+        tokens[: len(t)], seg[: len(t)] = t, 1
+        return _finish(tokens, seg)
+
+    return fn
+
+
+def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bool):
+    local, _ = _local_rows(cfg)
+    ds = grain.MapDataset.source(docs)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    if len(ds) == 0:
+        raise ValueError(
+            f"Process {jax.process_index()} got no documents ({len(docs)} documents for "
+            f"{jax.process_count()} processes): add data or use fewer processes."
+        )
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat().map(_tokenize_fn(tokenizer, cfg.tokenizer_add_eos))
+    ds = ds.filter(lambda x: len(x["tokens"]) > 1)
+    it = ds.to_iter_dataset()
+    if cfg.packing:
+        it = gx.ConcatThenSplitIterDataset(it, length_struct={"tokens": cfg.seq_len + 1})
+        it = it.map(lambda x: _finish(x["tokens"], x["tokens_segment_ids"]))
+    else:
+        it = it.map(_pad(cfg))
+    it = it.batch(local, drop_remainder=True)
+    if cfg.data_workers > 0:
+        from absl import flags  # grain's worker processes read absl flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data_workers))
+    return it
+
+
+def _split_docs(docs, eval_fraction: float, seed: int):
+    """Deterministic document split: (train indices view, eval indices view)."""
+    if eval_fraction <= 0:
+        return docs, None
+    order = np.random.default_rng(seed + EVAL_SEED_OFFSET).permutation(len(docs))
+    n_eval = max(1, round(len(docs) * eval_fraction))
+    if n_eval >= len(docs):
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training documents.")
+    return _Subset(docs, order[n_eval:]), _Subset(docs, order[:n_eval])
+
+
+class _Subset:
+    def __init__(self, docs, indices):
+        self.docs, self.indices = docs, np.sort(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.docs[int(self.indices[i])]
+
+
+class Data:
+    """The training iterator (checkpointable) and a factory for fresh eval iterators."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.tokenizer: Tokenizer | None = None
+        if cfg.dataset_kind == "synthetic":
+            self._train = synthetic_dataset(cfg, cfg.seed)
+            self._eval_docs = cfg.eval_fraction > 0 or cfg.eval_every > 0
+        else:
+            docs = open_documents(
+                cfg.dataset_kind, cfg.dataset_path, cfg.dataset_field, cfg.dataset_split
+            )
+            self.tokenizer = load_tokenizer(cfg.tokenizer_path)
+            check_vocab(self.tokenizer, cfg)
+            train_docs, self._eval_docs = _split_docs(docs, cfg.eval_fraction, cfg.seed)
+            self._train = text_dataset(cfg, train_docs, self.tokenizer, cfg.seed, cfg.shuffle_data)
+        self.train_iter = iter(self._train)
+
+    def has_eval(self) -> bool:
+        return bool(self._eval_docs)
+
+    def eval_batches(self):
+        """The first `eval_batches` batches of the eval split (the same ones every time)."""
+        cfg = self.cfg
+        if cfg.dataset_kind == "synthetic":
+            it = iter(synthetic_dataset(cfg, cfg.seed + EVAL_SEED_OFFSET))
+        else:
+            it = iter(
+                text_dataset(
+                    cfg.replace(data_workers=0), self._eval_docs, self.tokenizer, cfg.seed, False
+                )
+            )
+        for _ in range(cfg.eval_batches):
+            yield next(it)
+
+    def get_state(self) -> dict:
+        return self.train_iter.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.train_iter.set_state(state)

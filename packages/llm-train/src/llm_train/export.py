@@ -1,0 +1,38 @@
+"""Parameter-only export of a training run, in llm-core's native checkpoint layout.
+
+`<out>/` holds:
+  config.yml  the run's resolved config
+  params/     an orbax PyTree checkpoint (StandardCheckpointer) of the model params as a nested dict
+              (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`)
+`llm_core.load(out)` rebuilds the model; llm-convert turns the folder into Hugging Face format and
+llm-serve loads it. The folder is written atomically (temporary folder renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flax import nnx
+
+import llm_core
+from llm_core import Config
+from llm_train.checkpoint import Checkpointer
+from llm_train.optim import make_optimizer
+from llm_train.sharding import build_mesh
+from llm_train.step import Steps
+from llm_train.trainer import run_dir
+
+
+def export(cfg: Config, out: str, step: int | None = None) -> Path:
+    """Write the params of checkpoint `step` (default: the latest) of the run `cfg` names."""
+    mesh = build_mesh(cfg)
+    steps = Steps(cfg, mesh, make_optimizer(cfg))
+    ckpt = Checkpointer(os.path.join(run_dir(cfg), "checkpoints"), use_async=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"No checkpoint to export in {ckpt.directory}: train first.")
+        state, _ = ckpt.restore(steps.abstract_with_sharding(), step)
+    finally:
+        ckpt.close()
+    return llm_core.save(nnx.merge(steps.graphdef, state["params"], state["rest"]), out)

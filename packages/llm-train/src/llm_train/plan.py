@@ -1,0 +1,138 @@
+"""Plan and compile: per-device memory and FLOPs before compiling; ahead-of-time compile report.
+
+The state terms (params, optimizer state, gradients) are exact: they are the per-device shard sizes
+of the real abstract train state under the configured mesh. Activations are an analytic estimate of
+what the backward pass keeps per layer under the remat policy, plus the logits and one layer's
+working set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+from llm_core import Config
+from llm_train.metrics import count_params, flops_per_token
+from llm_train.optim import make_optimizer
+from llm_train.sharding import build_mesh, check_batch, data_parallel_size
+from llm_train.step import Steps
+
+GIB = 1024**3
+
+
+def _per_device_bytes(tree) -> int:
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _activation_bytes(cfg: Config, mesh) -> dict[str, float]:
+    """Bytes per device the backward pass holds: saved per-layer tensors, logits, working set."""
+    b = cfg.global_batch_size // cfg.grad_accum_steps / data_parallel_size(mesh)
+    tp = mesh.shape.get("tensor", 1)
+    s = cfg.seq_len / mesh.shape.get("sequence", 1)
+    d, m, h = cfg.emb_dim, cfg.mlp_dim, cfg.num_heads
+    hd, kv = cfg.resolved_head_dim, cfg.resolved_num_kv_heads
+    act = jnp.dtype(cfg.dtype).itemsize
+    # per token, per layer, every intermediate of a decoder layer (elements)
+    matmul_outs = (h * hd + 2 * kv * hd) / tp + d + (3 * m if cfg.gated_mlp else 2 * m) / tp
+    rope_and_gates = (h * hd + kv * hd) / tp + 2 * m / tp  # rotated q/k, activation and product
+    norms_residual = 4 * d
+    scores = 4 * (h / tp) * cfg.seq_len  # scores, masked scores, exp and probabilities
+    per_token = matmul_outs + rope_and_gates + norms_residual + scores + (h * hd) / tp
+    full_layer = b * s * per_token * act
+    saved_per_layer = {
+        "none": full_layer,
+        "full": b * s * d * act,
+        "save_dots": b * s * (matmul_outs + d) * act,
+        "save_dots_no_batch": b * s * (matmul_outs + d) * act,
+        "offload_dots": b * s * d * act,
+    }[cfg.remat_policy]
+    layers = cfg.num_layers * saved_per_layer
+    working = 0.0 if cfg.remat_policy == "none" else full_layer  # one layer recomputed at a time
+    logits = 3 * b * s * cfg.vocab_size / tp * 4  # float32 logits, softmax and their gradient
+    return {"layers": layers, "working": working, "logits": logits}
+
+
+def plan(cfg: Config) -> dict:
+    mesh = build_mesh(cfg)
+    check_batch(cfg, mesh)
+    steps = Steps(cfg, mesh, make_optimizer(cfg))
+    state = steps.abstract_with_sharding()
+    params = _per_device_bytes(state["params"])
+    act = _activation_bytes(cfg, mesh)
+    out = {
+        "mesh": {k: v for k, v in mesh.shape.items() if v > 1} or {"(one device)": 1},
+        "devices": mesh.size,
+        "parameters": sum(count_params(cfg).values()),
+        "params_bytes": params,
+        "optimizer_bytes": _per_device_bytes(state["opt_state"]),
+        "gradients_bytes": params,
+        "activations_bytes": act["layers"] + act["working"] + act["logits"],
+        "flops_per_token": flops_per_token(cfg),
+        "remat_policy": cfg.remat_policy,
+    }
+    # FSDP / TP gather each weight (and produce its full gradient) before the reduce-scatter
+    full_params = sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state["params"])
+    )
+    out["gathered_bytes"] = 2 * (full_params - params) if full_params > params else 0
+    out["total_bytes"] = out["gathered_bytes"] + sum(
+        out[k] for k in ("params_bytes", "optimizer_bytes", "gradients_bytes", "activations_bytes")
+    )
+    return out
+
+
+def plan_table(p: dict) -> str:
+    rows = [
+        ("mesh", " x ".join(f"{k}={v}" for k, v in p["mesh"].items())),
+        ("parameters", f"{p['parameters'] / 1e6:,.2f} M"),
+        ("remat policy", p["remat_policy"]),
+    ]
+    for key in ("params", "optimizer", "gradients", "activations", "gathered", "total"):
+        rows.append((f"{key} / device", f"{p[key + '_bytes'] / GIB:,.3f} GiB"))
+    rows.append(("train FLOPs / token", f"{p['flops_per_token'] / 1e9:,.3f} GFLOP"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def compile_step(cfg: Config):
+    """(compiled train step, seconds to lower + compile) for the configured mesh, without running."""
+    mesh = build_mesh(cfg)
+    check_batch(cfg, mesh)
+    steps = Steps(cfg, mesh, make_optimizer(cfg))
+    t = time.perf_counter()
+    compiled = steps.train_step.lower(
+        steps.abstract_with_sharding(), steps.abstract_batch()
+    ).compile()
+    return compiled, time.perf_counter() - t
+
+
+def compiled_bytes(compiled) -> int:
+    """Per-device peak the compiler reports: arguments + outputs - aliased + temporaries."""
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+
+
+def compile_report(cfg: Config) -> str:
+    compiled, seconds = compile_step(cfg)
+    m = compiled.memory_analysis()
+    est = plan(cfg)
+    lines = [
+        f"compiled the train step for {jax.device_count()} {jax.devices()[0].platform} devices in {seconds:.1f}s",
+        f"arguments  {m.argument_size_in_bytes / GIB:,.3f} GiB / device",
+        f"outputs    {m.output_size_in_bytes / GIB:,.3f} GiB (aliased {m.alias_size_in_bytes / GIB:,.3f})",
+        f"temporary  {m.temp_size_in_bytes / GIB:,.3f} GiB",
+        f"peak       {compiled_bytes(compiled) / GIB:,.3f} GiB / device (plan: {est['total_bytes'] / GIB:,.3f})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Mesh layouts on 8 simulated CPU devices give the same losses as one device."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import subprocess_env, tiny_config, tiny_overrides
+
+from llm_train.trainer import train
+
+LAYOUTS = {
+    "dp8": ["ici_data_parallelism=8", "ici_fsdp_parallelism=1"],
+    "fsdp8": ["ici_data_parallelism=1", "ici_fsdp_parallelism=8"],
+    "dp2_fsdp2_tp2": [
+        "ici_data_parallelism=2",
+        "ici_fsdp_parallelism=2",
+        "ici_tensor_parallelism=2",
+    ],
+}
+
+CHILD = """
+import json, sys
+import jax
+from llm_core import ConfigError, load_config
+from llm_train.trainer import train
+
+base, layouts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert jax.device_count() == 8, jax.devices()
+out = {}
+for name, extra in layouts.items():
+    cfg = load_config(None, base + extra + [f"run_name={name}"])
+    res = train(cfg)
+    out[name] = [res.losses[s] for s in (1, 2, 3)]
+# params of the FSDP run are really sharded: the embedding is split 8 ways
+from llm_train.optim import make_optimizer
+from llm_train.sharding import build_mesh
+from llm_train.step import Steps
+cfg = load_config(None, base + layouts["fsdp8"])
+steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+import math
+flat = jax.tree_util.tree_flatten_with_path(steps.abstract_with_sharding()["params"])[0]
+sizes = [math.prod(x.sharding.shard_shape(x.shape)) / math.prod(x.shape) for path, x in flat if "norm" not in jax.tree_util.keystr(path)]
+out["fsdp8_max_shard_fraction"] = max(sizes)
+try:
+    train(load_config(None, base + ["global_batch_size=4", "ici_data_parallelism=8", "ici_fsdp_parallelism=1", "run_name=bad"]))
+    out["batch_error"] = ""
+except ConfigError as err:
+    out["batch_error"] = str(err)
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_losses_agree_across_mesh_layouts(tmp_path):
+    base = tiny_overrides(tmp_path, steps=3, warmup_steps=0, learning_rate=3e-3)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(base), json.dumps(LAYOUTS)],
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT ")[1])
+    single = train(
+        tiny_config(tmp_path, steps=3, warmup_steps=0, learning_rate=3e-3, run_name="one")
+    )
+    want = [single.losses[s] for s in (1, 2, 3)]
+    assert want[2] < want[0]
+    for name in LAYOUTS:
+        np.testing.assert_allclose(out[name], want, rtol=1e-5, err_msg=name)
+    assert out["fsdp8_max_shard_fraction"] <= 1 / 8  # every weight matrix is split 8 ways
+    assert "not divisible by the data-parallel size 8" in out["batch_error"]
