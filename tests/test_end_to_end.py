@@ -1,0 +1,82 @@
+"""Across packages: train -> export -> serve, and -> Hugging Face, where transformers agrees with us.
+
+llm-train trains a tiny Llama for a few steps and exports its parameters; llm-serve decodes greedily
+from the export; llm-convert writes it as a Hugging Face folder; transformers loads that folder and
+gives the same logits and the same greedy continuation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import llm_convert  # noqa: E402
+from llm_core import load, load_config  # noqa: E402
+from llm_serve import Engine, SamplingParams  # noqa: E402
+from llm_train.export import export  # noqa: E402
+from llm_train.trainer import train  # noqa: E402
+
+TINY = [
+    "num_layers=2",
+    "emb_dim=64",
+    "num_heads=4",
+    "num_kv_heads=2",
+    "head_dim=16",
+    "mlp_dim=128",
+    "vocab_size=256",
+    "seq_len=32",
+    "global_batch_size=4",
+    "max_position_embeddings=128",
+    "console_progress=false",
+    "tensorboard=false",
+    "steps=3",
+    "learning_rate=1e-2",
+    "kv_cache_max_length=64",
+    "max_prefill_length=16",
+    "max_decode_slots=2",
+]
+NEW_TOKENS = 8
+
+
+def _greedy_ours(model, prompt):
+    engine, params = Engine.from_model(model.cfg, model)
+    state = engine.init_decode_state()
+    prefix = engine.prefill(params, prompt, SamplingParams(temperature=0.0))
+    state = engine.insert(prefix, state, 0)
+    tokens = [int(prefix.first.tokens[0])]
+    for _ in range(NEW_TOKENS - 1):
+        state, out = engine.generate(params, state)
+        tokens.append(int(out.tokens[0]))
+    return tokens
+
+
+def test_train_export_serve_and_convert_to_hf(tmp_path):
+    cfg = load_config("pretrain.yml", [*TINY, f"base_output_dir={tmp_path}", "run_name=e2e"])
+    result = train(cfg)
+    assert result.last_step == 3 and all(np.isfinite(v) for v in result.losses.values())
+    native = export(cfg, str(tmp_path / "export"))
+    model = load(native)
+
+    hf_dir = llm_convert.native_to_hf(native, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), attn_implementation="eager"
+    ).eval()
+    ids = np.random.default_rng(0).integers(0, 256, (2, 20)).astype(np.int32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids)), theirs, atol=1e-4)
+
+    prompt = [5, 17, 42, 99, 3]
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert _greedy_ours(model, prompt) == out[0, len(prompt) :].tolist()
