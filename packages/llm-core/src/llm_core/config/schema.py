@@ -191,13 +191,12 @@ class Config:
     kv_page_size: int = 16
 
     # --- llm-serve additions (owned by packages/llm-serve; additive only)
-    kv_cache_max_length: int = (
-        1024  # tokens per decode slot: prompt + completion (the context limit)
-    )
-    kv_num_pages: int = (
-        0  # paged cache: pages in the shared pool; 0 = enough for every slot at full length
-    )
-    max_queue_size: int = 64  # requests waiting for a slot; one more is refused (HTTP 429)
+    # tokens per decode slot: prompt + completion (the context limit)
+    kv_cache_max_length: int = 1024
+    # paged cache: pages in the shared pool; 0 = enough for every slot at full length
+    kv_num_pages: int = 0
+    # requests waiting for a slot; one more is refused (HTTP 429)
+    max_queue_size: int = 64
     # --- end of llm-serve additions
 
     # ------------------------------------------------------------------ derived values
