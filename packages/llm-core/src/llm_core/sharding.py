@@ -18,7 +18,14 @@ def create_mesh(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Mes
     Raises ConfigError, before any compile, when the parallelism settings cannot match the devices.
     """
     devices = list(devices if devices is not None else jax.devices())
-    num_slices = jax.process_count() if devices == list(jax.devices()) else 1
+    # dcn_* axes span TPU slices (devices carry slice_index) or, on CPU/GPU hosts, processes.
+    has_slices = hasattr(devices[0], "slice_index")
+    if devices != list(jax.devices()):
+        num_slices = 1
+    elif has_slices:
+        num_slices = len({d.slice_index for d in devices})
+    else:
+        num_slices = jax.process_count()
     shape = resolve_mesh_shape(cfg, len(devices), num_slices)
     if num_slices > 1:
         from jax.experimental import mesh_utils
@@ -28,8 +35,9 @@ def create_mesh(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Mes
             len(devices) // num_slices,
         )
         dcn = [shape[a] // ici[a] for a in MESH_AXES]
+        granule = {} if has_slices else {"process_is_granule": True}
         grid = mesh_utils.create_hybrid_device_mesh(
-            [ici[a] for a in MESH_AXES], dcn, devices, allow_split_physical_axes=True
+            [ici[a] for a in MESH_AXES], dcn, devices, allow_split_physical_axes=True, **granule
         )
     else:
         grid = np.asarray(devices).reshape([shape[a] for a in MESH_AXES])

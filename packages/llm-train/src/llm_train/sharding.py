@@ -7,8 +7,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm_core import Config, ConfigError, resolve_mesh_shape
-from llm_core.config import MESH_AXES
+from llm_core import Config, ConfigError
 from llm_train.model import create_mesh, logical_sharding
 
 # Mesh axes the batch dimension is split over (the data-parallel degree is their product).
@@ -16,30 +15,8 @@ BATCH_AXES = ("data", "fsdp", "fsdp_transpose", "expert")
 
 
 def build_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
-    """llm-core's mesh; for several processes on hosts without TPU slices (CPU, GPU hosts), the
-    dcn_* axes span processes (each process is one granule)."""
-    all_devices = devices is None or list(devices) == list(jax.devices())
-    slices = {getattr(d, "slice_index", 0) for d in jax.devices()}
-    if jax.process_count() > 1 and all_devices and len(slices) < jax.process_count():
-        return _process_granule_mesh(cfg)
+    """llm-core's mesh: dcn_* axes span processes (TPU slices, or one granule per CPU/GPU process)."""
     return create_mesh(cfg, devices=devices)
-
-
-def _process_granule_mesh(cfg: Config) -> jax.sharding.Mesh:
-    from jax.experimental import mesh_utils
-
-    n, hosts = jax.device_count(), jax.process_count()
-    shape = resolve_mesh_shape(cfg, n, hosts)
-    no_dcn = cfg.replace(**{f"dcn_{a}_parallelism": 1 for a in MESH_AXES})
-    ici = resolve_mesh_shape(no_dcn, n // hosts)
-    grid = mesh_utils.create_hybrid_device_mesh(
-        [ici[a] for a in MESH_AXES],
-        [shape[a] // ici[a] for a in MESH_AXES],
-        jax.devices(),
-        process_is_granule=True,
-        allow_split_physical_axes=True,
-    )
-    return jax.sharding.Mesh(grid, MESH_AXES)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
