@@ -114,7 +114,9 @@ def quickstart(session: nox.Session) -> None:
 
     Extra arguments go to the script: `nox -s quickstart -- --minutes 1 --prompt 'def fib(n):'`.
     """
-    session.install("./packages/llm-train")
+    session.install(
+        "./packages/llm-train", "./packages/llm-serve"
+    )  # llm-serve generates the sample
     session.run("python", "-m", "llm_train.quickstart", *session.posargs)
 
 

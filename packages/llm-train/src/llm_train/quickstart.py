@@ -54,8 +54,28 @@ def stdlib_files() -> list[str]:
     return files
 
 
+def generate_with_llm_serve(
+    model, tokenizer_path: str, prompt: str, max_new: int, temperature: float, seed: int
+) -> str | None:
+    """The sample through llm-serve's engine and scheduler, when llm-serve is installed."""
+    try:
+        from llm_serve import Engine, SamplingParams, Scheduler, Tokenizer, generate_text
+    except ImportError:
+        return None
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    prompt_ids = tokenizer.encode(prompt)
+    overrides = {
+        "max_decode_slots": 1,
+        "kv_cache_max_length": min(model.cfg.max_position_embeddings, len(prompt_ids) + max_new),
+    }
+    model.cfg = model.cfg.replace(**overrides)
+    engine, params = Engine.from_model(model.cfg, model)
+    sampling = SamplingParams(max_tokens=max_new, temperature=temperature, seed=seed)
+    return generate_text(Scheduler(engine, params, tokenizer), prompt_ids, sampling).text
+
+
 def generate(model, tokenizer, prompt: str, max_new: int, temperature: float, seed: int) -> str:
-    """Greedy (temperature 0) or temperature sampling with the model's KV cache."""
+    """Greedy (temperature 0) or temperature sampling with the model's KV cache (no llm-serve)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -163,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     exported = export(cfg, os.path.join(run, "export"))
     print(f"checkpoints: {os.path.join(run, 'checkpoints')}; exported params: {exported}")
     model = llm_core.load(exported)
-    tokenizer = load_tokenizer(tok_path)
-    sample = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, 0)
+    sample = generate_with_llm_serve(
+        model, tok_path, args.prompt, args.max_new_tokens, args.temperature, 0
+    )
+    if sample is None:
+        tokenizer = load_tokenizer(tok_path)
+        sample = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, 0)
     print("-" * 30 + " sample " + "-" * 30)
     print(args.prompt + sample)
     print("-" * 68)
