@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_core import KVCache
+from llm_core.models import output_logits
 
 
 class Layerwise:
@@ -61,12 +62,6 @@ class Layerwise:
             x, (k, v) = tail(x, positions, None, (cache.k[n:], cache.v[n:]))
             ks.append(k)
             vs.append(v)
-        x = nnx.merge(self.defs["final_norm"], params["final_norm"])(x)
-        if cfg.tie_embeddings:
-            logits = embedder.attend(x)
-        else:
-            head = params["lm_head"].astype(x.dtype)
-            logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
-        if cfg.final_logit_softcap is not None:
-            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        final_norm = nnx.merge(self.defs["final_norm"], params["final_norm"])
+        logits = output_logits(cfg, x, final_norm, embedder, params["lm_head"])
         return logits, KVCache(k=jnp.concatenate(ks), v=jnp.concatenate(vs))

@@ -28,6 +28,22 @@ REMAT_POLICIES = {
 }
 
 
+def output_logits(cfg, x, final_norm, embedder, lm_head):
+    """Final norm, output head (tied when `lm_head` is None) and final soft-cap, in float32.
+
+    A function, not only a method, so serving paths that run the layers themselves share it."""
+    x = final_norm(x)
+    if lm_head is None:
+        logits = embedder.attend(x)
+    else:
+        logits = jnp.einsum(
+            "bse,ev->bsv", x, lm_head.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+    if cfg.final_logit_softcap is not None:
+        logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+    return logits
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg, kind: str, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -107,6 +123,11 @@ class Transformer(nnx.Module):
         """Serving path: writes K/V of the new tokens at their positions; returns (logits, cache)."""
         return self._forward(input_ids, positions, None, cache)
 
+    def logits(self, x):
+        """Hidden states [B,S,E] after the last layer -> float32 logits."""
+        head = None if self.cfg.tie_embeddings else self.lm_head[...]
+        return output_logits(self.cfg, x, self.final_norm, self.embedder, head)
+
     # ------------------------------------------------------------------ internals
     def _forward(self, tokens, positions, segment_ids, cache):
         cfg = self.cfg
@@ -123,18 +144,7 @@ class Transformer(nnx.Module):
             x, tail_cache = self.tail(
                 x, positions, segment_ids, tail_cache if cache is not None else None
             )
-        x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = self.embedder.attend(x)
-        else:
-            logits = jnp.einsum(
-                "bse,ev->bsv",
-                x,
-                self.lm_head[...].astype(x.dtype),
-                preferred_element_type=jnp.float32,
-            )
-        if cfg.final_logit_softcap is not None:
-            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        logits = self.logits(x)
         if cache is None:
             return logits, None
         k = group_cache[0].reshape(n, *group_cache[0].shape[2:])
