@@ -209,48 +209,36 @@ def chat_logprobs(tokenizer, events) -> dict:
     return {"content": content}
 
 
-def completion_body(rid, model, text, finish, logprobs, use) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return {
+def _envelope(rid, model, obj: str, choice: dict, usage: dict | None = None) -> dict:
+    """The OpenAI response object around one choice (usage only where the API sends it)."""
+    body = {
         "id": rid,
-        "object": "text_completion",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
-        "usage": use,
     }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def completion_body(rid, model, text, finish, logprobs, use) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _envelope(rid, model, "text_completion", choice, use)
 
 
 def chat_body(rid, model, text, finish, logprobs, use) -> dict:
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": use,
-    }
+    return _envelope(rid, model, "chat.completion", choice, use)
 
 
 def completion_chunk(rid, model, text, finish=None, logprobs=None) -> dict:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return _envelope(rid, model, "text_completion", choice)
 
 
 def chat_chunk(rid, model, delta: dict, finish=None, logprobs=None) -> dict:
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return _envelope(rid, model, "chat.completion.chunk", choice)
