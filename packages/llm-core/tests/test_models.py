@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_core import KVCache, build_model, load_config
+from llm_core import build_model, load_config, unstack_layers
 from llm_core.models.counting import count_params
 
 # Published totals (embeddings counted once when tied).
@@ -113,20 +113,52 @@ def test_scan_equals_loop_and_chunked_equals_dot_product(name):
     np.testing.assert_allclose(chunked(ids), ref, atol=1e-5, rtol=1e-5)
 
 
+def _decode(model, ids, cache, prompt=7):
+    """Prefill `prompt` tokens, then one token at a time; returns all logits."""
+    n = ids.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), ids.shape)
+    logits, cache = model.forward_with_cache(ids[:, :prompt], pos[:, :prompt], cache)
+    steps = [logits]
+    for t in range(prompt, n):
+        logits, cache = model.forward_with_cache(ids[:, t : t + 1], pos[:, t : t + 1], cache)
+        steps.append(logits)
+    return jnp.concatenate(steps, axis=1)
+
+
 @pytest.mark.parametrize("name", ["llama3.1-8b", "gemma3-1b"])
 def test_incremental_decode_matches_full_forward(name):
     cfg = tiny(name)
     model = build_model(cfg, rngs=nnx.Rngs(2))
     ids = _tokens(s=11)
     full = model(ids)
-    cache = KVCache.init(cfg, batch_size=2, max_len=16)
-    pos = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), (2, 11))
-    logits, cache = model.forward_with_cache(ids[:, :7], pos[:, :7], cache)
-    steps = [logits]
-    for t in range(7, 11):
-        logits, cache = model.forward_with_cache(ids[:, t : t + 1], pos[:, t : t + 1], cache)
-        steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+    out = _decode(model, ids, model.init_cache(2, 16))
+    np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
+    # the decode view (per-group arrays, its own cache layout) runs the same forward
+    view = unstack_layers(model)
+    np.testing.assert_allclose(_decode(view, ids, view.init_cache(2, 16)), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama3.1-8b", "gemma2-2b"])
+def test_paged_decode_through_the_kernel_equals_contiguous(name, monkeypatch):
+    """One-token steps over a paged cache are read in place by llm_kernels.paged_attention (here
+    the Pallas kernel in interpret mode); pages are handed out out of order on purpose."""
+    import functools
+
+    import llm_kernels
+
+    monkeypatch.setattr(
+        llm_kernels, "paged_attention", functools.partial(llm_kernels.paged_attention, interpret=True)
+    )
+    cfg = tiny(name, "attn_logit_softcap=30.0")
+    model = build_model(cfg, rngs=nnx.Rngs(3))
+    ids = _tokens(s=12)
+    contiguous = _decode(model, ids, model.init_cache(2, 16))
+    paged = model.init_cache(2, 16, kind="paged", num_pages=9, page_size=4)
+    table = np.array([[5, 2, 8, 1], [3, 7, 4, 6]], np.int32)
+    from llm_core import map_layer_caches
+
+    paged = map_layer_caches(lambda c: c.with_table(table), paged)
+    np.testing.assert_allclose(_decode(model, ids, paged), contiguous, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_segments_match_separate_sequences():

@@ -31,7 +31,7 @@ def test_every_param_has_known_logical_axes():
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == len(var.shape), path
         assert set(axes) <= known, (path, axes)
-        assert (axes[0] == "layers") == (path[0] == "groups"), path
+        assert (axes[0] == "layers") == (path[0] in ("groups", "dense_groups")), path
 
 
 SCRIPT = textwrap.dedent("""
@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
     shardings = state_shardings(abstract, mesh, cfg)
     state = jax.jit(lambda: nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))[1], out_shardings=shardings)()
-    q = state["groups"]["layer_0"]["attn"]["q"][...]
+    q = state["groups"]["layer_0"]["attn"]["q"]["kernel"][...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q.sharding.spec
     out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids)
     np.testing.assert_allclose(out, ref, atol=1e-5)

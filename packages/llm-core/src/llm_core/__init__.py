@@ -8,8 +8,10 @@ from llm_core.config import (
     shipped_model_names,
 )
 from llm_core.io import CheckpointError, load, save
-from llm_core.layers.kv_cache import KVCache
-from llm_core.models import Transformer, build_model
+from llm_core.layers.kv_cache import ContiguousKV, PagedKV, map_layer_caches
+from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
+from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
+from llm_core.models.counting import count_params
 from llm_core.sharding import create_mesh, logical_sharding, logical_to_mesh_spec, state_shardings
 
 __version__ = "0.1.0"
@@ -18,17 +20,25 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
-    "KVCache",
+    "ContiguousKV",
+    "GroupedLinear",
+    "Linear",
+    "PagedKV",
     "Transformer",
     "__version__",
     "build_model",
+    "count_params",
+    "iter_linears",
     "create_mesh",
     "load",
+    "layer_placement",
     "load_config",
     "logical_sharding",
     "logical_to_mesh_spec",
+    "map_layer_caches",
     "resolve_mesh_shape",
     "save",
     "shipped_model_names",
     "state_shardings",
+    "unstack_layers",
 ]

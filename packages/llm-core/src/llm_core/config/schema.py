@@ -47,7 +47,12 @@ class ConfigError(ValueError):
     """A configuration problem, with the key at fault and what to change in the message."""
 
 
-Family = Literal["llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "gpt3"]
+Family = Literal[
+    "llama", "mistral", "mixtral", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gpt3"
+]
+
+# Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
+UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ("stage", "sequence", "context")
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,23 @@ class Config:
     final_logit_softcap: float | None = None
     qk_norm: bool = False
     query_pre_attn_scalar: float | None = None  # default: head_dim
+
+    # --- layer kinds (see llm_core.models.placement) and mixture of experts
+    ffn_kind: Literal["dense", "moe"] = "dense"  # feed-forward kind of the layers
+    first_num_dense_layers: int = 0  # moe: the first k layers stay dense
+    moe_layer_interval: int = 1  # moe: layer i is MoE when (i + 1) % interval == 0
+    mlp_only_layers: list[int] = field(default_factory=list)  # moe: these layers stay dense
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k
+    moe_mlp_dim: int = 0  # hidden width of one expert; 0: mlp_dim
+    # softmax_topk: softmax over all experts, keep the top k (renormalised if norm_topk_prob)
+    router_kind: Literal["softmax_topk"] = "softmax_topk"
+    norm_topk_prob: bool = True
+    # null: dropless (every token reaches its k experts); else each expert takes at most
+    # ceil(capacity_factor * tokens * k / num_experts) tokens and the rest skip that expert
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_weight: float = 0.0  # llm-train adds weight * load-balancing loss
+    moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss
 
     # --- numerics and memory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -209,15 +231,14 @@ class Config:
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
 
     @property
+    def resolved_moe_mlp_dim(self) -> int:
+        return self.moe_mlp_dim or self.mlp_dim
+
+    @property
     def layer_attention_kinds(self) -> tuple[str, ...]:
         """'global' or 'local' for each layer, from the repeating `attention_pattern`."""
         pattern = self.attention_pattern or ["global"]
         return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
-
-    @property
-    def scan_group_size(self) -> int:
-        """Layers per scanned group: the length of the repeating attention pattern."""
-        return len(self.attention_pattern) if self.attention_pattern else 1
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from llm_core.config.schema import MESH_AXES, Config, ConfigError
+from llm_core.config.schema import MESH_AXES, UNIMPLEMENTED_MESH_AXES, Config, ConfigError
 
 
 def validate(cfg: Config) -> Config:
@@ -72,6 +72,13 @@ def validate(cfg: Config) -> Config:
         bad = [a for a, s in sizes.items() if s == 0 or s < -1]
         if bad:
             raise ConfigError(f"{kind}_{bad[0]}_parallelism must be a positive int or -1.")
+        for axis in UNIMPLEMENTED_MESH_AXES:
+            if sizes[axis] > 1 or (sizes[axis] == -1):
+                raise ConfigError(
+                    f"Config key '{kind}_{axis}_parallelism' is {sizes[axis]}, but {axis} "
+                    "parallelism is not implemented yet: set it to 1."
+                )
+    _validate_moe(cfg)
     for rule in cfg.logical_axis_rules:
         if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise ConfigError(
@@ -84,6 +91,44 @@ def validate(cfg: Config) -> Config:
                 f"logical_axis_rules: '{rule[0]}' maps to unknown mesh axes {unknown}; known: {list(MESH_AXES)}."
             )
     return cfg
+
+
+def _validate_moe(cfg: Config) -> None:
+    """Feed-forward kinds and experts: checked here so a bad MoE config fails before any compile."""
+    if cfg.moe_layer_interval < 1:
+        raise ConfigError(f"moe_layer_interval must be >= 1, got {cfg.moe_layer_interval}.")
+    if not 0 <= cfg.first_num_dense_layers <= cfg.num_layers:
+        raise ConfigError(
+            f"first_num_dense_layers ({cfg.first_num_dense_layers}) must be in [0, num_layers "
+            f"({cfg.num_layers})]."
+        )
+    bad = [i for i in cfg.mlp_only_layers if not 0 <= i < cfg.num_layers]
+    if bad:
+        raise ConfigError(
+            f"mlp_only_layers has layer indices {bad} out of range [0, {cfg.num_layers - 1}] "
+            f"(num_layers={cfg.num_layers})."
+        )
+    if cfg.ffn_kind != "moe":
+        return
+    if cfg.num_experts < 1:
+        raise ConfigError("ffn_kind is 'moe' but num_experts is 0: set num_experts (>= 1).")
+    if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+        raise ConfigError(
+            f"num_experts_per_tok ({cfg.num_experts_per_tok}) must be in [1, num_experts "
+            f"({cfg.num_experts})]."
+        )
+    if cfg.moe_mlp_dim < 0:
+        raise ConfigError(f"moe_mlp_dim must be >= 0 (0: mlp_dim), got {cfg.moe_mlp_dim}.")
+    if cfg.moe_capacity_factor is not None and cfg.moe_capacity_factor <= 0:
+        raise ConfigError(
+            f"moe_capacity_factor must be positive or null (dropless), got {cfg.moe_capacity_factor}."
+        )
+    experts_axis = cfg.ici_expert_parallelism * cfg.dcn_expert_parallelism
+    if experts_axis > 1 and cfg.num_experts % experts_axis:
+        raise ConfigError(
+            f"num_experts ({cfg.num_experts}) is not divisible by the expert mesh axis "
+            f"(ici_expert_parallelism x dcn_expert_parallelism = {experts_axis})."
+        )
 
 
 def _fill(sizes: dict[str, int], total: int, kind: str) -> dict[str, int]:
@@ -110,4 +155,10 @@ def resolve_mesh_shape(cfg: Config, num_devices: int, num_slices: int = 1) -> di
         raise ConfigError(f"{num_devices} devices cannot be split into {num_slices} slices/hosts.")
     dcn = _fill(cfg.mesh_axis_sizes("dcn"), num_slices, "dcn")
     ici = _fill(cfg.mesh_axis_sizes("ici"), num_devices // num_slices, "ici")
-    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+    shape = {a: ici[a] * dcn[a] for a in MESH_AXES}
+    if cfg.ffn_kind == "moe" and cfg.num_experts % shape["expert"]:
+        raise ConfigError(
+            f"num_experts ({cfg.num_experts}) is not divisible by the expert mesh axis "
+            f"({shape['expert']} = ici_expert_parallelism x dcn_expert_parallelism)."
+        )
+    return shape

@@ -1,7 +1,23 @@
-"""Contiguous KV cache: one [B, max_len] slab of keys and values per layer.
+"""Per-layer attention caches. Attention owns its cache: nothing outside `Attention` and this module
+knows a cache's layout.
 
-A token at position p writes its K/V at index p and attends to indices <= p; positions >= max_len are
-dropped (use that for padding tokens).
+Every cache class is a pytree with two methods used by attention on one layer:
+
+    cache = cache.write(k, v, positions)        # new tokens' K/V [B, T, K, D] at positions [B, T]
+    out = cache.attend(q, positions, spec, ...)  # causal attention of q [B, T, H, D] over the cache
+
+and serving operations that work with or without leading stacked-layer axes (so llm-serve can apply
+them to a whole model's cache with `map_layer_caches`, never looking inside):
+
+- `ContiguousKV` [..., B, L, K, D]: a token at position p lives at index p; `resize(length)` cuts or
+  pads L, `insert(row, slot)` copies a batch-of-one cache into row `slot`.
+- `PagedKV`: pools [..., K, num_pages, page_size, D] (the layout `llm_kernels.paged_attention` reads)
+  and a page table [..., B, pages_per_slot]; token p of row b lives in page `table[b, p // page_size]`
+  at offset `p % page_size`. Page 0 is the null page: empty table entries point at it. One-token decode
+  steps are read in place by the paged kernel; `write_prefix(contiguous, pages)` stores a prefilled
+  prompt, `with_table(table)` installs a new page table.
+
+Positions at or beyond a cache's capacity are dropped on write (use that for padding tokens).
 """
 
 from __future__ import annotations
@@ -10,31 +26,164 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from llm_core.layers import attention_ops as ops
+
+NULL_PAGE = 0
+
+
+def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int):
+    kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if backend == "chunked":
+        return ops.chunked_attention(q, k, v, positions, kv_pos, spec, chunk=chunk)
+    return ops.dot_product_attention(q, k, v, positions, kv_pos, spec)
+
 
 @struct.dataclass
-class KVCache:
-    k: jax.Array  # [num_layers, B, max_len, kv_heads, head_dim]
+class ContiguousKV:
+    k: jax.Array  # [..., B, L, K, D]
     v: jax.Array
 
     @classmethod
-    def init(cls, cfg, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (
-            cfg.num_layers,
-            batch_size,
-            max_len,
-            cfg.resolved_num_kv_heads,
-            cfg.resolved_head_dim,
-        )
+    def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> ContiguousKV:
+        shape = (batch, max_len, kv_heads, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[-3]
+
+    def write(self, k, v, positions) -> ContiguousKV:
+        batch = jnp.arange(k.shape[0])[:, None]
+        return ContiguousKV(
+            k=self.k.at[batch, positions].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[batch, positions].set(v.astype(self.v.dtype), mode="drop"),
+        )
+
+    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+        return _attend_contiguous(q, self.k, self.v, positions, spec, backend, chunk)
+
+    # ------------------------------------------------------------------ serving
+    def resize(self, length: int) -> ContiguousKV:
+        def fit(a):
+            if a.shape[-3] >= length:
+                return a[..., :length, :, :]
+            pad = [(0, 0)] * a.ndim
+            pad[-3] = (0, length - a.shape[-3])
+            return jnp.pad(a, pad)
+
+        return ContiguousKV(k=fit(self.k), v=fit(self.v))
+
+    def insert(self, row: ContiguousKV, slot) -> ContiguousKV:
+        """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
+        axis = self.k.ndim - 4
+        put = jax.lax.dynamic_update_slice_in_dim
+        return ContiguousKV(
+            k=put(self.k, row.k.astype(self.k.dtype), slot, axis),
+            v=put(self.v, row.v.astype(self.v.dtype), slot, axis),
+        )
 
 
-def write_layer(cache_k, cache_v, k, v, positions):
-    """Scatter new K/V [B, T, K, D] into one layer's cache [B, L, K, D] at `positions` [B, T]."""
-    batch = jnp.arange(k.shape[0])[:, None]
-    cache_k = cache_k.at[batch, positions].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[batch, positions].set(v.astype(cache_v.dtype), mode="drop")
-    return cache_k, cache_v
+@struct.dataclass
+class PagedKV:
+    k: jax.Array  # [..., K, num_pages, page_size, D]
+    v: jax.Array
+    table: jax.Array  # [..., B, pages_per_slot] int32
+
+    @classmethod
+    def create(
+        cls,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        page_size: int,
+        pages_per_slot: int,
+        dtype,
+    ) -> PagedKV:
+        shape = (kv_heads, num_pages, page_size, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            table=jnp.full((batch, pages_per_slot), NULL_PAGE, jnp.int32),
+        )
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[-2]
+
+    @property
+    def max_len(self) -> int:
+        """Positions the page table covers."""
+        return self.table.shape[-1] * self.page_size
+
+    def write(self, k, v, positions) -> PagedKV:
+        ps, n = self.page_size, self.table.shape[-1]
+        index = jnp.minimum(positions // ps, n - 1)
+        page = jnp.take_along_axis(self.table, index, axis=1)
+        page = jnp.where(positions < n * ps, page, NULL_PAGE)  # beyond the table: the null page
+        off = positions % ps
+        k = jnp.moveaxis(k, 2, 0).astype(self.k.dtype)  # [K, B, T, D]
+        v = jnp.moveaxis(v, 2, 0).astype(self.v.dtype)
+        return self.replace(k=self.k.at[:, page, off].set(k), v=self.v.at[:, page, off].set(v))
+
+    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+        if q.shape[1] != 1:  # a prompt chunk: attend over a gathered view of the row's pages
+            k, v = self._gather(self.k), self._gather(self.v)
+            return _attend_contiguous(q, k, v, positions, spec, backend, chunk)
+        import llm_kernels
+
+        lengths = jnp.clip(positions[:, 0] + 1, 1, self.max_len).astype(jnp.int32)
+        out = llm_kernels.paged_attention(
+            q[:, 0],
+            self.k.astype(q.dtype),
+            self.v.astype(q.dtype),
+            lengths,
+            self.table,
+            sm_scale=spec.scale,
+            logit_soft_cap=spec.logit_softcap,
+            sliding_window=spec.sliding_window,
+        )
+        return out[:, None]
+
+    def _gather(self, pool):
+        """[K, P, ps, D] -> contiguous [B, n * ps, K, D] of every row's pages (prefill only)."""
+        kh, _, ps, d = pool.shape
+        b, n = self.table.shape
+        view = pool[:, self.table]  # [K, B, n, ps, D]
+        return jnp.moveaxis(view.reshape(kh, b, n * ps, d), 0, 2)
+
+    # ------------------------------------------------------------------ serving
+    def with_table(self, table) -> PagedKV:
+        table = jnp.asarray(table, jnp.int32)
+        lead = self.table.shape[:-2]
+        return self.replace(table=jnp.broadcast_to(table, lead + table.shape))
+
+    def write_prefix(self, prefix: ContiguousKV, pages) -> PagedKV:
+        """Store a batch-of-one contiguous cache of length len(pages) * page_size into `pages`."""
+        n = pages.shape[0]
+
+        def put(pool, src):  # src [..., 1, L, K, D] -> [..., K, n, ps, D]
+            src = src[..., 0, :, :, :]
+            src = src.reshape(*src.shape[:-3], n, self.page_size, *src.shape[-2:])
+            src = jnp.moveaxis(src, -2, -4).astype(pool.dtype)
+            return pool.at[..., pages, :, :].set(src)
+
+        return self.replace(k=put(self.k, prefix.k), v=put(self.v, prefix.v))
+
+
+LAYER_CACHE_TYPES = (ContiguousKV, PagedKV)
+
+
+def is_layer_cache(x) -> bool:
+    return isinstance(x, LAYER_CACHE_TYPES)
+
+
+def map_layer_caches(fn, cache, *rest):
+    """Apply `fn` to every layer cache of a model cache (a pytree holding them)."""
+    return jax.tree.map(fn, cache, *rest, is_leaf=is_layer_cache)
+
+
+def stack_cache(cache, repeats: int):
+    """A cache with a leading stacked-layer axis of size `repeats` (for scanned layer groups)."""
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (repeats, *a.shape)), cache)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from llm_core.layers.params import dtype_of, param
+from llm_core.layers.linear import Linear
+from llm_core.layers.params import dtype_of
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -16,27 +17,17 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        self.cfg = cfg
-        e, m, wd = cfg.emb_dim, cfg.mlp_dim, dtype_of(cfg.weight_dtype)
-        if cfg.gated_mlp:
-            self.gate = param(rngs, (e, m), ("embed", "mlp"), wd)
-        self.up = param(rngs, (e, m), ("embed", "mlp"), wd)
-        self.down = param(rngs, (m, e), ("mlp", "embed"), wd)
-        if cfg.mlp_bias:
-            self.up_bias = param(rngs, (m,), ("mlp",), wd, init="zeros")
-            self.down_bias = param(rngs, (e,), ("embed",), wd, init="zeros")
+    def __init__(self, cfg, rngs: nnx.Rngs, mlp_dim: int | None = None):
+        self.gated = cfg.gated_mlp
+        e, m, wd = cfg.emb_dim, mlp_dim or cfg.mlp_dim, dtype_of(cfg.weight_dtype)
+        bias = cfg.mlp_bias
+        if self.gated:
+            self.gate = Linear(e, m, ("embed", "mlp"), weight_dtype=wd, rngs=rngs)
+        self.up = Linear(e, m, ("embed", "mlp"), weight_dtype=wd, use_bias=bias, rngs=rngs)
+        self.down = Linear(m, e, ("mlp", "embed"), weight_dtype=wd, use_bias=bias, rngs=rngs)
         self.act = ACTIVATIONS[cfg.mlp_activation]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        up = x @ self.up[...].astype(dt)
-        if self.cfg.mlp_bias:
-            up = up + self.up_bias[...].astype(dt)
-        hidden = (
-            self.act(x @ self.gate[...].astype(dt)) * up if self.cfg.gated_mlp else self.act(up)
-        )
-        y = hidden @ self.down[...].astype(dt)
-        if self.cfg.mlp_bias:
-            y = y + self.down_bias[...].astype(dt)
-        return y
+        up = self.up(x)
+        hidden = self.act(self.gate(x)) * up if self.gated else self.act(up)
+        return self.down(hidden)

@@ -1,10 +1,16 @@
 """The decoder skeleton shared by every family.
 
-Layers are grouped by the repeating attention pattern (1 layer for most families, [local, global] for
-Gemma 2, 5 local + 1 global for Gemma 3). Whole groups are stacked along a leading `layers` axis and
-run with `lax.scan` (`scan_layers=True`) or a Python loop over the same stacked parameters
-(`scan_layers=False`), so checkpoints are identical either way. Layers left over when num_layers is not
-a multiple of the group size live unstacked in `tail`.
+Each layer is a composition of kinds chosen per layer from config (`llm_core.models.placement`):
+attention (with or without a sliding window) and a dense or MoE feed-forward. The placement puts
+layers into segments: stacked groups of the repeating kind tuple, run with `lax.scan`
+(`scan_layers=True`) or a Python loop over the same stacked parameters (`scan_layers=False`), and an
+unstacked tail of left-over layers. Checkpoints are identical either way.
+
+One forward serves training and serving: `forward(ids, positions, segment_ids, cache)` returns
+(float32 logits, the updated cache or None, auxiliary outputs). Caches come from `init_cache` and are
+owned by the attention layers; the forward threads them through the scan without looking inside.
+`unstack_layers(model)` gives a decode view of the same parameters (one array per layer group, no
+weight copies out of a stacked array per step) for memory-bound CPU decoding.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from flax import nnx
 
 from llm_core.layers.attention import Attention
 from llm_core.layers.embeddings import Embedder
-from llm_core.layers.kv_cache import KVCache
+from llm_core.layers.kv_cache import stack_cache
+from llm_core.layers.linear import Linear
 from llm_core.layers.mlp import MLP
+from llm_core.layers.moe import MoE, empty_aux
 from llm_core.layers.norms import make_norm
-from llm_core.layers.params import dtype_of, param
+from llm_core.layers.params import dtype_of
+from llm_core.models.placement import LayerKind, Segment, layer_placement
 
 REMAT_POLICIES = {
     "full": None,
@@ -28,155 +37,219 @@ REMAT_POLICIES = {
 }
 
 
-def output_logits(cfg, x, final_norm, embedder, lm_head):
-    """Final norm, output head (tied when `lm_head` is None) and final soft-cap, in float32.
-
-    A function, not only a method, so serving paths that run the layers themselves share it."""
-    x = final_norm(x)
-    if lm_head is None:
-        logits = embedder.attend(x)
-    else:
-        logits = jnp.einsum(
-            "bse,ev->bsv", x, lm_head.astype(x.dtype), preferred_element_type=jnp.float32
-        )
-    if cfg.final_logit_softcap is not None:
-        logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-    return logits
+def _add(a: dict, b: dict) -> dict:
+    return b if not a else {key: a[key] + b[key] for key in a}
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg, kind: str, rngs: nnx.Rngs):
+    def __init__(self, cfg, kind: LayerKind, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.moe = kind.ffn == "moe"
         self.pre_attn_norm = make_norm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, kind, rngs=rngs)
+        self.attn = Attention(cfg, kind.local, rngs=rngs)
         self.pre_mlp_norm = make_norm(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs) if self.moe else MLP(cfg, rngs=rngs)
         if cfg.post_norms:
             self.post_attn_norm = make_norm(cfg, rngs=rngs)
             self.post_mlp_norm = make_norm(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids=None, cache_kv=None):
-        h, cache_kv = self.attn(self.pre_attn_norm(x), positions, segment_ids, cache_kv)
+    def __call__(self, x, positions, segment_ids=None, cache=None):
+        """Returns (x, new cache or None, aux dict: empty for dense-only models)."""
+        h, cache = self.attn(self.pre_attn_norm(x), positions, segment_ids, cache)
         if self.cfg.post_norms:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp(self.pre_mlp_norm(x))
+        if self.moe:
+            h, aux = self.mlp(self.pre_mlp_norm(x))
+        else:
+            h = self.mlp(self.pre_mlp_norm(x))
+            aux = empty_aux(self.cfg) if self.cfg.ffn_kind == "moe" else {}
         if self.cfg.post_norms:
             h = self.post_mlp_norm(h)
-        return x + h, cache_kv
+        return x + h, cache, aux
 
 
 class LayerGroup(nnx.Module):
-    """Consecutive layers with the given attention kinds; the unit that is stacked and scanned."""
+    """Consecutive layers of the given kinds; the unit that is stacked and scanned."""
 
-    def __init__(self, cfg, kinds: tuple[str, ...], rngs: nnx.Rngs):
+    def __init__(self, cfg, kinds: tuple[LayerKind, ...], rngs: nnx.Rngs):
         self.size = len(kinds)
         for j, kind in enumerate(kinds):
             setattr(self, f"layer_{j}", DecoderLayer(cfg, kind, rngs=rngs))
 
-    def __call__(self, x, positions, segment_ids=None, cache_kv=None):
-        """cache_kv: (k, v) each [size, B, L, K, D] or None."""
-        new_k, new_v = [], []
+    def __call__(self, x, positions, segment_ids=None, caches=None):
+        """caches: a tuple of one cache per layer, or None. Returns (x, caches, summed aux)."""
+        new, aux = [], {}
         for j in range(self.size):
-            layer_cache = None if cache_kv is None else (cache_kv[0][j], cache_kv[1][j])
-            x, layer_cache = getattr(self, f"layer_{j}")(x, positions, segment_ids, layer_cache)
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
-        return x, (None if cache_kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+            cache = None if caches is None else caches[j]
+            x, cache, layer_aux = getattr(self, f"layer_{j}")(x, positions, segment_ids, cache)
+            new.append(cache)
+            aux = _add(aux, layer_aux)
+        return x, (None if caches is None else tuple(new)), aux
+
+
+def _build_segment(cfg, seg: Segment, rngs: nnx.Rngs) -> LayerGroup:
+    if not seg.stacked:
+        return LayerGroup(cfg, seg.kinds, rngs=rngs)
+
+    @nnx.split_rngs(splits=seg.repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_groups(rngs: nnx.Rngs) -> LayerGroup:
+        return LayerGroup(cfg, seg.kinds, rngs=rngs)
+
+    return make_groups(rngs)
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.cfg = cfg
-        pattern = cfg.attention_pattern or ["global"]
-        group = tuple(pattern)
-        self.num_groups = cfg.num_layers // len(group)
-        tail = cfg.num_layers - self.num_groups * len(group)
+        self.placement = layer_placement(cfg)
         self.embedder = Embedder(cfg, rngs=rngs)
-
-        @nnx.split_rngs(splits=self.num_groups)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_groups(rngs: nnx.Rngs) -> LayerGroup:
-            return LayerGroup(cfg, group, rngs=rngs)
-
-        self.groups = make_groups(rngs) if self.num_groups else None
-        self.tail = LayerGroup(cfg, group[:tail], rngs=rngs) if tail else None
+        for seg in self.placement.segments:
+            setattr(self, seg.name, _build_segment(cfg, seg, rngs))
         self.final_norm = make_norm(cfg, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.lm_head = param(
-                rngs, (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"), dtype_of(cfg.weight_dtype)
-            )
+        wd = dtype_of(cfg.weight_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(
+                cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), weight_dtype=wd,
+                out_dtype=jnp.float32, rngs=rngs,
+            )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------ public API
     def __call__(self, input_ids, positions=None, segment_ids=None):
         """int32 [B, S] -> float32 logits [B, S, V]. Packed sequences: pass per-segment positions and
         segment_ids (tokens attend only within their segment)."""
+        return self.forward(input_ids, positions, segment_ids)[0]
+
+    def forward(self, input_ids, positions=None, segment_ids=None, cache=None):
+        """-> (float32 logits [B, S, V], updated cache or None, aux). With a cache, the new tokens'
+        K/V are written at `positions` (positions beyond the cache are dropped: use them for padding)
+        and attention reads the cache. aux (MoE models): `moe_lb_loss` and `moe_z_loss` averaged over
+        the MoE layers, `moe_tokens_per_expert` [experts] and `moe_dropped` summed over them."""
         if positions is None:
             positions = jnp.broadcast_to(
                 jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
             )
-        logits, _ = self._forward(input_ids, positions, segment_ids, None)
-        return logits
+        x = self.embedder.encode(input_ids, positions, dtype_of(self.cfg.dtype))
+        new_cache, aux = {}, {}
+        for seg in self.placement.segments:
+            seg_cache = None if cache is None else cache[seg.name]
+            x, seg_cache, seg_aux = self._run_segment(seg, x, positions, segment_ids, seg_cache)
+            new_cache[seg.name] = seg_cache
+            aux = _add(aux, seg_aux)
+        return self.logits(x), (None if cache is None else new_cache), self._finish_aux(aux)
 
-    def forward_with_cache(self, input_ids, positions, cache: KVCache):
-        """Serving path: writes K/V of the new tokens at their positions; returns (logits, cache)."""
-        return self._forward(input_ids, positions, None, cache)
+    def forward_with_cache(self, input_ids, positions, cache):
+        """Serving path: (logits, cache) of `forward` with a cache."""
+        logits, cache, _ = self.forward(input_ids, positions, None, cache)
+        return logits, cache
+
+    def init_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype=None,
+        *,
+        kind: str = "contiguous",
+        num_pages: int = 0,
+        page_size: int = 16,
+    ) -> dict:
+        """An empty cache for every layer (`contiguous`, or `paged` over a pool of `num_pages`)."""
+        dtype = dtype or dtype_of(self.cfg.dtype)
+        cache = {}
+        for seg in self.placement.segments:
+
+            def one(seg=seg):
+                return tuple(
+                    Attention.init_cache(
+                        self.cfg, batch_size, max_len, dtype, kind=kind,
+                        num_pages=num_pages, page_size=page_size,
+                    )  # fmt: skip
+                    for _ in seg.kinds
+                )
+
+            module = getattr(self, seg.name)
+            if isinstance(module, nnx.List):
+                cache[seg.name] = [one() for _ in range(seg.repeats)]
+            elif seg.stacked:
+                cache[seg.name] = stack_cache(one(), seg.repeats)
+            else:
+                cache[seg.name] = one()
+        return cache
 
     def logits(self, x):
-        """Hidden states [B,S,E] after the last layer -> float32 logits."""
-        head = None if self.cfg.tie_embeddings else self.lm_head[...]
-        return output_logits(self.cfg, x, self.final_norm, self.embedder, head)
+        """Hidden states [B,S,E] after the last layer -> final norm, head, soft-cap: float32 logits."""
+        x = self.final_norm(x)
+        logits = self.embedder.attend(x) if self.lm_head is None else self.lm_head(x)
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     # ------------------------------------------------------------------ internals
-    def _forward(self, tokens, positions, segment_ids, cache):
-        cfg = self.cfg
-        x = self.embedder.encode(tokens, positions, dtype_of(cfg.dtype))
-        g = cfg.scan_group_size
-        n = self.num_groups * g
-        group_cache = tail_cache = None
-        if cache is not None:
-            reshape = lambda a: a[:n].reshape(self.num_groups, g, *a.shape[1:])  # noqa: E731
-            group_cache = (reshape(cache.k), reshape(cache.v))
-            tail_cache = (cache.k[n:], cache.v[n:])
-        x, group_cache = self._run_groups(x, positions, segment_ids, group_cache)
-        if self.tail is not None:
-            x, tail_cache = self.tail(
-                x, positions, segment_ids, tail_cache if cache is not None else None
-            )
-        logits = self.logits(x)
-        if cache is None:
-            return logits, None
-        k = group_cache[0].reshape(n, *group_cache[0].shape[2:])
-        v = group_cache[1].reshape(n, *group_cache[1].shape[2:])
-        if self.tail is not None:
-            k, v = jnp.concatenate([k, tail_cache[0]]), jnp.concatenate([v, tail_cache[1]])
-        return logits, KVCache(k=k, v=v)
+    def _finish_aux(self, aux: dict) -> dict:
+        if not aux:
+            return {}
+        n_moe = sum(k.ffn == "moe" for seg in self.placement.segments for k in seg.kinds * seg.repeats)
+        n_moe = max(n_moe, 1)
+        return {
+            **aux,
+            "moe_lb_loss": aux["moe_lb_loss"] / n_moe,
+            "moe_z_loss": aux["moe_z_loss"] / n_moe,
+        }
 
-    def _run_groups(self, x, positions, segment_ids, group_cache):
-        if self.groups is None:
-            return x, group_cache
-        graphdef, state = nnx.split(self.groups)
+    def _run_segment(self, seg: Segment, x, positions, segment_ids, cache):
+        module = getattr(self, seg.name)
+        if isinstance(module, nnx.List):  # decode view: one module per group
+            new, aux = [], {}
+            for i, group in enumerate(module):
+                x, c, a = group(x, positions, segment_ids, None if cache is None else cache[i])
+                new.append(c)
+                aux = _add(aux, a)
+            return x, (None if cache is None else new), aux
+        if not seg.stacked:
+            return module(x, positions, segment_ids, cache)
+        graphdef, state = nnx.split(module)
 
         def body(x, xs):
-            group_state, cache_kv = xs
-            x, cache_kv = nnx.merge(graphdef, group_state)(x, positions, segment_ids, cache_kv)
-            return x, cache_kv
+            group_state, group_cache = xs
+            x, group_cache, aux = nnx.merge(graphdef, group_state)(
+                x, positions, segment_ids, group_cache
+            )
+            return x, (group_cache, aux)
 
         if self.cfg.remat_policy != "none":
             body = jax.checkpoint(
                 body, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False
             )
         if self.cfg.scan_layers:
-            return jax.lax.scan(body, x, (state, group_cache))
-        outs = []
-        for i in range(self.num_groups):
-            xs = jax.tree.map(lambda a, i=i: a[i], (state, group_cache))
-            x, out = body(x, xs)
-            outs.append(out)
-        if group_cache is None:
-            return x, None
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            x, (cache, aux) = jax.lax.scan(body, x, (state, cache))
+        else:
+            outs = []
+            for i in range(seg.repeats):
+                x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, cache)))
+                outs.append(out)
+            cache, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, cache, jax.tree.map(lambda a: a.sum(0), aux)
+
+
+def unstack_layers(model: Transformer) -> Transformer:
+    """A decode view of `model`: each stacked segment becomes a list of per-group modules holding
+    their own arrays (copies), so a memory-bound decode step reads every weight once instead of first
+    slicing it out of the stack. Same forward, same results; its caches follow its layout."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    for seg in model.placement.segments:
+        if not seg.stacked:
+            continue
+        gdef, stacked = nnx.split(getattr(model, seg.name))
+        groups = [
+            nnx.merge(gdef, jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked))
+            for i in range(seg.repeats)
+        ]
+        setattr(view, seg.name, nnx.List(groups))
+    return view
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
