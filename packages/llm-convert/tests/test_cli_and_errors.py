@@ -137,3 +137,70 @@ def test_bfloat16_path_within_documented_tolerance(hf_dir):
     # Documented in docs/llm-convert.md: bf16 weights + compute stay within 5e-2 of fp32 logits here.
     assert np.abs(bf16 - fp32).max() < 5e-2
     assert np.abs(bf16 - fp32).max() > 0  # really ran in bf16
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "mixtral"
+    build_hf_model("mixtral", folder)  # per-expert (Hub) layout: block_sparse_moe.experts.{j}.w1
+    return folder
+
+
+def _to_fused(weights: dict) -> None:
+    """Per-expert Mixtral tensors -> transformers' fused layout (stacked experts, gate_up fused)."""
+    for i in range(2):
+        old, new = f"model.layers.{i}.block_sparse_moe.", f"model.layers.{i}.mlp."
+        weights[new + "gate.weight"] = weights.pop(old + "gate.weight")
+        w = {n: [weights.pop(f"{old}experts.{j}.w{n}.weight") for j in range(4)] for n in "123"}
+        gate_up = np.concatenate([np.stack(w["1"]), np.stack(w["3"])], axis=1)
+        weights[new + "experts.gate_up_proj"] = gate_up
+        weights[new + "experts.down_proj"] = np.stack(w["2"])
+
+
+EXPERT = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight"
+MOE_CASES = {
+    "missing expert tensor": (
+        lambda w: w.pop(EXPERT.format(1, 2, "w1")),
+        ["missing tensor", EXPERT.format(1, 2, "w1")],
+    ),
+    "mis-shaped expert tensor": (
+        lambda w: w.update({EXPERT.format(0, 3, "w2"): w[EXPERT.format(0, 3, "w2")][:, :100]}),
+        [EXPERT.format(0, 3, "w2"), "has shape (64, 100)", "(128, 64)"],
+    ),
+    "mis-shaped fused expert tensor": (
+        lambda w: (
+            _to_fused(w),
+            w.update(
+                {
+                    "model.layers.1.mlp.experts.gate_up_proj": w[
+                        "model.layers.1.mlp.experts.gate_up_proj"
+                    ][:, :-2]
+                }
+            ),
+        ),
+        ["model.layers.1.mlp.experts.gate_up_proj", "has shape (4, 254, 64)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_bad_moe_input_names_the_expert_tensor(case, mixtral_dir, tmp_path, capsys):
+    corrupt, expected = MOE_CASES[case]
+    src = _copy(mixtral_dir, tmp_path)
+    _edit_tensors(src, corrupt)
+    dst = tmp_path / "dst"
+    assert main(["hf-to-native", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    for fragment in expected:
+        assert fragment in err, (case, err)
+    assert not dst.exists()
+    assert not list(tmp_path.glob(".dst.tmp-*"))
+
+
+def test_fused_mixtral_layout_built_with_safetensors_numpy_loads(mixtral_dir, tmp_path):
+    src = _copy(mixtral_dir, tmp_path)
+    _edit_tensors(src, _to_fused)
+    ids = np.random.default_rng(2).integers(0, 256, (2, 12)).astype(np.int32)
+    np.testing.assert_array_equal(
+        np.asarray(load_hf(src)(ids)), np.asarray(load_hf(mixtral_dir)(ids))
+    )

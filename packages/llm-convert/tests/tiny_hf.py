@@ -59,6 +59,28 @@ def tiny_hf_configs() -> dict:
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             },
         ),
+        "mixtral": t.MixtralConfig(
+            **COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2
+        ),
+        "qwen3_moe": t.Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+        ),
+        # layers D D D M D D D M D: dense layers use intermediate_size, MoE layers
+        # moe_intermediate_size; placed as 2 stacked groups of (D D D M) plus a dense tail
+        "qwen3_moe-mixed": t.Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=9,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=2,
+            mlp_only_layers=[1, 5],
+        ),
         "gpt2": t.GPT2Config(
             vocab_size=256,
             n_embd=64,

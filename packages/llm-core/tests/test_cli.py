@@ -14,3 +14,11 @@ def test_config_show_prints_resolved_yaml(capsys):
 def test_config_show_bad_key_exits_2(capsys):
     assert main(["config", "show", "llama3-8b", "num_layer=2"]) == 2
     assert "Did you mean 'num_layers'?" in capsys.readouterr().err
+
+
+def test_config_show_prints_total_and_active_parameters_for_moe(capsys):
+    assert main(["config", "show", "mixtral-8x7b"]) == 0
+    derived = yaml.safe_load(capsys.readouterr().out.split("# derived")[1])
+    assert derived["parameters"] == 46_702_792_704
+    assert derived["active_parameters"] == 12_879_925_248
+    assert derived["layer_segments"] == ["groups: 32 x [gqa/moe]"]

@@ -29,6 +29,7 @@ EXACT = {
     "gemma2-9b": 9_241_705_984,
     "gemma2-27b": 27_227_128_320,
     "gemma3-1b": 999_885_952,
+    "mixtral-8x7b": 46_702_792_704,
 }
 # Published non-embedding counts, rounded as published (model cards / Gemma 3 report, in billions).
 NON_EMBEDDING_ROUNDED = {
@@ -41,6 +42,14 @@ NON_EMBEDDING_ROUNDED = {
     "gemma3-4b": (3.209, 0.0005),
     "gemma3-12b": (10.759, 0.0005),
     "gemma3-27b": (25.600, 0.0005),
+    "qwen3-30b-a3b": (29.9, 0.05),
+    "qwen3-235b-a22b": (234.0, 0.5),
+}
+# Published total and active parameters of MoE models (model cards, in billions, as rounded there).
+MOE_ROUNDED = {
+    "mixtral-8x22b": ((141.0, 0.5), (39.0, 0.5)),
+    "qwen3-30b-a3b": ((30.5, 0.05), (3.3, 0.05)),
+    "qwen3-235b-a22b": ((235.0, 0.5), (22.0, 0.5)),
 }
 
 
@@ -57,6 +66,14 @@ def test_published_non_embedding_count(name):
     if not cfg.tie_embeddings:
         non_embedding -= cfg.emb_dim * cfg.vocab_size  # the output head counts as embedding
     assert abs(non_embedding / 1e9 - expected) <= half_unit
+
+
+@pytest.mark.parametrize("name", sorted(MOE_ROUNDED))
+def test_published_total_and_active_moe_counts(name):
+    cfg = load_config(name)
+    (total, t_half), (active, a_half) = MOE_ROUNDED[name]
+    assert abs(count_params(cfg) / 1e9 - total) <= t_half
+    assert abs(count_params(cfg, active=True) / 1e9 - active) <= a_half
 
 
 def test_gpt3_175b():
@@ -135,7 +152,9 @@ def test_incremental_decode_matches_full_forward(name):
     np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
     # the decode view (per-group arrays, its own cache layout) runs the same forward
     view = unstack_layers(model)
-    np.testing.assert_allclose(_decode(view, ids, view.init_cache(2, 16)), full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _decode(view, ids, view.init_cache(2, 16)), full, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["llama3.1-8b", "gemma2-2b"])
@@ -147,7 +166,9 @@ def test_paged_decode_through_the_kernel_equals_contiguous(name, monkeypatch):
     import llm_kernels
 
     monkeypatch.setattr(
-        llm_kernels, "paged_attention", functools.partial(llm_kernels.paged_attention, interpret=True)
+        llm_kernels,
+        "paged_attention",
+        functools.partial(llm_kernels.paged_attention, interpret=True),
     )
     cfg = tiny(name, "attn_logit_softcap=30.0")
     model = build_model(cfg, rngs=nnx.Rngs(3))

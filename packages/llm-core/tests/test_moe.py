@@ -77,9 +77,11 @@ def test_dropless_gradients_equal_dense_per_expert_computation():
         from llm_core.layers.moe import route
 
         weights, experts, _ = route(m.router(tokens), m.top_k, m.normalize)
-        combine = jnp.zeros((tokens.shape[0], m.num_experts)).at[
-            jnp.arange(tokens.shape[0])[:, None], experts
-        ].add(weights)
+        combine = (
+            jnp.zeros((tokens.shape[0], m.num_experts))
+            .at[jnp.arange(tokens.shape[0])[:, None], experts]
+            .add(weights)
+        )
         h = jax.nn.silu(jnp.einsum("td,edm->tem", tokens, m.gate.kernel[...]))
         h = h * jnp.einsum("td,edm->tem", tokens, m.up.kernel[...])
         y = jnp.einsum("tem,emd,te->td", h, m.down.kernel[...], combine)

@@ -53,20 +53,21 @@ TINY = [
 ]
 
 
-def tiny_config(*overrides: str):
+def tiny_config(*overrides: str, base: str = "bench-small.yml"):
+    """The tiny dimensions on top of `base` (a shipped config file: its family's blocks)."""
     vocab = hf_tokenizer().get_vocab_size()
-    return load_config("bench-small.yml", [*TINY, f"vocab_size={vocab}", *overrides])
+    return load_config(base, [*TINY, f"vocab_size={vocab}", *overrides])
 
 
 @functools.cache
-def _tiny_model(overrides: tuple[str, ...]):
-    cfg = tiny_config(*overrides)
+def _tiny_model(overrides: tuple[str, ...], base: str):
+    cfg = tiny_config(*overrides, base=base)
     return cfg, build_model(cfg, rngs=nnx.Rngs(0))
 
 
-def tiny_model(*overrides: str):
-    """(cfg, model) for the tiny config; built once per set of overrides."""
-    return _tiny_model(tuple(overrides))
+def tiny_model(*overrides: str, base: str = "bench-small.yml"):
+    """(cfg, model) for the tiny config; built once per base and set of overrides."""
+    return _tiny_model(tuple(overrides), base)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""Greedy parity with Hugging Face `transformers` generate on a tiny random Llama.
+"""Greedy parity with Hugging Face `transformers` generate on a tiny random Llama and Mixtral (MoE).
 
-The weights reach llm-core two ways: mapped by hand here (HF Linear [out, in] -> our [in, ...]), which
-needs no llm-convert, and through `llm_convert.load_hf` from a saved HF folder (the CLI's path).
+The Llama weights reach llm-core two ways: mapped by hand here (HF Linear [out, in] -> our kernel
+[in, ...]), which needs no llm-convert, and through `llm_convert.load_hf` from a saved HF folder (the
+CLI's path). The Mixtral weights take the llm-convert path.
 """
 
 from __future__ import annotations
@@ -54,22 +55,25 @@ def to_native(hf) -> tuple:
     )  # fmt: skip
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     layer = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(L)])  # noqa: E731
+    kernel = lambda name, *shape: {  # noqa: E731  HF Linear [out, in] -> our kernel [in, ...]
+        "kernel": layer(f"{name}.weight").transpose(0, 2, 1).reshape(L, *shape)
+    }
     pure = {
         "embedder": {"embedding": sd["model.embed_tokens.weight"]},
         "final_norm": {"scale": sd["model.norm.weight"]},
-        "lm_head": sd["lm_head.weight"].T,
+        "lm_head": {"kernel": sd["lm_head.weight"].T},
         "groups": {
             "layer_0": {
                 "attn": {
-                    "q": layer("self_attn.q_proj.weight").transpose(0, 2, 1).reshape(L, E, H, D),
-                    "k": layer("self_attn.k_proj.weight").transpose(0, 2, 1).reshape(L, E, K, D),
-                    "v": layer("self_attn.v_proj.weight").transpose(0, 2, 1).reshape(L, E, K, D),
-                    "o": layer("self_attn.o_proj.weight").transpose(0, 2, 1).reshape(L, H, D, E),
+                    "q": kernel("self_attn.q_proj", E, H, D),
+                    "k": kernel("self_attn.k_proj", E, K, D),
+                    "v": kernel("self_attn.v_proj", E, K, D),
+                    "o": kernel("self_attn.o_proj", H, D, E),
                 },
                 "mlp": {
-                    "gate": layer("mlp.gate_proj.weight").transpose(0, 2, 1),
-                    "up": layer("mlp.up_proj.weight").transpose(0, 2, 1),
-                    "down": layer("mlp.down_proj.weight").transpose(0, 2, 1),
+                    "gate": kernel("mlp.gate_proj", E, M),
+                    "up": kernel("mlp.up_proj", E, M),
+                    "down": kernel("mlp.down_proj", M, E),
                 },
                 "pre_attn_norm": {"scale": layer("input_layernorm.weight")},
                 "pre_mlp_norm": {"scale": layer("post_attention_layernorm.weight")},
@@ -105,6 +109,22 @@ def via_llm_convert(hf, folder):
     return model.cfg, model
 
 
+def engine_greedy(cfg, model, kind: str) -> list[list[int]]:
+    """NEW_TOKENS greedy tokens for every prompt, all decoded together in one batch."""
+    engine, params = Engine.from_model(cfg, model, kv_cache_kind=kind)
+    state = engine.init_decode_state()
+    got = []
+    for slot, prompt in enumerate(PROMPTS):
+        prefix = engine.prefill(params, prompt, SamplingParams(temperature=0.0))
+        state = engine.insert(prefix, state, slot)
+        got.append([int(prefix.first.tokens[0])])
+    for _ in range(NEW_TOKENS - 1):
+        state, out = engine.generate(params, state)
+        for slot, tokens in enumerate(got):
+            tokens.append(int(out.tokens[slot]))
+    return got
+
+
 @pytest.mark.parametrize(
     "kind,loader",
     [("contiguous", "by-hand"), ("paged", "by-hand"), ("contiguous", "llm-convert")],
@@ -112,16 +132,38 @@ def via_llm_convert(hf, folder):
 def test_greedy_matches_transformers_generate(kind, loader, tmp_path):
     hf = hf_model()
     cfg, model = to_native(hf) if loader == "by-hand" else via_llm_convert(hf, tmp_path / "hf")
-    engine, params = Engine.from_model(cfg, model, kv_cache_kind=kind)
-    state = engine.init_decode_state()
-    got = {}
-    for slot, prompt in enumerate(PROMPTS):  # all decoded together in one batch
-        prefix = engine.prefill(params, prompt, SamplingParams(temperature=0.0))
-        state = engine.insert(prefix, state, slot)
-        got[slot] = [int(prefix.first.tokens[0])]
-    for _ in range(NEW_TOKENS - 1):
-        state, out = engine.generate(params, state)
-        for slot in got:
-            got[slot].append(int(out.tokens[slot]))
+    got = engine_greedy(cfg, model, kind)
+    for slot, prompt in enumerate(PROMPTS):
+        assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"
+
+
+def hf_mixtral():
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=32,  # one expert's hidden width
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=K,
+        head_dim=D,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_moe_greedy_matches_transformers_generate(kind, tmp_path):
+    hf = hf_mixtral()
+    cfg, model = via_llm_convert(hf, tmp_path / "hf")
+    assert cfg.ffn_kind == "moe" and cfg.num_experts == 4
+    got = engine_greedy(cfg, model, kind)
     for slot, prompt in enumerate(PROMPTS):
         assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"

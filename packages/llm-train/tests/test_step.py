@@ -117,3 +117,57 @@ def test_remat_policies_give_the_same_step(tmp_path):
         out[policy] = (float(m["loss"]), float(m["grad_norm"]))
     for policy in ("full", "save_dots"):
         np.testing.assert_allclose(out[policy], out["none"], rtol=1e-5)
+
+
+MOE = {"ffn_kind": "moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_mlp_dim": 32}
+
+
+def test_moe_router_losses_enter_the_loss_with_their_weights(tmp_path):
+    """The step's gradient includes weight x load-balancing loss + weight x z-loss, and the router
+    statistics are returned as metrics."""
+    bt = batch(tiny_config(tmp_path))
+    plain = make_steps(tiny_config(tmp_path, warmup_steps=0, **MOE))
+    weighted = make_steps(
+        tiny_config(tmp_path, warmup_steps=0, moe_aux_loss_weight=0.5, moe_z_loss_weight=0.1, **MOE)
+    )
+    state = plain.init()
+    _, m0 = plain.train_step(jax.tree.map(jnp.copy, state), bt)  # steps donate their state
+    _, m1 = weighted.train_step(jax.tree.map(jnp.copy, state), bt)
+    for key in ("moe_lb_loss", "moe_z_loss", "moe_max_load", "moe_dropped_fraction"):
+        assert key in m0 and np.isfinite(float(m0[key])), key
+    assert float(m0["moe_max_load"]) >= 1.0 and float(m0["moe_dropped_fraction"]) == 0.0
+    # the nll is the same, the gradient is not: the router losses moved it
+    np.testing.assert_allclose(float(m0["loss"]), float(m1["loss"]), rtol=1e-6)
+    assert abs(float(m0["grad_norm"]) - float(m1["grad_norm"])) > 1e-6
+
+    # and the gradient is exactly that of nll + weights x router losses (per token)
+    params = state["params"]
+
+    def objective(params):
+        from flax import nnx
+
+        model = nnx.merge(weighted.graphdef, params, state["rest"])
+        logits, _, aux = model.forward(bt["inputs"], bt["positions"], bt["segment_ids"])
+        nll, _, count = token_loss(logits, bt["targets"], bt["weights"])
+        return nll / count + 0.5 * aux["moe_lb_loss"] + 0.1 * aux["moe_z_loss"]
+
+    want = float(optax_norm(jax.grad(objective)(params)))
+    np.testing.assert_allclose(float(m1["grad_norm"]), want, rtol=1e-4)
+
+
+def optax_norm(tree):
+    import optax
+
+    return optax.tree.norm(tree)
+
+
+def test_moe_grad_accumulation_matches_big_batch(tmp_path):
+    opt = {"warmup_steps": 0, "optimizer": "sgd", "adam_b1": 0.0, "lr_schedule": "constant"}
+    cfg1 = tiny_config(tmp_path, moe_aux_loss_weight=0.01, **opt, **MOE)
+    cfg2 = tiny_config(tmp_path, grad_accum_steps=2, moe_aux_loss_weight=0.01, **opt, **MOE)
+    bt = batch(cfg1, seed=3)
+    s1, s2 = make_steps(cfg1), make_steps(cfg2)
+    _, m1 = s1.train_step(s1.init(), bt)
+    _, m2 = s2.train_step(s2.init(), bt)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    assert "moe_lb_loss" in m2

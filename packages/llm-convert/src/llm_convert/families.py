@@ -1,8 +1,12 @@
 """One declarative mapping table per family: Hugging Face tensor name -> native parameter path.
 
 Layer entries use `{i}` for the layer index. Native paths are relative to a decoder layer; the generic
-loader places layer i into the stacked `groups` (index i // group, slot i % group) or into `tail`.
-GPT-2's fused qkv (`c_attn`) is split by `Split` entries.
+loader places layer i where `llm_core.layer_placement` puts it (a stacked segment at some index, or an
+unstacked one). An entry with `ffn` set applies only to layers of that feed-forward kind (`dense` or
+`moe`). Per-expert entries use `{j}` for the expert index: the loader writes tensor j at index j of the
+native expert axis. Fused tensors (GPT-2's qkv `c_attn`, transformers' `gate_up_proj`) are split by
+`split` entries. A family can accept several tensor layouts (`layouts`); an entry with `layout` set
+belongs to that one only. The loader uses the layout the checkpoint has; export writes `layouts[0]`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from llm_convert.errors import ConversionError
 from llm_convert.transforms import (
     CONV1D,
     CONV1D_OUT_HEADS,
+    EXPERTS_LINEAR,
     FLAT,
     IDENTITY,
     LINEAR_IN,
@@ -20,15 +25,24 @@ from llm_convert.transforms import (
     Transform,
 )
 
+STANDARD = "standard"
+PER_EXPERT = "per_expert"  # one tensor per expert (Hub checkpoints; transformers' save_pretrained)
+FUSED = "fused"  # transformers' in-memory layout: experts stacked, gate and up fused
+
 
 @dataclass(frozen=True)
 class Entry:
     hf: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
-    native: tuple[str, ...]  # e.g. ("attn", "q") inside a layer, or a global path
+    native: tuple[str, ...]  # e.g. ("attn", "q", "kernel") inside a layer, or a global path
     transform: Transform = IDENTITY
-    split: tuple[int, int] | None = (
-        None  # (part, parts): slice `part` of `parts` along the last HF axis
-    )
+    split: tuple[int, int] | None = None  # (part, parts): slice `part` of `parts` along split_axis
+    split_axis: int = -1  # of the HF tensor
+    ffn: str | None = None  # only layers of this feed-forward kind ("dense" or "moe")
+    layout: str | None = None  # only this tensor layout of the family
+
+    @property
+    def per_expert(self) -> bool:
+        return "{j}" in self.hf
 
 
 @dataclass(frozen=True)
@@ -39,25 +53,65 @@ class Family:
     globals: tuple[Entry, ...]
     layer: tuple[Entry, ...]
     ignore_suffixes: tuple[str, ...] = ()
+    layouts: tuple[str, ...] = (STANDARD,)
 
 
-def _llama_like(name, model_types, arch, qk_norm=False, gemma_norms=False, bias=False) -> Family:
+def _per_expert(p: str, router: str, gate: str, up: str, down: str) -> list[Entry]:
+    """Hub layout: a router [experts, embed] and one [out, in] Linear weight per expert."""
+    e = p + "experts.{j}."
+    return [
+        Entry(p + router, ("mlp", "router", "kernel"), LINEAR_IN, ffn="moe", layout=PER_EXPERT),
+        Entry(e + gate, ("mlp", "gate", "kernel"), LINEAR_IN, ffn="moe", layout=PER_EXPERT),
+        Entry(e + up, ("mlp", "up", "kernel"), LINEAR_IN, ffn="moe", layout=PER_EXPERT),
+        Entry(e + down, ("mlp", "down", "kernel"), LINEAR_IN, ffn="moe", layout=PER_EXPERT),
+    ]
+
+
+def _fused(p: str) -> list[Entry]:
+    """transformers 5 layout: gate_up_proj [experts, 2 * moe_mlp, embed] (gate rows first) and
+    down_proj [experts, embed, moe_mlp]."""
+    kw = dict(ffn="moe", layout=FUSED)
+    gate_up = p + "mlp.experts.gate_up_proj"
+    return [
+        Entry(p + "mlp.gate.weight", ("mlp", "router", "kernel"), LINEAR_IN, **kw),
+        Entry(
+            gate_up, ("mlp", "gate", "kernel"), EXPERTS_LINEAR, split=(0, 2), split_axis=-2, **kw
+        ),
+        Entry(gate_up, ("mlp", "up", "kernel"), EXPERTS_LINEAR, split=(1, 2), split_axis=-2, **kw),
+        Entry(p + "mlp.experts.down_proj", ("mlp", "down", "kernel"), EXPERTS_LINEAR, **kw),
+    ]
+
+
+def _llama_like(
+    name, model_types, arch, qk_norm=False, gemma_norms=False, bias=False, experts=None
+) -> Family:
+    """experts: None (dense only), or "mixtral" / "qwen3_moe" for that family's MoE tensor names."""
     p = "model.layers.{i}."
     layer = [
-        Entry(p + "self_attn.q_proj.weight", ("attn", "q"), LINEAR_IN),
-        Entry(p + "self_attn.k_proj.weight", ("attn", "k"), LINEAR_IN),
-        Entry(p + "self_attn.v_proj.weight", ("attn", "v"), LINEAR_IN),
-        Entry(p + "self_attn.o_proj.weight", ("attn", "o"), LINEAR_OUT_HEADS),
-        Entry(p + "mlp.gate_proj.weight", ("mlp", "gate"), LINEAR_IN),
-        Entry(p + "mlp.up_proj.weight", ("mlp", "up"), LINEAR_IN),
-        Entry(p + "mlp.down_proj.weight", ("mlp", "down"), LINEAR_IN),
+        Entry(p + "self_attn.q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN),
+        Entry(p + "self_attn.k_proj.weight", ("attn", "k", "kernel"), LINEAR_IN),
+        Entry(p + "self_attn.v_proj.weight", ("attn", "v", "kernel"), LINEAR_IN),
+        Entry(p + "self_attn.o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+        Entry(p + "mlp.gate_proj.weight", ("mlp", "gate", "kernel"), LINEAR_IN, ffn="dense"),
+        Entry(p + "mlp.up_proj.weight", ("mlp", "up", "kernel"), LINEAR_IN, ffn="dense"),
+        Entry(p + "mlp.down_proj.weight", ("mlp", "down", "kernel"), LINEAR_IN, ffn="dense"),
         Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
     ]
+    if experts == "mixtral":
+        layer += _per_expert(
+            p + "block_sparse_moe.", "gate.weight", "w1.weight", "w3.weight", "w2.weight"
+        )
+    elif experts == "qwen3_moe":
+        layer += _per_expert(
+            p + "mlp.", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+        )
+    if experts:
+        layer += _fused(p)
     if bias:
         layer += [
-            Entry(p + "self_attn.q_proj.bias", ("attn", "q_bias")),
-            Entry(p + "self_attn.k_proj.bias", ("attn", "k_bias")),
-            Entry(p + "self_attn.v_proj.bias", ("attn", "v_bias")),
+            Entry(p + "self_attn.q_proj.bias", ("attn", "q", "bias")),
+            Entry(p + "self_attn.k_proj.bias", ("attn", "k", "bias")),
+            Entry(p + "self_attn.v_proj.bias", ("attn", "v", "bias")),
         ]
     if gemma_norms:  # Gemma 2/3: norms after attention and MLP too
         layer += [
@@ -75,10 +129,16 @@ def _llama_like(name, model_types, arch, qk_norm=False, gemma_norms=False, bias=
     globals_ = (
         Entry("model.embed_tokens.weight", ("embedder", "embedding")),
         Entry("model.norm.weight", ("final_norm", "scale")),
-        Entry("lm_head.weight", ("lm_head",), LINEAR_IN),  # absent when embeddings are tied
+        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),  # absent when tied
     )
     return Family(
-        name, model_types, arch, globals_, tuple(layer), ignore_suffixes=("rotary_emb.inv_freq",)
+        name,
+        model_types,
+        arch,
+        globals_,
+        tuple(layer),
+        ignore_suffixes=("rotary_emb.inv_freq",),
+        layouts=(PER_EXPERT, FUSED) if experts else (STANDARD,),
     )
 
 
@@ -87,27 +147,27 @@ def _gpt2() -> Family:
     layer = (
         Entry(p + "ln_1.weight", ("pre_attn_norm", "scale")),
         Entry(p + "ln_1.bias", ("pre_attn_norm", "bias")),
-        Entry(p + "attn.c_attn.weight", ("attn", "q"), CONV1D, split=(0, 3)),
-        Entry(p + "attn.c_attn.weight", ("attn", "k"), CONV1D, split=(1, 3)),
-        Entry(p + "attn.c_attn.weight", ("attn", "v"), CONV1D, split=(2, 3)),
-        Entry(p + "attn.c_attn.bias", ("attn", "q_bias"), FLAT, split=(0, 3)),
-        Entry(p + "attn.c_attn.bias", ("attn", "k_bias"), FLAT, split=(1, 3)),
-        Entry(p + "attn.c_attn.bias", ("attn", "v_bias"), FLAT, split=(2, 3)),
-        Entry(p + "attn.c_proj.weight", ("attn", "o"), CONV1D_OUT_HEADS),
-        Entry(p + "attn.c_proj.bias", ("attn", "o_bias")),
+        Entry(p + "attn.c_attn.weight", ("attn", "q", "kernel"), CONV1D, split=(0, 3)),
+        Entry(p + "attn.c_attn.weight", ("attn", "k", "kernel"), CONV1D, split=(1, 3)),
+        Entry(p + "attn.c_attn.weight", ("attn", "v", "kernel"), CONV1D, split=(2, 3)),
+        Entry(p + "attn.c_attn.bias", ("attn", "q", "bias"), FLAT, split=(0, 3)),
+        Entry(p + "attn.c_attn.bias", ("attn", "k", "bias"), FLAT, split=(1, 3)),
+        Entry(p + "attn.c_attn.bias", ("attn", "v", "bias"), FLAT, split=(2, 3)),
+        Entry(p + "attn.c_proj.weight", ("attn", "o", "kernel"), CONV1D_OUT_HEADS),
+        Entry(p + "attn.c_proj.bias", ("attn", "o", "bias")),
         Entry(p + "ln_2.weight", ("pre_mlp_norm", "scale")),
         Entry(p + "ln_2.bias", ("pre_mlp_norm", "bias")),
-        Entry(p + "mlp.c_fc.weight", ("mlp", "up"), CONV1D),
-        Entry(p + "mlp.c_fc.bias", ("mlp", "up_bias")),
-        Entry(p + "mlp.c_proj.weight", ("mlp", "down"), CONV1D),
-        Entry(p + "mlp.c_proj.bias", ("mlp", "down_bias")),
+        Entry(p + "mlp.c_fc.weight", ("mlp", "up", "kernel"), CONV1D),
+        Entry(p + "mlp.c_fc.bias", ("mlp", "up", "bias")),
+        Entry(p + "mlp.c_proj.weight", ("mlp", "down", "kernel"), CONV1D),
+        Entry(p + "mlp.c_proj.bias", ("mlp", "down", "bias")),
     )
     globals_ = (
         Entry("transformer.wte.weight", ("embedder", "embedding")),
         Entry("transformer.wpe.weight", ("embedder", "positions")),
         Entry("transformer.ln_f.weight", ("final_norm", "scale")),
         Entry("transformer.ln_f.bias", ("final_norm", "bias")),
-        Entry("lm_head.weight", ("lm_head",), LINEAR_IN),
+        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
     )
     return Family(
         "gpt3",
@@ -122,7 +182,11 @@ def _gpt2() -> Family:
 FAMILIES: dict[str, Family] = {
     "llama": _llama_like("llama", ("llama",), "LlamaForCausalLM"),
     "mistral": _llama_like("mistral", ("mistral",), "MistralForCausalLM"),
+    "mixtral": _llama_like("mixtral", ("mixtral",), "MixtralForCausalLM", experts="mixtral"),
     "qwen3": _llama_like("qwen3", ("qwen3",), "Qwen3ForCausalLM", qk_norm=True),
+    "qwen3_moe": _llama_like(
+        "qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", qk_norm=True, experts="qwen3_moe"
+    ),
     "gemma": _llama_like("gemma", ("gemma",), "GemmaForCausalLM"),
     "gemma2": _llama_like("gemma2", ("gemma2",), "Gemma2ForCausalLM", gemma_norms=True),
     "gemma3": _llama_like(

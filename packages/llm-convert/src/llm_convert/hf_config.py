@@ -8,6 +8,7 @@ from typing import Any
 
 from llm_convert.errors import ConversionError
 from llm_convert.families import FAMILIES, Family, family_for_model_type
+from llm_convert.moe_config import MOE_FAMILIES, moe_from_hf, moe_to_hf
 from llm_core import Config, load_config
 
 ACTIVATIONS = {
@@ -127,16 +128,18 @@ def config_from_hf(
             values.update(_rope(rope))
         if hf.get("partial_rotary_factor"):
             values["partial_rotary_factor"] = float(hf["partial_rotary_factor"])
-        if family.name == "mistral" and hf.get("sliding_window"):
+        if family.name in ("mistral", "mixtral") and hf.get("sliding_window"):
             values["sliding_window"] = int(hf["sliding_window"])
         if family.name in ("gemma", "gemma2", "gemma3"):
             values.update(norm_plus_one=True, scale_embeddings=True)
-        if family.name == "qwen3":
+        if family.name in ("qwen3", "qwen3_moe"):
             values["qk_norm"] = True
             if hf.get("use_sliding_window") and hf.get("sliding_window"):
                 raise ConversionError(
                     f"{source}: Qwen3 with use_sliding_window=true is not supported yet."
                 )
+        if family.name in MOE_FAMILIES:
+            values.update(moe_from_hf(hf, family.name, source))
         if family.name in ("gemma2", "gemma3"):
             layer_types = hf.get("layer_types")
             if layer_types:
@@ -174,6 +177,7 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[
         cfg.mlp_activation
     ]
+    moe = moe_to_hf(cfg, family.name)  # {} for dense families (and refuses MoE configs there)
     if family.name == "gpt3":
         return {
             "architectures": [family.architecture],
@@ -226,7 +230,8 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
         "dtype": torch_dtype,
     }
     out["hidden_activation" if family.name in ("gemma2", "gemma3") else "hidden_act"] = act
-    if family.name == "mistral":
+    out.update(moe)
+    if family.name in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window
     if family.name in ("gemma2", "gemma3"):
         kinds = cfg.layer_attention_kinds

@@ -1,7 +1,8 @@
 """Stream a Hugging Face checkpoint into native parameters, one tensor at a time.
 
 Safetensors files are memory-mapped; each tensor is read, transformed and copied into its place in a
-preallocated native array, so peak memory is the native parameters plus one tensor.
+preallocated native array (per-expert tensors into their index of the stacked expert axis), so peak
+memory is the native parameters plus one tensor.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 
 from llm_convert.errors import ConversionError
 from llm_convert.families import Family
-from llm_convert.layout import get_path, has_path, layer_location
-from llm_convert.transforms import LINEAR_IN, LINEAR_OUT_HEADS
+from llm_convert.layout import detect_layout, get_path, has_path, stacked_segments
+from llm_convert.transforms import EXPERTS_LINEAR, LINEAR_IN, LINEAR_OUT_HEADS
 from llm_core import Config
 from llm_core.io import abstract_model
 
@@ -57,34 +58,16 @@ def _open(file: Path):
         ) from None
 
 
-def expected_tensors(
-    cfg: Config, family: Family
-) -> list[tuple[str, object, tuple[str, ...], int | None]]:
-    """(hf name, entry, native path, stacked index) for every tensor the model needs."""
-    out = []
-    for entry in family.globals:
-        if entry.native == ("lm_head",) and cfg.tie_embeddings:
-            continue
-        if entry.native == ("embedder", "positions") and cfg.position_embedding != "learned":
-            continue
-        out.append((entry.hf, entry, entry.native, None))
-    for i in range(cfg.num_layers):
-        prefix, index = layer_location(cfg, i)
-        for entry in family.layer:
-            out.append((entry.hf.format(i=i), entry, prefix + entry.native, index))
-    return out
-
-
 def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "float32") -> dict:
     """Read every tensor of the HF checkpoint in `folder` into a native nested dict of numpy arrays."""
     np_dtype = NP_DTYPES[dtype]
     _, state = nnx.split(abstract_model(cfg))
     shapes = nnx.to_pure_dict(state)
     params = jax.tree.map(lambda a: np.empty(a.shape, np_dtype), shapes)
-    seen: set[tuple[tuple[str, ...], int | None]] = set()
+    seen: dict[tuple[str, ...], set[tuple[int | None, int | None]]] = {}
     index = tensor_index(folder)
-    expected = expected_tensors(cfg, family)
-    needed = {name for name, *_ in expected}
+    _, expected = detect_layout(cfg, family, set(index))
+    needed = {item.name for item in expected}
     missing = sorted(needed - set(index))
     if missing:
         raise ConversionError(
@@ -103,9 +86,9 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
         )
 
     # File by file, closing each when done: memory-mapped pages of finished files leave RSS.
-    expected.sort(key=lambda item: str(index[item[0]]))
+    expected.sort(key=lambda item: str(index[item.name]))
     handle, current = None, None
-    for name, entry, path, stacked in expected:
+    for name, entry, path, stacked, expert in expected:
         file = index[name]
         if file != current:
             handle, current = _open(file), file
@@ -117,32 +100,49 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
         tensor = handle.get_tensor(name)
         if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
             tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
-        if entry.split is not None:
-            part, parts = entry.split
-            size = tensor.shape[-1] // parts
-            tensor = tensor[..., part * size : (part + 1) * size]
         if not has_path(params, path):
             raise ConversionError(f"{file}: tensor '{name}' has no native place {'.'.join(path)}.")
-        target = get_path(params, path)
-        shape = target.shape[1:] if stacked is not None else target.shape
+        slot = get_path(params, path)
         if tensor.dtype == np.uint16:
-            target = target.view(np.uint16)
-        slot = target[stacked] if stacked is not None else target
-        if not _place(slot, tensor, entry.transform, shape):
+            slot = slot.view(np.uint16)
+        for i in (stacked, expert):
+            if i is not None:
+                slot = slot[i]  # a contiguous view of one layer / one expert
+        part = _split(tensor, entry) if entry.split is not None else tensor
+        if part is None or not _place(slot, part, entry.transform, slot.shape):
             raise ConversionError(
                 f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, which does not fit the native "
-                f"shape {tuple(shape)} implied by config.json."
+                f"shape {tuple(slot.shape)} implied by config.json."
             )
-        del tensor
-        seen.add((path, stacked))
-    not_filled = [
-        ".".join(p)
-        for p, leaf in _flat(params)
-        if not all((p, i) in seen for i in (range(leaf.shape[0]) if p[0] == "groups" else [None]))
-    ]
+        del tensor, part
+        seen.setdefault(path, set()).add((stacked, expert))
+    _check_all_filled(folder, params, seen, cfg)
+    return params
+
+
+def _split(tensor: np.ndarray, entry) -> np.ndarray | None:
+    """Part `part` of `parts` equal slices along `entry.split_axis`; None if it does not divide."""
+    part, parts = entry.split
+    axis = entry.split_axis % tensor.ndim
+    size, rest = divmod(tensor.shape[axis], parts)
+    if rest:
+        return None
+    return tensor[(slice(None),) * axis + (slice(part * size, (part + 1) * size),)]
+
+
+def _check_all_filled(folder: Path, params: dict, seen: dict, cfg: Config) -> None:
+    """Every native parameter, at every stacked layer and every expert index, got a tensor."""
+    stacked_names = stacked_segments(cfg)
+    not_filled = []
+    for path, leaf in _flat(params):
+        got = seen.get(path, set())
+        layers = range(leaf.shape[0]) if path[0] in stacked_names else [None]
+        per_expert = any(e is not None for _, e in got)
+        experts = range(cfg.num_experts) if per_expert else [None]
+        if not got or any((i, j) not in got for i in layers for j in experts):
+            not_filled.append(".".join(path))
     if not_filled:
         raise ConversionError(f"{folder}: native parameters {not_filled[:5]} received no tensor.")
-    return params
 
 
 def _place(slot: np.ndarray, tensor: np.ndarray, transform, shape) -> bool:
@@ -150,6 +150,10 @@ def _place(slot: np.ndarray, tensor: np.ndarray, transform, shape) -> bool:
 
     2-D transposes are copied in blocks of rows: a plain strided transpose of a large matrix thrashes
     the cache and runs ~9x slower."""
+    if tensor.ndim == 3 and transform is EXPERTS_LINEAR:  # expert by expert, each a 2-D transpose
+        if len(shape) != 3 or tensor.shape[0] != shape[0]:
+            return False
+        return all(_place(slot[e], tensor[e], LINEAR_IN, shape[1:]) for e in range(shape[0]))
     if tensor.ndim == 2 and transform in (LINEAR_IN, LINEAR_OUT_HEADS):
         rows, cols = tensor.shape  # native 2-D view: [cols, rows]
         fits = (shape[0] == cols) if transform is LINEAR_IN else (shape[-1] == rows)

@@ -1,17 +1,63 @@
-"""Where layer i lives in the native parameter tree: stacked `groups` or unstacked `tail`."""
+"""Where every Hugging Face tensor of a family lives in the native parameter tree.
+
+Layer placement comes from `llm_core.layer_placement` (never re-derived here): layer i sits in a
+segment (`groups`, `tail`, `dense_groups`, `dense_tail`) at slot `layer_{k}`, at an index along the
+stacked axis when the segment is stacked.
+"""
 
 from __future__ import annotations
 
-from llm_core import Config
+from typing import NamedTuple
+
+from llm_convert.families import Entry, Family
+from llm_core import Config, layer_placement
 
 
-def layer_location(cfg: Config, i: int) -> tuple[tuple[str, ...], int | None]:
-    """(path prefix, index along the stacked axis or None) for decoder layer i."""
-    group = len(cfg.attention_pattern) if cfg.attention_pattern else 1
-    num_groups = cfg.num_layers // group
-    if i < num_groups * group:
-        return ("groups", f"layer_{i % group}"), i // group
-    return ("tail", f"layer_{i - num_groups * group}"), None
+class Item(NamedTuple):
+    name: str  # HF tensor name
+    entry: Entry
+    path: tuple[str, ...]  # native parameter path
+    stacked: int | None  # index along the stacked layers axis, or None
+    expert: int | None  # index along the expert axis (per-expert HF tensors), or None
+
+
+def layer_location(cfg: Config, i: int) -> tuple[tuple[str, ...], int | None, str]:
+    """(path prefix, index along the stacked axis or None, feed-forward kind) of decoder layer i."""
+    placement = layer_placement(cfg)
+    name, slot, group = placement.locate(i)
+    segment = next(s for s in placement.segments if s.name == name)
+    return (name, f"layer_{slot}"), group, segment.kinds[slot].ffn
+
+
+def stacked_segments(cfg: Config) -> set[str]:
+    return {s.name for s in layer_placement(cfg).segments if s.stacked}
+
+
+def expected_tensors(cfg: Config, family: Family, layout: str) -> list[Item]:
+    """Every tensor the model needs in the given tensor layout of the family."""
+    out = []
+    for entry in family.globals:
+        if entry.native == ("lm_head", "kernel") and cfg.tie_embeddings:
+            continue
+        if entry.native == ("embedder", "positions") and cfg.position_embedding != "learned":
+            continue
+        out.append(Item(entry.hf, entry, entry.native, None, None))
+    for i in range(cfg.num_layers):
+        prefix, index, ffn = layer_location(cfg, i)
+        for entry in family.layer:
+            if entry.layout not in (None, layout) or entry.ffn not in (None, ffn):
+                continue
+            experts = range(cfg.num_experts) if entry.per_expert else [None]
+            for j in experts:
+                name = entry.hf.format(i=i, j=j)
+                out.append(Item(name, entry, prefix + entry.native, index, j))
+    return out
+
+
+def detect_layout(cfg: Config, family: Family, names: set[str]) -> tuple[str, list[Item]]:
+    """The family's layout that the tensor names match best (fewest missing; first on a tie)."""
+    options = [(layout, expected_tensors(cfg, family, layout)) for layout in family.layouts]
+    return min(options, key=lambda option: sum(item.name not in names for item in option[1]))
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

@@ -10,18 +10,19 @@ from safetensors.numpy import save_file
 
 from llm_convert.families import FAMILIES
 from llm_convert.hf_config import config_to_hf
-from llm_convert.hf_to_native import expected_tensors
-from llm_convert.layout import get_path
+from llm_convert.layout import expected_tensors, get_path
 from llm_core import Config
 
 
 def hf_tensors(params: dict, cfg: Config):
-    """Yield (hf name, numpy array) one tensor at a time; fused tensors are re-joined."""
+    """Yield (hf name, numpy array) one tensor at a time in the family's first (export) layout;
+    fused tensors are re-joined, per-expert tensors sliced out of the expert axis."""
     family = FAMILIES[cfg.model_family]
     pending: dict[str, list] = {}
-    for name, entry, path, stacked in expected_tensors(cfg, family):
+    for name, entry, path, stacked, expert in expected_tensors(cfg, family, family.layouts[0]):
         value = np.asarray(get_path(params, path))
-        value = value[stacked] if stacked is not None else value
+        for i in (stacked, expert):
+            value = value[i] if i is not None else value
         value = entry.transform.to_hf(value)
         if entry.split is None:
             yield name, np.ascontiguousarray(value)
@@ -29,13 +30,15 @@ def hf_tensors(params: dict, cfg: Config):
         part, parts = entry.split
         pending.setdefault(name, [None] * parts)[part] = value
         if all(p is not None for p in pending[name]):
-            yield name, np.ascontiguousarray(np.concatenate(pending.pop(name), axis=-1))
+            joined = np.concatenate(pending.pop(name), axis=entry.split_axis)
+            yield name, np.ascontiguousarray(joined)
 
 
 def write_hf_folder(
     params: dict, cfg: Config, dst: Path, dtype: str, max_shard_bytes: int
 ) -> list[str]:
     """Shards of at most `max_shard_bytes`; an index file when there is more than one."""
+    hf_config = config_to_hf(cfg, dtype)  # first: it refuses configs the HF family cannot express
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
     for name, tensor in hf_tensors(params, cfg):
@@ -57,5 +60,5 @@ def write_hf_folder(
         (dst / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2)
         )
-    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
     return names

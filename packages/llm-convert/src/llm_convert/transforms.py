@@ -38,3 +38,9 @@ CONV1D_OUT_HEADS = Transform(
     "conv1d_out_heads", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1, x.shape[-1])
 )
 FLAT = Transform("flat", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+# Stacked expert Linear weights [experts, out, in] -> [experts, in, out] (transformers' fused experts).
+EXPERTS_LINEAR = Transform(
+    "experts_linear",
+    lambda x, shape: x.transpose(0, 2, 1).reshape(shape),
+    lambda x: x.transpose(0, 2, 1),
+)

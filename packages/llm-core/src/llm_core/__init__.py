@@ -11,7 +11,7 @@ from llm_core.io import CheckpointError, load, save
 from llm_core.layers.kv_cache import ContiguousKV, PagedKV, map_layer_caches
 from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
-from llm_core.models.counting import count_params
+from llm_core.models.counting import count_params, matmul_params
 from llm_core.sharding import create_mesh, logical_sharding, logical_to_mesh_spec, state_shardings
 
 __version__ = "0.1.0"
@@ -28,14 +28,15 @@ __all__ = [
     "__version__",
     "build_model",
     "count_params",
-    "iter_linears",
     "create_mesh",
-    "load",
+    "iter_linears",
     "layer_placement",
+    "load",
     "load_config",
     "logical_sharding",
     "logical_to_mesh_spec",
     "map_layer_caches",
+    "matmul_params",
     "resolve_mesh_shape",
     "save",
     "shipped_model_names",

@@ -8,6 +8,8 @@ import sys
 import yaml
 
 from llm_core.config import ConfigError, load_config, shipped_model_names
+from llm_core.models import layer_placement
+from llm_core.models.counting import count_params
 
 EXAMPLES = """examples:
   llm-core config show llama3-8b                      # a shipped model on the base defaults
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kind(kind) -> str:
+    return f"{kind.attention}{'-local' if kind.local else ''}/{kind.ffn}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "models":
@@ -58,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         "resolved_head_dim": cfg.resolved_head_dim,
         "resolved_num_kv_heads": cfg.resolved_num_kv_heads,
         "layer_attention_kinds": list(cfg.layer_attention_kinds),
+        "layer_segments": [
+            f"{seg.name}: {seg.repeats} x [{', '.join(_kind(k) for k in seg.kinds)}]"
+            for seg in layer_placement(cfg).segments
+        ],
+        "parameters": count_params(cfg),
     }
+    if cfg.ffn_kind == "moe":
+        derived["active_parameters"] = count_params(cfg, active=True)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print("# derived")
     print(yaml.safe_dump(derived, sort_keys=False, default_flow_style=None), end="")

@@ -64,13 +64,31 @@ def logical_sharding(mesh: Mesh, cfg: Config, logical_axes: Sequence[str | None]
     return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, cfg.logical_axis_rules, mesh))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, cfg: Config):
-    """NamedSharding for every leaf of an nnx.State, from the params' logical axis names."""
+def _fits(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dims they do not divide (tiny test models), keep the rest."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
+        axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+        keep, size = [], 1
+        for a in axes:
+            if dim % (size * mesh.shape[a]) == 0:
+                keep.append(a)
+                size *= mesh.shape[a]
+        out.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+    return PartitionSpec(*out)
+
+
+def state_shardings(state, mesh: Mesh, cfg: Config):
+    """NamedSharding for every leaf of a pytree holding nnx Variables (a model's state, or a train
+    state with optimizer moments) and plain arrays. Variables carry logical axis names mapped by
+    `cfg.logical_axis_rules`; mesh axes that do not divide a dimension are dropped for it; plain
+    leaves (step counters, RNG keys) are replicated. The one sharding helper for every package."""
     specs = nnx.get_partition_spec(state)
-    return jax.tree.map(
-        lambda spec: NamedSharding(
-            mesh, logical_to_mesh_spec(tuple(spec), cfg.logical_axis_rules, mesh)
-        ),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+
+    def one(spec, leaf):
+        if not isinstance(spec, PartitionSpec) or not hasattr(leaf, "shape"):
+            return NamedSharding(mesh, PartitionSpec())
+        mesh_spec = logical_to_mesh_spec(tuple(spec), cfg.logical_axis_rules, mesh)
+        return NamedSharding(mesh, _fits(leaf.shape, mesh_spec, mesh))
+
+    return jax.tree.map(one, specs, state, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -2,39 +2,47 @@
 
 The protocol (as in JetStream) keeps the engine free of any scheduling policy:
 
-    engine = Engine(cfg, graphdef)            # or Engine.from_model(cfg, model) -> (engine, params)
+    engine, params = Engine.from_model(cfg, model)            # or Engine(cfg, graphdef, params)
     state = engine.init_decode_state()
     prefix = engine.prefill(params, prompt_ids, sampling)     # KV of the prompt + its first token
     state = engine.insert(prefix, state, slot)
     state, out = engine.generate(params, state)               # one token for every slot
     state = engine.release(state, slot)                       # slot (and its pages) free again
 
-Prompts are processed in chunks of at most `max_prefill_length` tokens (`start_prefill` +
-`prefill_chunk` let a scheduler interleave the chunks of a long prompt with decode steps). Chunk and
-prefix lengths are rounded up to power-of-two buckets, so a new prompt length reuses a compiled
-program: at most log2(max_prefill_length) x log2(kv_cache_max_length) prefill programs exist.
+Every step is the model's own `forward` on a cache from the model's `init_cache`, jitted over
+`nnx.split` state. `from_model` serves llm-core's decode view (`llm_core.unstack_layers`: the same
+parameters, one array per layer group) unless `decode_view=False`. The engine never looks inside a
+cache: it creates caches through the model and changes them with `llm_core.map_layer_caches` and the
+layer caches' serving methods (`resize`, `insert`, `write_prefix`, `with_table`).
 
-The KV cache of the decode slots is contiguous (`llm_core.KVCache`, one row per slot) or paged
-(`llm_serve.paged_cache`): see that module for the layout and its memory cost. Either way a decode
-step works on a cache *length* that follows the longest active request, in power-of-two buckets of at
-least DECODE_MIN_BUCKET (the contiguous cache is grown or cut between steps; the paged view gathers
-only the leading pages), so short requests do not pay for `kv_cache_max_length` positions per step.
+Prompts are processed in chunks of at most `max_prefill_length` tokens (`start_prefill` +
+`prefill_chunk` let a scheduler interleave the chunks of a long prompt with decode steps) into a
+contiguous batch-of-one cache. Chunk and prefix lengths are rounded up to power-of-two buckets, so a
+new prompt length reuses a compiled program: at most log2(max_prefill_length) x
+log2(kv_cache_max_length) prefill programs exist.
+
+The decode slots' cache is contiguous (one row per slot; `insert` copies the prefix into its row) or
+paged (a pool of pages shared by the slots, host bookkeeping in `kv_pages.PageAllocator`; `insert`
+writes the prefix into the slot's pages, and a decode step's attention reads the pages in place
+through `llm_kernels.paged_attention`). Either way a decode step works on a cache *length* that
+follows the longest active request, in power-of-two buckets of at least DECODE_MIN_BUCKET (the
+contiguous cache is grown or cut between steps; the paged step sees only the leading columns of the
+page table), so short requests do not pay for `kv_cache_max_length` positions per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from llm_core import ConfigError, KVCache
-from llm_serve import paged_cache
+from llm_core import ConfigError, map_layer_caches, unstack_layers
 from llm_serve.kv_pages import PageAllocator
-from llm_serve.layerwise import Layerwise
 from llm_serve.sampling import Sampled, SamplingParams, SlotSampling, sample
 
 MIN_BUCKET = 16
@@ -52,7 +60,8 @@ def next_bucket(n: int, limit: int, multiple: int = 1) -> int:
 
 @struct.dataclass
 class DecodeState:
-    cache: KVCache | paged_cache.PagedKV
+    cache: Any  # the model's cache for every slot (contiguous or paged)
+    table: jax.Array | None  # paged: [slots, pages_per_slot] int32 page table; contiguous: None
     tokens: jax.Array  # [slots] int32: the last token of each slot (fed to the next step)
     positions: jax.Array  # [slots] int32: the position of that token
     active: jax.Array  # [slots] bool
@@ -62,20 +71,23 @@ class DecodeState:
 
 @dataclass
 class PrefillJob:
-    """A prompt being prefilled chunk by chunk."""
+    """A prompt being prefilled chunk by chunk into a batch-of-one cache of `capacity` positions."""
 
     tokens: np.ndarray
     sampling: SlotSampling
-    cache: KVCache
+    cache: Any
+    capacity: int
     done: int = 0
     first: Sampled | None = None
 
 
 @dataclass
 class Prefix:
-    """The KV of a prompt (batch of one, `cache.max_len` >= length) and its first sampled token."""
+    """The KV of a prompt (a batch-of-one model cache of `capacity` >= length positions) and its
+    first sampled token."""
 
-    cache: KVCache
+    cache: Any
+    capacity: int
     length: int
     first: Sampled
     sampling: SlotSampling
@@ -87,16 +99,19 @@ class Engine:
         self,
         cfg,
         graphdef,
+        params,
         *,
         kv_cache_kind: str | None = None,
         slots: int | None = None,
         max_len: int | None = None,
         num_pages: int | None = None,
-        layerwise: Layerwise | None = None,
     ):
+        """`graphdef, params = nnx.split(model)`; only the shapes of `params` are kept (to build
+        caches through the model); the arrays are passed to every call."""
         self.cfg = cfg
         self.graphdef = graphdef
-        self.layerwise = layerwise
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+        self._cache_maker = nnx.merge(graphdef, shapes)  # init_cache only: holds no weights
         self.kind = kv_cache_kind or cfg.kv_cache_kind
         self.slots = slots or cfg.max_decode_slots
         self.max_len = max_len or cfg.kv_cache_max_length
@@ -123,22 +138,18 @@ class Engine:
         self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._resize_fn = jax.jit(_resize, static_argnums=(1,))  # new shape: nothing to donate
-        self._release_fn = jax.jit(self._release_impl, donate_argnums=(0,))
 
     @classmethod
-    def from_model(cls, cfg, model: nnx.Module, *, layerwise: bool = True, **kwargs):
-        """(engine, params). layerwise=True (default) runs the per-layer fast path
-        (`llm_serve.layerwise`) and returns its params; False runs `model.forward_with_cache`."""
-        if layerwise:
-            lw = Layerwise(model)
-            return cls(cfg, None, layerwise=lw, **kwargs), lw.params
-        graphdef, params = nnx.split(model)
-        return cls(cfg, graphdef, **kwargs), params
+    def from_model(cls, cfg, model: nnx.Module, *, decode_view: bool = True, **kwargs):
+        """(engine, params). decode_view=True (default) serves `llm_core.unstack_layers(model)`
+        (per-group weight arrays: copies, so drop `model` afterwards to free the stacked ones);
+        False serves the model as it is."""
+        graphdef, params = nnx.split(unstack_layers(model) if decode_view else model)
+        return cls(cfg, graphdef, params, **kwargs), params
 
-    def _forward(self, params, ids, positions, cache: KVCache):
-        if self.layerwise is not None:
-            return self.layerwise.forward_with_cache(params, ids, positions, cache)
-        return nnx.merge(self.graphdef, params).forward_with_cache(ids, positions, cache)
+    def _forward(self, params, ids, positions, cache):
+        logits, cache, _ = nnx.merge(self.graphdef, params).forward(ids, positions, None, cache)
+        return logits, cache
 
     @property
     def max_concurrent_decodes(self) -> int:
@@ -161,25 +172,33 @@ class Engine:
         per_slot = self.max_len // self.page_size
         return PageAllocator(self.num_pages, self.page_size, self.slots, per_slot)
 
+    def _with_host_table(self, state: DecodeState) -> DecodeState:
+        return state.replace(table=jnp.asarray(self.allocator.table))
+
     # ------------------------------------------------------------------ decode state
     def init_decode_state(self) -> DecodeState:
         """A fresh decode state: every slot free (and, paged, every page back in the pool)."""
-        cfg = self.cfg
         self.decode_len = self._decode_bucket(1)
+        table = None
         if self.kind == "paged":
             self.allocator = self._new_allocator()
-            cache = paged_cache.PagedKV.init(cfg, self.allocator, self.cache_dtype)
+            cache = self._cache_maker.init_cache(
+                self.slots, self.max_len, self.cache_dtype, kind="paged",
+                num_pages=self.num_pages, page_size=self.page_size,
+            )  # fmt: skip
+            table = jnp.asarray(self.allocator.table)
         else:
-            cache = KVCache.init(cfg, self.slots, self.decode_len, self.cache_dtype)
+            cache = self._cache_maker.init_cache(self.slots, self.decode_len, self.cache_dtype)
         self._host_pos[:] = 0
         self._host_active[:] = False
         return DecodeState(
             cache=cache,
+            table=table,
             tokens=jnp.zeros((self.slots,), jnp.int32),
             positions=jnp.zeros((self.slots,), jnp.int32),
             active=jnp.zeros((self.slots,), bool),
             sampling=SlotSampling.init(self.slots),
-            counts=jnp.zeros((self.slots, cfg.vocab_size), jnp.int32),
+            counts=jnp.zeros((self.slots, self.cfg.vocab_size), jnp.int32),
         )
 
     # ------------------------------------------------------------------ prefill
@@ -192,8 +211,10 @@ class Engine:
             )
         sampling = sampling or SamplingParams(temperature=0.0)
         length = next_bucket(len(tokens), self.max_len, self.page_size)
-        cache = KVCache.init(self.cfg, 1, length, self.cache_dtype)
-        return PrefillJob(tokens=tokens, sampling=SlotSampling.of(sampling), cache=cache)
+        cache = self._cache_maker.init_cache(1, length, self.cache_dtype)
+        return PrefillJob(
+            tokens=tokens, sampling=SlotSampling.of(sampling), cache=cache, capacity=length
+        )
 
     def prefill_chunk(self, params, job: PrefillJob) -> Prefix | None:
         """Run the next chunk of `job`; returns the Prefix after the last chunk, else None."""
@@ -203,7 +224,7 @@ class Engine:
         width = next_bucket(c, self.max_prefill)
         ids = np.zeros((1, width), np.int32)
         ids[0, :c] = chunk
-        pos = np.full((1, width), job.cache.max_len, np.int32)  # padding: dropped by the cache
+        pos = np.full((1, width), job.capacity, np.int32)  # padding: dropped by the cache
         pos[0, :c] = np.arange(job.done, job.done + c)
         job.cache, job.first = self._prefill_fn(
             params, job.cache, jnp.asarray(ids), jnp.asarray(pos), c - 1, job.sampling
@@ -211,7 +232,9 @@ class Engine:
         job.done += c
         if job.done < n:
             return None
-        return Prefix(cache=job.cache, length=n, first=job.first, sampling=job.sampling)
+        return Prefix(
+            cache=job.cache, capacity=job.capacity, length=n, first=job.first, sampling=job.sampling
+        )
 
     def prefill(self, params, tokens, sampling: SamplingParams | None = None) -> Prefix:
         job = self.start_prefill(tokens, sampling)
@@ -241,14 +264,14 @@ class Engine:
         pages = None
         if self.allocator is not None:
             self.allocator.reserve(slot, prefix.length + 1)
-            n = prefix.cache.max_len // self.page_size
-            pages = np.zeros(n, np.int32)
+            n = prefix.capacity // self.page_size
+            pages = np.zeros(n, np.int32)  # pages past the slot's own: the null page
             owned = self.allocator.owned(slot)[:n]
             pages[: len(owned)] = owned
-            state = state.replace(cache=state.cache.with_table(self.allocator.table))
+            state = self._with_host_table(state)
             pages = jnp.asarray(pages)
         need = max([prefix.length + 1, *(self._host_pos[self._host_active] + 1)])
-        state = self._fit(state, max(need, prefix.cache.max_len))
+        state = self._fit(state, max(need, prefix.capacity))
         state = self._insert_fn(state, prefix.cache, prefix.first, prefix.length, slot, pages)
         state = state.replace(sampling=_set_slot(state.sampling, prefix.sampling, slot))
         self._host_pos[slot] = prefix.length
@@ -257,11 +280,11 @@ class Engine:
 
     def _insert_impl(self, state, cache, first, length, slot, pages):
         if pages is None:
-            k = jax.lax.dynamic_update_slice_in_dim(state.cache.k, cache.k, slot, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(state.cache.v, cache.v, slot, axis=1)
-            new_cache = KVCache(k=k, v=v)
+            new_cache = map_layer_caches(lambda c, row: c.insert(row, slot), state.cache, cache)
         else:
-            new_cache = state.cache.write_prefix(cache, pages)
+            new_cache = map_layer_caches(
+                lambda c, row: c.write_prefix(row, pages), state.cache, cache
+            )
         token = first.tokens[0]
         counts = jnp.zeros((state.counts.shape[1],), jnp.int32).at[token].add(1)
         return state.replace(
@@ -276,13 +299,9 @@ class Engine:
         """Deactivate `slot` and return its pages at once."""
         if self.allocator is not None:
             self.allocator.release(slot)
-            state = state.replace(cache=state.cache.with_table(self.allocator.table))
+            state = self._with_host_table(state)
         self._host_active[slot] = False
-        return self._release_fn(state, slot)
-
-    @staticmethod
-    def _release_impl(state, slot):
-        return state.replace(active=state.active.at[slot].set(False))
+        return state.replace(active=_deactivate(state.active, slot))
 
     # ------------------------------------------------------------------ generate
     def generate(self, params, state: DecodeState) -> tuple[DecodeState, Sampled]:
@@ -295,7 +314,7 @@ class Engine:
                     self.allocator.reserve(slot, need)
                     grew = True
             if grew:
-                state = state.replace(cache=state.cache.with_table(self.allocator.table))
+                state = self._with_host_table(state)
         if self._host_active.any():
             state = self._fit(state, int(self._host_pos[self._host_active].max()) + 1)
         state, out = self._generate_fn(params, state, self.decode_len)
@@ -305,11 +324,13 @@ class Engine:
     def _generate_impl(self, params, state: DecodeState, length: int):
         pos = jnp.where(state.active, state.positions, self.max_len)[:, None]  # inactive: dropped
         ids = state.tokens[:, None]
-        fwd = partial(self._forward, params)
-        if self.kind == "paged":
-            logits, cache = paged_cache.forward(fwd, ids, pos, state.cache, state.active, length)
-        else:
-            logits, cache = fwd(ids, pos, state.cache)
+        cache = state.cache
+        if state.table is not None:  # the kernel reads only the pages of the first `length` tokens
+            table = state.table[:, : length // self.page_size]
+            cache = map_layer_caches(lambda c: c.with_table(table), cache)
+        logits, cache = self._forward(params, ids, pos, cache)
+        if state.table is not None:  # back to the full table: the same cache shapes every step
+            cache = map_layer_caches(lambda c: c.with_table(state.table), cache)
         out = sample(logits[:, 0], state.sampling, state.counts)
         act = state.active
         rows = jnp.arange(self.slots)
@@ -323,15 +344,14 @@ class Engine:
         return new, out
 
 
-def _resize(cache: KVCache, length: int) -> KVCache:
-    """Cut or zero-pad the position axis of a contiguous cache to `length`."""
+def _resize(cache, length: int):
+    """Cut or zero-pad every layer cache of a contiguous model cache to `length` positions."""
+    return map_layer_caches(lambda c: c.resize(length), cache)
 
-    def fit(a):
-        if a.shape[2] >= length:
-            return a[:, :, :length]
-        return jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0), (0, 0)))
 
-    return KVCache(k=fit(cache.k), v=fit(cache.v))
+@partial(jax.jit, donate_argnums=(0,))
+def _deactivate(active: jax.Array, slot: int) -> jax.Array:
+    return active.at[slot].set(False)
 
 
 @partial(jax.jit, donate_argnums=(0,))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<eos>", "<|im_end|>")
+from llm_core.tokens import find_eos
 
 
 def default_chat_template(messages: list[dict]) -> str:
@@ -29,13 +29,8 @@ class Tokenizer:
     def __init__(self, tok: HFTokenizer, eos_token: str | None = None, chat_template=None):
         self.tok = tok
         self.chat_template = chat_template
-        self.eos_token = eos_token
-        self.eos_token_id = tok.token_to_id(eos_token) if eos_token else None
-        if self.eos_token_id is None:
-            for cand in EOS_CANDIDATES:
-                if (i := tok.token_to_id(cand)) is not None:
-                    self.eos_token, self.eos_token_id = cand, i
-                    break
+        # the end-of-sequence policy llm-train uses too (llm_core.tokens)
+        self.eos_token, self.eos_token_id = find_eos(tok.token_to_id, eos_token)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

@@ -11,32 +11,17 @@ import time
 import jax
 import numpy as np
 
-from llm_core import Config
+from llm_core import Config, matmul_params
 
 # Dense peak FLOP/s per device for known accelerators (bf16); the CPU is measured.
 KNOWN_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "h100": 989e12}
 
 
-def count_params(cfg: Config) -> dict[str, int]:
-    """Parameter counts by kind for a dense decoder (embedding, attention, mlp, norms, lm head)."""
-    d, h, kv, hd = cfg.emb_dim, cfg.num_heads, cfg.resolved_num_kv_heads, cfg.resolved_head_dim
-    attn = d * h * hd * 2 + d * kv * hd * 2
-    mlp = d * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
-    norms = 2 * d
-    return {
-        "embedding": cfg.vocab_size * d,
-        "layers": cfg.num_layers * (attn + mlp + norms),
-        "final_norm": d,
-        "lm_head": 0 if cfg.tie_embeddings else cfg.vocab_size * d,
-    }
-
-
 def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token: 6 x matmul params + attention scores/values (fwd + bwd)."""
-    p = count_params(cfg)
-    matmul = p["layers"] + cfg.vocab_size * cfg.emb_dim  # lm head (tied or not) is a matmul
+    """Training FLOPs per token: 6 x the weights a token multiplies by (active experts only, from
+    llm-core's eval_shape counter) + attention scores and values (forward and backward)."""
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * cfg.seq_len
-    return 6.0 * matmul + attention
+    return 6.0 * matmul_params(cfg) + attention
 
 
 _MEASURED: dict[str, float] = {}

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from llm_core import build_model, create_mesh, logical_sharding
+from llm_core import build_model, create_mesh, state_shardings
 
-__all__ = ["build_model", "create_mesh", "logical_sharding"]
+__all__ = ["build_model", "create_mesh", "state_shardings"]

@@ -14,8 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm_core import Config
-from llm_train.metrics import count_params, flops_per_token
+from llm_core import Config, count_params
+from llm_train.metrics import flops_per_token
 from llm_train.optim import make_optimizer
 from llm_train.sharding import build_mesh, check_batch, data_parallel_size
 from llm_train.step import Steps
@@ -69,7 +69,8 @@ def plan(cfg: Config) -> dict:
     out = {
         "mesh": {k: v for k, v in mesh.shape.items() if v > 1} or {"(one device)": 1},
         "devices": mesh.size,
-        "parameters": sum(count_params(cfg).values()),
+        "parameters": count_params(cfg),
+        "active_parameters": count_params(cfg, active=True),
         "params_bytes": params,
         "optimizer_bytes": _per_device_bytes(state["opt_state"]),
         "gradients_bytes": params,
@@ -94,6 +95,8 @@ def plan_table(p: dict) -> str:
         ("parameters", f"{p['parameters'] / 1e6:,.2f} M"),
         ("remat policy", p["remat_policy"]),
     ]
+    if p["active_parameters"] != p["parameters"]:  # MoE: what one token uses
+        rows.insert(2, ("active parameters", f"{p['active_parameters'] / 1e6:,.2f} M"))
     for key in ("params", "optimizer", "gradients", "activations", "gathered", "total"):
         rows.append((f"{key} / device", f"{p[key + '_bytes'] / GIB:,.3f} GiB"))
     rows.append(("train FLOPs / token", f"{p['flops_per_token'] / 1e9:,.3f} GFLOP"))

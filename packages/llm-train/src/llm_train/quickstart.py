@@ -80,8 +80,6 @@ def generate(model, tokenizer, prompt: str, max_new: int, temperature: float, se
     import jax.numpy as jnp
     from flax import nnx
 
-    from llm_core import KVCache
-
     cfg = model.cfg
     graphdef, state = nnx.split(model)
 
@@ -91,7 +89,7 @@ def generate(model, tokenizer, prompt: str, max_new: int, temperature: float, se
 
     ids = tokenizer.encode(prompt)
     max_len = min(cfg.max_position_embeddings, len(ids) + max_new)
-    cache = KVCache.init(cfg, batch_size=1, max_len=max_len, dtype=jnp.float32)
+    cache = model.init_cache(1, max_len, jnp.float32)
     logits, cache = forward(
         state, jnp.asarray([ids], jnp.int32), jnp.arange(len(ids), dtype=jnp.int32)[None], cache
     )
@@ -135,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     import llm_core
+    from llm_core import count_params
     from llm_train.data.tokenizer import load_tokenizer, train_bpe
     from llm_train.export import export
-    from llm_train.metrics import count_params
     from llm_train.trainer import train
 
     run = os.path.join(args.out, "quickstart")
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = llm_core.load_config(
         "pretrain.yml", [f"{k}={v}" for k, v in values.items()] + list(args.overrides)
     )
-    n_params = sum(count_params(cfg).values())
+    n_params = count_params(cfg)
     print(
         f"model: {n_params / 1e6:.2f}M parameters; training up to {cfg.steps} steps "
         f"or {args.minutes:g} minutes on {cfg.global_batch_size}x{cfg.seq_len} token batches"

@@ -29,6 +29,22 @@ def token_loss(logits, targets, weights, z_loss: float = 0.0):
     return nll, zl, jnp.sum(weights)
 
 
+def moe_statistics(aux: dict, count) -> dict:
+    """Token-weighted sums of the router statistics of one (micro)batch (see finish_moe_statistics)."""
+    load = aux["moe_tokens_per_expert"]
+    return {
+        "moe_lb_loss": aux["moe_lb_loss"] * count,
+        "moe_z_loss": aux["moe_z_loss"] * count,
+        # busiest expert's share of assignments relative to a perfectly even share (1.0 = balanced)
+        "moe_max_load": load.max() / jnp.maximum(load.mean(), 1e-9) * count,
+        "moe_dropped_fraction": aux["moe_dropped"] / jnp.maximum(load.sum(), 1.0) * count,
+    }
+
+
+def finish_moe_statistics(stats: dict, tokens) -> dict:
+    return {key: value / tokens for key, value in stats.items()}
+
+
 def _split_model(model):
     return nnx.split(model, nnx.Param, ...)
 
@@ -123,19 +139,31 @@ class Steps:
 
     # ------------------------------------------------------------------ loss and steps
     def _loss(self, params, rest, batch):
+        """(summed loss, (summed nll, token count, summed aux statistics)). Router losses (MoE) are
+        per-token means from the model; they enter the summed loss x the token count, so after the
+        division by all tokens they weigh `moe_*_loss_weight` whatever the accumulation."""
+        cfg = self.cfg
         model = nnx.merge(self.graphdef, params, rest)
-        logits = model(
+        logits, _, aux = model.forward(
             batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
         )
-        nll, zl, count = token_loss(logits, batch["targets"], batch["weights"], self.cfg.z_loss)
-        return nll + zl, (nll, count)
+        nll, zl, count = token_loss(logits, batch["targets"], batch["weights"], cfg.z_loss)
+        loss = nll + zl
+        stats = {}
+        if aux:
+            loss += count * (
+                cfg.moe_aux_loss_weight * aux["moe_lb_loss"]
+                + cfg.moe_z_loss_weight * aux["moe_z_loss"]
+            )
+            stats = moe_statistics(aux, count)
+        return loss, (nll, count, stats)
 
     def _grads(self, params, rest, batch):
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accum = self.cfg.grad_accum_steps
         if accum == 1:
-            (_, (nll, count)), grads = grad_fn(params, rest, batch)
-            return grads, nll, count
+            (_, (nll, count, stats)), grads = grad_fn(params, rest, batch)
+            return grads, nll, count, stats
 
         def to_micro(x):  # [B, ...] -> [accum, B / accum, ...], row r goes to microbatch r % accum
             x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
@@ -149,19 +177,28 @@ class Steps:
 
         micro = {k: to_micro(v) for k, v in batch.items()}
         zeros = jax.tree.map(jnp.zeros_like, params)
+        stats_shape = jax.eval_shape(
+            lambda: self._loss(params, rest, jax.tree.map(lambda a: a[0], micro))[1][2]
+        )
 
         def body(carry, mb):
-            g_acc, nll_acc, n_acc = carry
-            (_, (nll, count)), g = grad_fn(params, rest, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, n_acc + count), None
+            g_acc, nll_acc, n_acc, s_acc = carry
+            (_, (nll, count, stats)), g = grad_fn(params, rest, mb)
+            s_acc = jax.tree.map(jnp.add, s_acc, stats)
+            return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, n_acc + count, s_acc), None
 
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, nll, count), _ = jax.lax.scan(body, init, micro)
-        return grads, nll, count
+        init = (
+            zeros,
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), stats_shape),
+        )
+        (grads, nll, count, stats), _ = jax.lax.scan(body, init, micro)
+        return grads, nll, count, stats
 
     def _train_step(self, state, batch):
         params = state["params"]
-        grads, nll, count = self._grads(params, state["rest"], batch)
+        grads, nll, count, stats = self._grads(params, state["rest"], batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
@@ -173,8 +210,9 @@ class Steps:
             step=state["step"] + 1,
         )
         metrics = {"loss": nll / denom, "grad_norm": grad_norm, "tokens": count}
+        metrics.update(finish_moe_statistics(stats, denom))
         return new_state, metrics
 
     def _eval_step(self, state, batch):
-        _, (nll, count) = self._loss(state["params"], state["rest"], batch)
+        _, (nll, count, _) = self._loss(state["params"], state["rest"], batch)
         return {"nll": nll, "tokens": count}

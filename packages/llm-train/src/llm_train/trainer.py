@@ -152,6 +152,7 @@ def train(
                         "step_time": dt,
                         "tokens_per_sec": tps,
                         "mfu": tps * flops_tok / peak if peak else 0.0,
+                        **{k: float(v) for k, v in metrics.items() if k.startswith("moe_")},
                     }
                     writer.write(record)
                     writer.progress(record)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from llm_core.layers import attention_ops as ops
-from llm_core.layers.norms import RMSNorm
 from llm_core.layers.kv_cache import ContiguousKV, PagedKV
 from llm_core.layers.linear import Linear
+from llm_core.layers.norms import RMSNorm
 from llm_core.layers.params import dtype_of
 from llm_core.layers.rope import apply_rope, rope_spec
 

@@ -87,7 +87,9 @@ class GroupedLinear(nnx.Module):
         rngs: nnx.Rngs | None,
         scale: float = 0.02,
     ):
-        self.kernel = param(rngs, (num_groups, in_dim, out_dim), tuple(axes), weight_dtype, scale=scale)
+        self.kernel = param(
+            rngs, (num_groups, in_dim, out_dim), tuple(axes), weight_dtype, scale=scale
+        )
 
     def weight(self, dtype) -> jax.Array:
         return self.kernel[...].astype(dtype)

@@ -64,8 +64,15 @@ class MoE(nnx.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.normalize = cfg.norm_topk_prob
         self.capacity_factor = cfg.moe_capacity_factor
-        e, m, n, wd = cfg.emb_dim, cfg.resolved_moe_mlp_dim, cfg.num_experts, dtype_of(cfg.weight_dtype)
-        self.router = Linear(e, n, ("embed", None), weight_dtype=wd, out_dtype=jnp.float32, rngs=rngs)
+        e, m, n, wd = (
+            cfg.emb_dim,
+            cfg.resolved_moe_mlp_dim,
+            cfg.num_experts,
+            dtype_of(cfg.weight_dtype),
+        )
+        self.router = Linear(
+            e, n, ("embed", None), weight_dtype=wd, out_dtype=jnp.float32, rngs=rngs
+        )
         self.gate = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), weight_dtype=wd, rngs=rngs)
         self.up = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), weight_dtype=wd, rngs=rngs)
         self.down = GroupedLinear(n, m, e, ("exp", "mlp", "embed"), weight_dtype=wd, rngs=rngs)
@@ -91,7 +98,9 @@ class MoE(nnx.Module):
         return y.reshape(shape).astype(x.dtype), aux
 
     def _ffn_ragged(self, xs, sizes):
-        return self.down.ragged(self.act(self.gate.ragged(xs, sizes)) * self.up.ragged(xs, sizes), sizes)
+        return self.down.ragged(
+            self.act(self.gate.ragged(xs, sizes)) * self.up.ragged(xs, sizes), sizes
+        )
 
     def _dropless(self, tokens, experts):
         """Sort assignments by expert, one grouped matmul per weight, unsort -> [T, k, D]."""

@@ -18,16 +18,35 @@ from llm_core.config import Config
 
 def count_params(cfg: Config, exclude_embeddings: bool = False, active: bool = False) -> int:
     total = 0.0
-    for path, size, expert in _leaves(json.dumps(cfg.to_dict(), sort_keys=True)):
+    for path, shape, expert in _leaves(_key(cfg)):
         if exclude_embeddings and path[0] == "embedder":
             continue
+        size = math.prod(shape)
         total += size * cfg.num_experts_per_tok / cfg.num_experts if (active and expert) else size
     return round(total)
 
 
+def matmul_params(cfg: Config) -> int:
+    """Weights one token multiplies by (active experts only, the output head included even when tied,
+    embeddings lookups, norms and biases excluded): FLOPs per token = 2 x this (forward)."""
+    total = 0.0
+    for path, shape, expert in _leaves(_key(cfg)):
+        if path[0] == "embedder" or len(shape) < 2 or path[-1] != "kernel":
+            continue
+        size = math.prod(shape)
+        total += size * cfg.num_experts_per_tok / cfg.num_experts if expert else size
+    if cfg.tie_embeddings:
+        total += cfg.vocab_size * cfg.emb_dim
+    return round(total)
+
+
+def _key(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
 @cache
-def _leaves(cfg_json: str) -> tuple[tuple[tuple, int, bool], ...]:
-    """(path, size, is expert-stacked) of every parameter (cached: counting is asked for often)."""
+def _leaves(cfg_json: str) -> tuple[tuple[tuple, tuple[int, ...], bool], ...]:
+    """(path, shape, is expert-stacked) of every parameter (cached: counting is asked for often)."""
     from llm_core.models.transformer import build_model
 
     cfg = Config(**json.loads(cfg_json))
@@ -35,5 +54,5 @@ def _leaves(cfg_json: str) -> tuple[tuple[tuple, int, bool], ...]:
     out = []
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = var.get_metadata().get("out_sharding") or ()
-        out.append((tuple(path), math.prod(var.shape), "exp" in axes))
+        out.append((tuple(path), tuple(var.shape), "exp" in axes))
     return tuple(out)

@@ -113,9 +113,13 @@ class Transformer(nnx.Module):
             None
             if cfg.tie_embeddings
             else Linear(
-                cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), weight_dtype=wd,
-                out_dtype=jnp.float32, rngs=rngs,
-            )  # fmt: skip
+                cfg.emb_dim,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                weight_dtype=wd,
+                out_dtype=jnp.float32,
+                rngs=rngs,
+            )
         )
 
     # ------------------------------------------------------------------ public API
@@ -165,9 +169,14 @@ class Transformer(nnx.Module):
             def one(seg=seg):
                 return tuple(
                     Attention.init_cache(
-                        self.cfg, batch_size, max_len, dtype, kind=kind,
-                        num_pages=num_pages, page_size=page_size,
-                    )  # fmt: skip
+                        self.cfg,
+                        batch_size,
+                        max_len,
+                        dtype,
+                        kind=kind,
+                        num_pages=num_pages,
+                        page_size=page_size,
+                    )
                     for _ in seg.kinds
                 )
 
@@ -191,7 +200,9 @@ class Transformer(nnx.Module):
     def _finish_aux(self, aux: dict) -> dict:
         if not aux:
             return {}
-        n_moe = sum(k.ffn == "moe" for seg in self.placement.segments for k in seg.kinds * seg.repeats)
+        n_moe = sum(
+            k.ffn == "moe" for seg in self.placement.segments for k in seg.kinds * seg.repeats
+        )
         n_moe = max(n_moe, 1)
         return {
             **aux,

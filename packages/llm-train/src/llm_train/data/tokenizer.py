@@ -5,19 +5,16 @@ from __future__ import annotations
 import os
 
 from llm_core import Config, ConfigError
-
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
+from llm_core.tokens import configured_eos, find_eos
 
 
 class Tokenizer:
     """A thin wrapper: encode / decode / vocab_size / eos_id over `tokenizers.Tokenizer`."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, eos_token: str | None = None):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
-        self.eos_id = next(
-            (tok.token_to_id(t) for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None
-        )
+        _, self.eos_id = find_eos(tok.token_to_id, eos_token)  # the policy llm-serve uses too
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -34,8 +31,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise ConfigError(f"tokenizer_path={path!r} does not exist.")
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if os.path.exists(file):
-        return Tokenizer(HFTokenizer.from_file(file))
+        return Tokenizer(HFTokenizer.from_file(file), configured_eos(folder))
     if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
         raise ConfigError(
             f"tokenizer_path={path!r} holds neither tokenizer.json nor tokenizer_config.json."
@@ -46,7 +44,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise ConfigError(
             f"tokenizer_path={path!r} has no tokenizer.json; install transformers to load it."
         ) from None
-    return Tokenizer(AutoTokenizer.from_pretrained(path).backend_tokenizer)
+    return Tokenizer(AutoTokenizer.from_pretrained(path).backend_tokenizer, configured_eos(folder))
 
 
 def check_vocab(tokenizer: Tokenizer, cfg: Config) -> None:
