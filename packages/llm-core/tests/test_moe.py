@@ -53,22 +53,36 @@ def _loop_reference(moe: MoE, x, capacity=None):
     return out.reshape(x.shape)
 
 
+# (matmul, tokens per row): 9 tokens -> 9 rows per expert (ragged_dot below MIN_ROWS_FOR_TILES);
+# 40 tokens -> 40 rows per expert on average: 32-row tiles, with partly filled ones
+DROPLESS_CASES = [
+    ("ragged_dot", 9),
+    ("ragged_dot", 40),
+    ("tiled", 9),
+    ("tiled", 40),
+    ("tiled", 150),
+]
+
+
 @pytest.mark.parametrize("normalize", [True, False])
-def test_dropless_equals_per_expert_loop(normalize):
-    cfg = _cfg(f"norm_topk_prob={str(normalize).lower()}")
+@pytest.mark.parametrize(("matmul", "seq"), DROPLESS_CASES)
+def test_dropless_equals_per_expert_loop(normalize, matmul, seq):
+    cfg = _cfg(f"norm_topk_prob={str(normalize).lower()}", f"moe_matmul={matmul}")
     moe = MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (2, 9, 32))
+    x = jax.random.normal(jax.random.key(1), (2, seq, 32))
     y, aux = moe(x)
     np.testing.assert_allclose(y, _loop_reference(moe, x), atol=1e-5, rtol=1e-5)
-    assert float(aux["moe_tokens_per_expert"].sum()) == 2 * 9 * 2
+    assert float(aux["moe_tokens_per_expert"].sum()) == 2 * seq * 2
     assert float(aux["moe_dropped"]) == 0
 
 
-def test_dropless_gradients_equal_dense_per_expert_computation():
-    """Gradients through ragged_dot match a dense formulation (every expert on every token, masked)."""
-    cfg = _cfg()
+@pytest.mark.parametrize(("matmul", "seq"), [("ragged_dot", 7), ("tiled", 70)])
+def test_dropless_gradients_equal_dense_per_expert_computation(matmul, seq):
+    """Gradients through the grouped matmuls match a dense formulation (every expert on every
+    token, masked)."""
+    cfg = _cfg(f"moe_matmul={matmul}")
     moe = MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(2), (1, 7, 32))
+    x = jax.random.normal(jax.random.key(2), (1, seq, 32))
     graphdef, state = nnx.split(moe)
 
     def dense(state, x):
@@ -89,6 +103,11 @@ def test_dropless_gradients_equal_dense_per_expert_computation():
 
     def ours(state, x):
         return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)[0].reshape(-1, 32)))
+
+    if matmul == "tiled":  # the tiled path is the one taken
+        from llm_core.layers.moe import MIN_ROWS_FOR_TILES
+
+        assert seq * 2 / 4 >= MIN_ROWS_FOR_TILES
 
     g_ref = jax.grad(dense, argnums=(0, 1))(state, x)
     g_ours = jax.grad(ours, argnums=(0, 1))(state, x)
@@ -173,6 +192,7 @@ def test_active_parameter_count():
     ("overrides", "key"),
     [
         (["ffn_kind=sparse"], "ffn_kind"),
+        (["moe_matmul=magic"], "moe_matmul"),
         (["num_experts_per_tok=5"], "num_experts_per_tok"),
         (["mlp_only_layers=[4]"], "mlp_only_layers"),
         (["num_experts=0"], "num_experts"),

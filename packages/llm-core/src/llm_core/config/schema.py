@@ -119,6 +119,9 @@ class Config:
     # null: dropless (every token reaches its k experts); else each expert takes at most
     # ceil(capacity_factor * tokens * k / num_experts) tokens and the rest skip that expert
     moe_capacity_factor: float | None = None
+    # dropless expert matmuls: tiled (rows padded to tiles per expert, one batched matmul) or
+    # ragged_dot (XLA's grouped matmul; dense over all experts on the CPU)
+    moe_matmul: Literal["tiled", "ragged_dot"] = "tiled"
     moe_aux_loss_weight: float = 0.0  # llm-train adds weight * load-balancing loss
     moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss
 

@@ -98,6 +98,10 @@ class GroupedLinear(nnx.Module):
         """x [rows, in] sorted by group; group_sizes [groups] int32 summing to <= rows."""
         return jax.lax.ragged_dot(x, self.weight(x.dtype), group_sizes)
 
+    def tiles(self, x: jax.Array, tile_group: jax.Array) -> jax.Array:
+        """x [tiles, rows, in], tile i belonging to group tile_group[i] -> [tiles, rows, out]."""
+        return jnp.einsum("tri,tio->tro", x, self.weight(x.dtype)[tile_group])
+
     def dense(self, x: jax.Array) -> jax.Array:
         """x [groups, rows, in] -> [groups, rows, out]."""
         return jnp.einsum("gri,gio->gro", x, self.weight(x.dtype))

@@ -6,7 +6,11 @@ Routing (`router_kind`):
 
 Two ways to run the experts, with the same parameters:
 - dropless (`moe_capacity_factor: null`): the token-expert assignments are sorted by expert and every
-  expert multiplies its contiguous block of rows with one grouped matmul (`jax.lax.ragged_dot`).
+  expert multiplies its contiguous block of rows. `moe_matmul: ragged_dot` does that with one grouped
+  matmul (`jax.lax.ragged_dot`), which XLA:CPU runs as a dense matmul over every expert (experts-times
+  the FLOPs). `moe_matmul: tiled` (default) pads each expert's rows to whole tiles and runs one batched
+  matmul over the tiles, each tile against its expert's weights (at most one partly filled tile per
+  expert); batches with few rows per expert (decoding) use ragged_dot, where that blow-up is small.
 - capacity (`moe_capacity_factor: c`): each expert takes at most ceil(c * tokens * k / experts)
   assignments into a dense [experts, capacity, embed] buffer, served in token order. An assignment
   beyond its expert's capacity is dropped: it adds nothing to the token's output, so a token whose
@@ -30,7 +34,7 @@ from llm_core.layers.linear import GroupedLinear, Linear
 from llm_core.layers.mlp import ACTIVATIONS
 from llm_core.layers.params import dtype_of
 
-AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_tokens_per_expert", "moe_dropped")
+MIN_ROWS_FOR_TILES = 16  # fewer rows per expert (decoding): ragged_dot's dense blow-up is small
 
 
 def empty_aux(cfg) -> dict[str, jax.Array]:
@@ -64,6 +68,7 @@ class MoE(nnx.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.normalize = cfg.norm_topk_prob
         self.capacity_factor = cfg.moe_capacity_factor
+        self.matmul = cfg.moe_matmul
         e, m, n, wd = (
             cfg.emb_dim,
             cfg.resolved_moe_mlp_dim,
@@ -103,13 +108,35 @@ class MoE(nnx.Module):
         )
 
     def _dropless(self, tokens, experts):
-        """Sort assignments by expert, one grouped matmul per weight, unsort -> [T, k, D]."""
+        """Sort assignments by expert, grouped matmuls, unsort -> [T, k, D]."""
         t, k = experts.shape
         flat = experts.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-        ys = self._ffn_ragged(tokens[order // k], sizes)
+        rows_per_expert = t * k / self.num_experts
+        if self.matmul == "ragged_dot" or rows_per_expert < MIN_ROWS_FOR_TILES:
+            ys = self._ffn_ragged(tokens[order // k], sizes)
+        else:
+            tile = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
+            ys = self._ffn_tiled(tokens[order // k], flat[order], sizes, tile)
         return jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
+
+    def _ffn_tiled(self, xs, expert_of_row, sizes, tile: int):
+        """Rows sorted by expert -> each expert's rows padded to whole tiles -> one batched matmul per
+        weight over the tiles -> back to the sorted rows."""
+        n, e = xs.shape[0], self.num_experts
+        padded = (sizes + tile - 1) // tile * tile
+        pad_start = jnp.cumsum(padded) - padded
+        rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
+        dest = pad_start[expert_of_row] + rank  # padded row of each sorted row
+        num_tiles = -(-n // tile) + e  # bound: one partly filled tile per expert
+        x = jnp.zeros((num_tiles * tile, xs.shape[1]), xs.dtype).at[dest].set(xs)
+        x = x.reshape(num_tiles, tile, -1)
+        starts = jnp.arange(num_tiles) * tile
+        tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), starts, side="right"), e - 1)
+        h = self.act(self.gate.tiles(x, tile_expert)) * self.up.tiles(x, tile_expert)
+        y = self.down.tiles(h, tile_expert)
+        return y.reshape(num_tiles * tile, -1)[dest]
 
     def _with_capacity(self, tokens, experts):
         """Dense [E, capacity, D] buffer; assignments beyond capacity are dropped -> [T, k, D]."""
