@@ -28,3 +28,8 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys):
     assert "corpus:" in out and "loss: first" in out and "steps 1..3" in out
     assert "exported params" in out and "--- sample ---" in out
     assert (tmp_path / "quickstart" / "checkpoints" / "3").is_dir()
+    # the export holds the run's tokenizer: llm-serve can serve the folder the quick start prints
+    from tokenizers import Tokenizer
+
+    exported = out.split("exported params: ")[1].split()[0]
+    assert Tokenizer.from_file(f"{exported}/tokenizer.json").get_vocab_size() > 0
