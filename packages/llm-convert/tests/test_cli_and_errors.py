@@ -204,3 +204,13 @@ def test_fused_mixtral_layout_built_with_safetensors_numpy_loads(mixtral_dir, tm
     np.testing.assert_array_equal(
         np.asarray(load_hf(src)(ids)), np.asarray(load_hf(mixtral_dir)(ids))
     )
+
+
+def test_impossible_moe_config_json_names_the_key(mixtral_dir, tmp_path, capsys):
+    src = _copy(mixtral_dir, tmp_path)
+    _edit_config(src, lambda c: c.update(num_experts_per_tok=c["num_local_experts"] + 1))
+    dst = tmp_path / "dst"
+    assert main(["hf-to-native", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "num_experts_per_tok" in err, err
+    assert not dst.exists()

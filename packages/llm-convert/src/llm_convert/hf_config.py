@@ -9,7 +9,7 @@ from typing import Any
 from llm_convert.errors import ConversionError
 from llm_convert.families import FAMILIES, Family, family_for_model_type
 from llm_convert.moe_config import MOE_FAMILIES, moe_from_hf, moe_to_hf
-from llm_core import Config, load_config
+from llm_core import Config, ConfigError, load_config
 
 ACTIVATIONS = {
     "silu": "silu",
@@ -168,7 +168,10 @@ def config_from_hf(
     from llm_core.config import parse_overrides
 
     extra = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
-    return load_config(None, {**values, **extra}), family
+    try:
+        return load_config(None, {**values, **extra}), family
+    except ConfigError as err:  # e.g. top-k above the expert count: name the file and the key
+        raise ConversionError(f"{source}: {err}") from None
 
 
 def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
