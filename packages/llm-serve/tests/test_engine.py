@@ -221,3 +221,26 @@ def test_families_greedy_batched_equals_full_forward(family, kind, decode_view, 
     engine, params = Engine.from_model(cfg, m, kv_cache_kind=kind, decode_view=decode_view)
     got, _ = decode_batch(engine, params, FAMILY_PROMPTS, FAMILY_STEPS, slots=[2, 0, 3])
     assert got == family_references[family]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_prompt_logprobs_equal_full_forward(model, engines, kind):
+    """Prompt scoring (echo): log_softmax at position i-1 gathered at token i, over 1 and 3 chunks."""
+    _, m = model
+    engine, params = engines[kind]
+    full = jax.nn.log_softmax(np.asarray(m(jnp.asarray([list(range(1, 91))]))[0], np.float32), -1)
+    for prompt in (list(range(1, 12)), list(range(1, 91))):  # 1 chunk; 3 chunks of <= 32
+        n = len(prompt)
+        prefix = engine.prefill(params, prompt, SamplingParams(temperature=0.0), prompt_logprobs=3)
+        want = np.asarray(full)[np.arange(n - 1), prompt[1:]]
+        assert prefix.prompt_logprobs.shape == (n,) and np.isnan(prefix.prompt_logprobs[0])
+        np.testing.assert_allclose(prefix.prompt_logprobs[1:], want, atol=1e-4)
+        assert prefix.prompt_top_ids.shape == prefix.prompt_top_logprobs.shape == (n, 3)
+        top = np.sort(np.asarray(full)[: n - 1], -1)[:, ::-1][:, :3]
+        np.testing.assert_allclose(prefix.prompt_top_logprobs[1:], top, atol=1e-4)
+        picked = np.take_along_axis(np.asarray(full)[: n - 1], prefix.prompt_top_ids[1:], -1)
+        np.testing.assert_allclose(picked, prefix.prompt_top_logprobs[1:], atol=1e-4)
+        # scoring changes nothing else
+        plain = engine.prefill(params, prompt, SamplingParams(temperature=0.0))
+        assert plain.prompt_logprobs is None
+        assert int(plain.first.tokens[0]) == int(prefix.first.tokens[0])

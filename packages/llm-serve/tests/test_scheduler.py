@@ -170,3 +170,25 @@ def test_request_larger_than_the_page_pool_is_refused(engines):
         s.submit(Request([1] * 20, SamplingParams(max_tokens=20), lambda ev: None))
     ok = generate_text(s, [1] * 20, SamplingParams(max_tokens=12, **GREEDY))
     assert len(ok.generated) == 12
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_prompt_scoring_with_and_without_generation(engines, kind):
+    engine, params = engines[kind]
+    prompt = list(range(1, 41))  # two prefill chunks
+    want = engine.prefill(params, prompt, prompt_logprobs=2)
+    s = scheduler(engines, kind)
+    only = submit(s, prompt, max_tokens=0, prompt_logprobs=2, **GREEDY)
+    both = submit(s, prompt, max_tokens=3, prompt_logprobs=2, **GREEDY)
+    s.run_until_idle()
+    assert only.finish_reason == "length" and only.generated == []
+    assert [e.finish_reason for e in only.events] == ["length"]
+    assert both.finish_reason == "length" and len(both.generated) == 3
+    for req in (only, both):
+        assert req.prompt_logprobs[0] is None and req.prompt_top_logprobs[0] is None
+        assert req.prompt_logprobs[1:] == pytest.approx(want.prompt_logprobs[1:].tolist(), abs=1e-5)
+        assert len(req.prompt_top_logprobs) == len(prompt)
+        assert all(len(t) == 2 for t in req.prompt_top_logprobs[1:])
+    assert all(r is None for r in s.slots)
+    if engine.allocator is not None:
+        assert engine.allocator.num_free == engine.allocator.capacity

@@ -151,6 +151,19 @@ def post(server, path, body, raw=False):
             "max_tokens",
         ),
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "max_tokens": 0, "echo": False},
+            400,
+            "max_tokens",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "echo": "yes"}, 400, "echo"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "echo": True, "max_tokens": -1},
+            400,
+            "max_tokens",
+        ),
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
         (
             "/v1/completions",
@@ -264,3 +277,72 @@ def test_metrics_are_prometheus_text(server, client):
         if line.startswith("llm_time_to_first_token_seconds_count")
     ]
     assert float(ttft[0].split()[-1]) >= 1
+
+
+def full_forward_logprobs(ids):
+    """log p(ids[i] | ids[:i]) for i >= 1 and the log-softmax rows, from one full forward pass."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    _, model = tiny_model()
+    lsm = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0].astype(jnp.float32), -1))
+    return lsm[np.arange(len(ids) - 1), ids[1:]], lsm
+
+
+ECHO_PROMPT = "the quick brown fox jumps over the lazy dog. a small model writes small words"
+
+
+def test_echo_scores_the_prompt(client):
+    tok = tiny_tokenizer()
+    ids = tok.encode(ECHO_PROMPT)
+    assert len(ids) > 1
+    want, lsm = full_forward_logprobs(ids)
+    got = client.completions.create(
+        model="tiny", prompt=ECHO_PROMPT, max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    choice = got.choices[0]
+    assert choice.text == ECHO_PROMPT and choice.finish_reason == "length"
+    assert got.usage.completion_tokens == 0 and got.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp.tokens == [tok.decode([i]) for i in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4)
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    best = [max(row) for row in lsm[: len(ids) - 1]]
+    assert [next(iter(t.values())) for t in lp.top_logprobs[1:]] == pytest.approx(best, abs=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # token ids as the prompt: the same scores, the text decoded
+    again = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0
+    ).choices[0]
+    assert again.text == tok.decode(ids)
+    assert again.logprobs.token_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4)
+    assert all(t == {} for t in again.logprobs.top_logprobs[1:])
+    # echo without logprobs: the text only
+    plain = client.completions.create(model="tiny", prompt=ECHO_PROMPT, max_tokens=0, echo=True)
+    assert plain.choices[0].text == ECHO_PROMPT and plain.choices[0].logprobs is None
+
+
+def test_echo_with_generation_and_streaming(client, server):
+    tok = tiny_tokenizer()
+    ids = tok.encode("Hello world")
+    want, _ = full_forward_logprobs(ids)
+    kw = dict(model="tiny", prompt="Hello world", max_tokens=5, temperature=0)
+    plain = client.completions.create(logprobs=2, **kw).choices[0]
+    echo = client.completions.create(echo=True, logprobs=2, **kw).choices[0]
+    assert echo.text == "Hello world" + plain.text
+    n = len(ids)
+    assert echo.logprobs.tokens == [tok.decode([i]) for i in ids] + plain.logprobs.tokens
+    assert echo.logprobs.token_logprobs[1:n] == pytest.approx(want.tolist(), abs=1e-4)
+    assert echo.logprobs.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs)
+    assert echo.logprobs.text_offset[n:] == [
+        o + len("Hello world") for o in plain.logprobs.text_offset
+    ]
+    # (2 alternatives each; fewer keys where two byte tokens decode to the same text)
+    assert all(1 <= len(t) <= 2 for t in echo.logprobs.top_logprobs[1:])
+    chunks = list(client.completions.create(echo=True, logprobs=2, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == echo.text
+    first = chunks[0].choices[0]
+    assert first.text == "Hello world" and first.logprobs.tokens == echo.logprobs.tokens[:n]
+    assert idle(server)["active_slots"] == 0

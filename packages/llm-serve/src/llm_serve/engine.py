@@ -19,7 +19,14 @@ Prompts are processed in chunks of at most `max_prefill_length` tokens (`start_p
 `prefill_chunk` let a scheduler interleave the chunks of a long prompt with decode steps) into a
 contiguous batch-of-one cache. Chunk and prefix lengths are rounded up to power-of-two buckets, so a
 new prompt length reuses a compiled program: at most log2(max_prefill_length) x
-log2(kv_cache_max_length) prefill programs exist.
+log2(kv_cache_max_length) prefill programs exist (twice that once prompt log-probs are asked for).
+
+`prefill(..., prompt_logprobs=k)` also scores the prompt (as for `echo` in the OpenAI completions
+API): `Prefix.prompt_logprobs[i]` is log p(token i | tokens before it), the float32 log-softmax of
+the logits at position i-1 (NaN for i = 0), with the k most likely tokens at each position in
+`prompt_top_ids` / `prompt_top_logprobs`. It is computed inside the jitted prefill, chunk by chunk
+(the last position's log-softmax is carried to the next chunk), only when asked: a static flag, so
+other prompts run the program without it.
 
 The decode slots' cache is contiguous (one row per slot; `insert` copies the prefix into its row) or
 paged (a pool of pages shared by the slots, host bookkeeping in `kv_pages.PageAllocator`; `insert`
@@ -43,7 +50,7 @@ from flax import nnx, struct
 
 from llm_core import ConfigError, map_layer_caches, unstack_layers
 from llm_serve.kv_pages import PageAllocator
-from llm_serve.sampling import Sampled, SamplingParams, SlotSampling, sample
+from llm_serve.sampling import TOP_LOGPROBS_MAX, Sampled, SamplingParams, SlotSampling, sample
 
 MIN_BUCKET = 16
 DECODE_MIN_BUCKET = 64
@@ -79,6 +86,9 @@ class PrefillJob:
     capacity: int
     done: int = 0
     first: Sampled | None = None
+    prompt_logprobs: int | None = None  # None: not asked; k: also the k most likely tokens
+    prev: jax.Array | None = None  # [V] log-softmax at the last position of the previous chunk
+    scores: list = field(default_factory=list)  # per chunk: (logprobs [c], top_ids, top_lps)
 
 
 @dataclass
@@ -92,6 +102,11 @@ class Prefix:
     first: Sampled
     sampling: SlotSampling
     meta: dict = field(default_factory=dict)
+    # prefill(..., prompt_logprobs=k) only (host arrays): log p(token i | tokens < i), NaN at i = 0,
+    # and the k most likely tokens at each position (row 0: zeros)
+    prompt_logprobs: np.ndarray | None = None  # [length] float32
+    prompt_top_ids: np.ndarray | None = None  # [length, k] int32
+    prompt_top_logprobs: np.ndarray | None = None  # [length, k] float32
 
 
 class Engine:
@@ -134,7 +149,9 @@ class Engine:
         self._host_pos = np.zeros(self.slots, np.int64)
         self._host_active = np.zeros(self.slots, bool)
         self.decode_len = self._decode_bucket(1)  # cache length a decode step works on
-        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._prefill_fn = jax.jit(
+            self._prefill_impl, donate_argnums=(1,), static_argnames=("score",)
+        )
         self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._resize_fn = jax.jit(_resize, static_argnums=(1,))  # new shape: nothing to donate
@@ -202,7 +219,10 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ prefill
-    def start_prefill(self, tokens, sampling: SamplingParams | None = None) -> PrefillJob:
+    def start_prefill(
+        self, tokens, sampling: SamplingParams | None = None, prompt_logprobs: int | None = None
+    ) -> PrefillJob:
+        """`prompt_logprobs`: None, or k >= 0 to score the prompt (see Prefix)."""
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         if not 0 < len(tokens) < self.max_len:
             raise ValueError(
@@ -212,9 +232,15 @@ class Engine:
         sampling = sampling or SamplingParams(temperature=0.0)
         length = next_bucket(len(tokens), self.max_len, self.page_size)
         cache = self._cache_maker.init_cache(1, length, self.cache_dtype)
-        return PrefillJob(
+        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= TOP_LOGPROBS_MAX:
+            raise ValueError(f"prompt_logprobs must be None or in [0, {TOP_LOGPROBS_MAX}].")
+        job = PrefillJob(
             tokens=tokens, sampling=SlotSampling.of(sampling), cache=cache, capacity=length
         )
+        if prompt_logprobs is not None:
+            job.prompt_logprobs = prompt_logprobs
+            job.prev = jnp.zeros((self.cfg.vocab_size,), jnp.float32)
+        return job
 
     def prefill_chunk(self, params, job: PrefillJob) -> Prefix | None:
         """Run the next chunk of `job`; returns the Prefix after the last chunk, else None."""
@@ -226,27 +252,56 @@ class Engine:
         ids[0, :c] = chunk
         pos = np.full((1, width), job.capacity, np.int32)  # padding: dropped by the cache
         pos[0, :c] = np.arange(job.done, job.done + c)
-        job.cache, job.first = self._prefill_fn(
-            params, job.cache, jnp.asarray(ids), jnp.asarray(pos), c - 1, job.sampling
-        )
+        score = job.prompt_logprobs is not None
+        job.cache, job.first, scores = self._prefill_fn(
+            params, job.cache, jnp.asarray(ids), jnp.asarray(pos), c - 1, job.sampling, job.prev,
+            score=score,
+        )  # fmt: skip
+        if score:
+            lps, top_ids, top_lps, job.prev = scores
+            k = job.prompt_logprobs
+            lps, top_ids, top_lps = jax.device_get((lps, top_ids, top_lps))
+            job.scores.append((lps[:c], top_ids[:c, :k], top_lps[:c, :k]))  # padding dropped
         job.done += c
         if job.done < n:
             return None
-        return Prefix(
+        prefix = Prefix(
             cache=job.cache, capacity=job.capacity, length=n, first=job.first, sampling=job.sampling
         )
+        if score:
+            lps, top_ids, top_lps = (np.concatenate(parts) for parts in zip(*job.scores))
+            lps[0] = np.nan  # the first token has no context
+            top_ids[0] = 0
+            top_lps[0] = np.nan
+            prefix.prompt_logprobs = lps.astype(np.float32)
+            prefix.prompt_top_ids = top_ids.astype(np.int32)
+            prefix.prompt_top_logprobs = top_lps.astype(np.float32)
+            job.scores, job.prev = [], None
+        return prefix
 
-    def prefill(self, params, tokens, sampling: SamplingParams | None = None) -> Prefix:
-        job = self.start_prefill(tokens, sampling)
+    def prefill(
+        self, params, tokens, sampling: SamplingParams | None = None, prompt_logprobs=None
+    ) -> Prefix:
+        job = self.start_prefill(tokens, sampling, prompt_logprobs)
         while (prefix := self.prefill_chunk(params, job)) is None:
             pass
         return prefix
 
-    def _prefill_impl(self, params, cache, ids, pos, last, sampling):
+    def _prefill_impl(self, params, cache, ids, pos, last, sampling, prev, score: bool):
         logits, cache = self._forward(params, ids, pos, cache)
         last_logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
         counts = jnp.zeros(last_logits.shape, jnp.int32)
-        return cache, sample(last_logits, sampling, counts)
+        first = sample(last_logits, sampling, counts)
+        if not score:
+            return cache, first, None
+        # token j of the chunk is scored by the log-softmax at position j - 1 (j = 0: the last
+        # position of the previous chunk, `prev`); rows past the chunk are padding
+        lsm = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [W, V]
+        before = jnp.concatenate([prev[None].astype(jnp.float32), lsm[:-1]], axis=0)
+        lps = jnp.take_along_axis(before, ids[0][:, None], axis=-1)[:, 0]
+        top_lps, top_ids = jax.lax.top_k(before, min(TOP_LOGPROBS_MAX, before.shape[-1]))
+        new_prev = jax.lax.dynamic_index_in_dim(lsm, last, axis=0, keepdims=False)
+        return cache, first, (lps, top_ids.astype(jnp.int32), top_lps, new_prev)
 
     # ------------------------------------------------------------------ insert / release
     def reserve(self, slot: int, num_tokens: int) -> bool:

@@ -3,8 +3,15 @@
 Supported request fields. Both endpoints: model, max_tokens, temperature, top_p, n (1 only), stream,
 stream_options.include_usage, stop, seed, presence_penalty, frequency_penalty, and the vLLM
 extensions top_k, min_p, stop_token_ids, ignore_eos. Completions: prompt (a string, a list of token
-ids, or a list of one string), logprobs (0-20), echo (false only). Chat: messages, logprobs (bool),
-top_logprobs (0-20), max_completion_tokens. Unknown fields are ignored, as OpenAI does.
+ids, or a list of one string), logprobs (0-5), echo. Chat: messages, logprobs (bool), top_logprobs
+(0-20), max_completion_tokens. Unknown fields are ignored, as OpenAI does.
+
+Completions `echo: true` (as the OpenAI legacy API and vLLM, what lm-evaluation-harness's
+log-likelihood tasks need): the text is the prompt followed by the completion, and with `logprobs: N`
+the logprobs object covers the prompt tokens first (the first one's token_logprobs and top_logprobs
+entries are null; the others are log p(token | tokens before it) under the model), then the
+generated ones. `max_tokens: 0` is allowed with echo only: nothing is generated, finish_reason
+"length". Streaming with echo works: the first chunk carries the prompt text (and its logprobs).
 """
 
 from __future__ import annotations
@@ -77,7 +84,9 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _common(body: dict, max_tokens_default, logprobs) -> tuple[SamplingParams, bool, bool]:
+def _common(
+    body: dict, max_tokens_default, logprobs, prompt_logprobs=None, allow_zero=False
+) -> tuple[SamplingParams, bool, bool]:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
     if _field(body, "n", int, 1) != 1:
@@ -88,6 +97,12 @@ def _common(body: dict, max_tokens_default, logprobs) -> tuple[SamplingParams, b
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _field({name: max_tokens}, name, int, max_tokens_default)
+    if max_tokens == 0 and not allow_zero:
+        raise APIError(
+            400, f"'{name}' must be an int > 0 (0 only with echo on /v1/completions).", name
+        )
+    if max_tokens == 0 and prompt_logprobs is None:
+        prompt_logprobs = 0  # the engine generates nothing only for a scored prompt
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
     include_usage = bool(options.get("include_usage", False))
@@ -106,10 +121,12 @@ def _common(body: dict, max_tokens_default, logprobs) -> tuple[SamplingParams, b
             logprobs=logprobs,
             presence_penalty=float(_field(body, "presence_penalty", _NUM, 0.0, "a number")),
             frequency_penalty=float(_field(body, "frequency_penalty", _NUM, 0.0, "a number")),
+            prompt_logprobs=prompt_logprobs,
         )
     except SamplingError as err:
         param = name if err.field == "max_tokens" else err.field
-        raise APIError(400, str(err).replace("'max_tokens'", f"'{param}'"), param) from None
+        message = str(err).replace("'max_tokens'", f"'{param}'")
+        raise APIError(400, message.replace("with prompt_logprobs", "with echo"), param) from None
     return sampling, stream, include_usage
 
 
@@ -130,10 +147,10 @@ def parse_completion(body) -> ParsedRequest:
     logprobs = _field(body, "logprobs", int, None)
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise APIError(400, "'logprobs' must be an int in [0, 5] or null.", "logprobs")
-    if _field(body, "echo", bool, False):
-        raise APIError(400, "'echo' is not supported; leave it false.", "echo")
-    sampling, stream, usage = _common(body, 16, logprobs)
-    return ParsedRequest(model, prompt, None, sampling, stream, usage)
+    echo = _field(body, "echo", bool, False)
+    prompt_logprobs = logprobs if echo else None
+    sampling, stream, usage = _common(body, 16, logprobs, prompt_logprobs, allow_zero=echo)
+    return ParsedRequest(model, prompt, None, sampling, stream, usage, echo)
 
 
 def parse_chat(body) -> ParsedRequest:
@@ -192,6 +209,31 @@ def completion_logprobs(tokenizer, events, offset: int = 0) -> dict:
         offsets.append(offset)
         offset += len(ev.text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(tokenizer, ids, req, n: int | None) -> dict:
+    """The prompt part of an echoed completion's logprobs object (tokens from `ids`, scores from
+    the request's `prompt_logprobs`); `n` alternatives per token."""
+    tokens, offsets, offset = [], [], 0
+    for i in ids:
+        text = tokenizer.decode([i])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    tops = [
+        None if top is None else {tokenizer.decode([i]): lp for i, lp in top[:n]}
+        for top in req.prompt_top_logprobs
+    ]
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(req.prompt_logprobs),
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def join_logprobs(a: dict, b: dict) -> dict:
+    return {key: a[key] + b[key] for key in a}
 
 
 def chat_logprobs(tokenizer, events) -> dict:

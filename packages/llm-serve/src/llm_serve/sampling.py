@@ -37,7 +37,7 @@ class SamplingError(ValueError):
 class SamplingParams:
     """What one request asks for. Defaults follow the OpenAI completions API."""
 
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0 (only with prompt_logprobs): score the prompt, generate nothing
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0
@@ -49,6 +49,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob + k alternatives
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob + k best
 
     def __post_init__(self):
         self.validate()
@@ -61,7 +62,12 @@ class SamplingParams:
                 value = getattr(self, name)
                 raise SamplingError(name, f"'{name}' must be {what}, got {value!r}.")
 
-        need(isinstance(self.max_tokens, int) and self.max_tokens > 0, "max_tokens", "an int > 0")
+        scoring = self.prompt_logprobs is not None
+        need(
+            isinstance(self.max_tokens, int) and self.max_tokens >= (0 if scoring else 1),
+            "max_tokens",
+            "an int >= 0" if scoring else "an int > 0 (0 only with prompt_logprobs)",
+        )
         need(self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)")
         need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an int >= 0 (0 = off)")
         need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
@@ -71,6 +77,11 @@ class SamplingParams:
         need(
             self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS_MAX,
             "logprobs",
+            f"null or an int in [0, {TOP_LOGPROBS_MAX}]",
+        )
+        need(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= TOP_LOGPROBS_MAX,
+            "prompt_logprobs",
             f"null or an int in [0, {TOP_LOGPROBS_MAX}]",
         )
         need(

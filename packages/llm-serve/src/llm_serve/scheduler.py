@@ -10,6 +10,10 @@ One loop iteration (`step`):
    spread over several iterations, and running requests keep decoding between their chunks;
 4. one decode step for every slot; each request gets its token, and finished requests leave.
 
+A request with `sampling.prompt_logprobs` set gets its prompt scored by the prefill
+(`Request.prompt_logprobs` / `prompt_top_logprobs`, filled before its first event); with
+`max_tokens=0` it then finishes ("length") without generating a token.
+
 The waiting queue is bounded (`max_queue_size`); `submit` raises `QueueFull` beyond it. The loop runs
 in a background thread (`start` / `stop`) or is driven by hand (`step`, `run_until_idle`) in tests.
 """
@@ -62,6 +66,10 @@ class Request:
     max_new: int = 0
     text: str = ""  # filled by generate_text
     finish_reason: str | None = None
+    # sampling.prompt_logprobs only: per prompt token, log p(token | tokens before it) (None for the
+    # first) and its most likely alternatives [(token id, logprob)] (None for the first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 class Scheduler:
@@ -168,11 +176,16 @@ class Scheduler:
             prefix = self.engine.prefill_chunk(self.params, job)
             if prefix is not None:
                 self.prefilling.pop(0)
-                self.state = self.engine.insert(prefix, self.state, slot)
                 req = self.slots[slot]
                 if self.metrics:
                     self.metrics.prompt_tokens.inc(prefix.length)
-                self._deliver(slot, req, jax.device_get(prefix.first), 0)
+                if prefix.prompt_logprobs is not None:
+                    _store_prompt_scores(req, prefix)
+                if req.max_new == 0:  # scoring only: no slot needed for decoding
+                    self._finish(slot, "length")
+                else:
+                    self.state = self.engine.insert(prefix, self.state, slot)
+                    self._deliver(slot, req, jax.device_get(prefix.first), 0)
         busy = {s for s, _ in self.prefilling}
         decoding = [s for s, r in enumerate(self.slots) if r is not None and s not in busy]
         if decoding:
@@ -198,7 +211,9 @@ class Scheduler:
                 self.queue.popleft()
                 free.pop(0)
                 self.slots[slot] = req
-                job = self.engine.start_prefill(req.prompt_ids, req.sampling)
+                job = self.engine.start_prefill(
+                    req.prompt_ids, req.sampling, req.sampling.prompt_logprobs
+                )
                 self.prefilling.append((slot, job))
 
     def _reject(self, req: Request) -> None:
@@ -261,6 +276,13 @@ class Scheduler:
             self.metrics.active_slots.set(s["active_slots"])
             if s["free_pages"] is not None:
                 self.metrics.free_pages.set(s["free_pages"])
+
+
+def _store_prompt_scores(req: Request, prefix) -> None:
+    lps = prefix.prompt_logprobs.tolist()
+    ids, tops = prefix.prompt_top_ids.tolist(), prefix.prompt_top_logprobs.tolist()
+    req.prompt_logprobs = [None, *lps[1:]]
+    req.prompt_top_logprobs = [None] + [list(zip(i, v)) for i, v in zip(ids[1:], tops[1:])]
 
 
 def generate_text(scheduler: Scheduler, prompt_ids, sampling: SamplingParams) -> Request:

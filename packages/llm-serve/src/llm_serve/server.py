@@ -113,12 +113,19 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
             raise P.APIError(400, str(err), "max_tokens") from None
         return req, queue
 
+    def echoed(parsed: P.ParsedRequest, ids: list[int], req) -> tuple[str, dict | None]:
+        """Completions with echo: the prompt text and (logprobs asked) its logprobs object."""
+        text = parsed.prompt if isinstance(parsed.prompt, str) else tokenizer.decode(ids)
+        if parsed.sampling.logprobs is None:
+            return text, None
+        return text, P.echo_logprobs(tokenizer, ids, req, parsed.sampling.logprobs)
+
     async def run(parsed: P.ParsedRequest, ids: list[int], chat: bool):
         req, queue = submit(ids, parsed.sampling)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
             return StreamingResponse(
-                stream(req, queue, rid, parsed, chat), media_type="text/event-stream"
+                stream(req, queue, rid, parsed, ids, chat), media_type="text/event-stream"
             )
         events = []
         try:
@@ -136,10 +143,20 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
         if chat:
             lp = P.chat_logprobs(tokenizer, events) if want else None
             return P.chat_body(rid, parsed.model, text, events[-1].finish_reason, lp, use)
-        lp = P.completion_logprobs(tokenizer, events) if want else None
-        return P.completion_body(rid, parsed.model, text, events[-1].finish_reason, lp, use)
+        if not parsed.echo:
+            lp = P.completion_logprobs(tokenizer, events) if want else None
+            return P.completion_body(rid, parsed.model, text, events[-1].finish_reason, lp, use)
+        if events[-1].finish_reason == "abort":
+            raise P.APIError(
+                503, "The request was aborted (engine failure or cancellation) before it finished."
+            )
+        prompt_text, lp = echoed(parsed, ids, req)
+        if want:
+            lp = P.join_logprobs(lp, P.completion_logprobs(tokenizer, events, len(prompt_text)))
+        finish = events[-1].finish_reason
+        return P.completion_body(rid, parsed.model, prompt_text + text, finish, lp, use)
 
-    async def stream(req, queue, rid, parsed, chat):
+    async def stream(req, queue, rid, parsed, ids, chat):
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
@@ -148,8 +165,14 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
         try:
             if chat:
                 yield sse(P.chat_chunk(rid, parsed.model, {"role": "assistant", "content": ""}))
+            echo = not chat and parsed.echo
             while True:
                 ev = await queue.get()
+                if echo and ev.finish_reason != "abort":  # the prompt is scored by now
+                    echo = False
+                    text, lp = echoed(parsed, ids, req)
+                    yield sse(P.completion_chunk(rid, parsed.model, text, None, lp))
+                    offset += len(text)
                 if ev.finish_reason:
                     if chat:
                         yield sse(P.chat_chunk(rid, parsed.model, {}, ev.finish_reason))
