@@ -24,6 +24,8 @@ import statistics
 import subprocess
 import sys
 
+from train import matmul_ceiling  # benchmarks/train.py: the same ceiling, one definition
+
 SHAPE = dict(vocab=32000, d=512, layers=8, heads=8, kv=4, hd=64, experts=8, k=2, width=1408)
 BATCH, SEQ = 4, 256
 
@@ -103,23 +105,6 @@ def child(code: str, *args: str, threads: int) -> dict:
     if proc.returncode:
         raise SystemExit(f"benchmark child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.split("RESULT ")[1])
-
-
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(x, x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x, x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def main() -> None:
