@@ -24,6 +24,7 @@ TINY = {
     "learning_rate": 1e-2,
     "console_progress": False,
     "tensorboard": False,
+    "compilation_cache_dir": "",  # tests stay independent; test_train covers the cache
     "async_checkpointing": False,
 }
 

@@ -149,3 +149,25 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path):
     ck.close()
     result = train(tiny_config(tmp_path, steps=6, checkpoint_every=1, run_name="k"))
     assert result.first_step == 2 and result.last_step == 6
+
+
+def test_compilation_cache_is_written_and_reused(tmp_path):
+    """`compilation_cache_dir: auto` puts JAX's persistent cache beside the runs; a second run (a
+    new process) reads it and trains to the same losses."""
+    cache = tmp_path / "runs" / ".jax_cache"
+    losses = []
+    for name in ("first", "second"):
+        over = tiny_overrides(tmp_path, steps=2, run_name=name, compilation_cache_dir="auto")
+        out = subprocess.run(
+            [sys.executable, "-m", "llm_train.cli", "train", "pretrain.yml", *over],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        if name == "first":
+            entries = sorted(p.name for p in cache.iterdir())
+            assert any("train_step" in e for e in entries), entries
+        losses.append([m["loss"] for m in read_metrics(tmp_path / "runs" / name)])
+    assert losses[0] == losses[1]

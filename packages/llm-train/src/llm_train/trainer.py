@@ -82,12 +82,30 @@ def _save_config(cfg: Config, out_dir: str) -> None:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
+def enable_compilation_cache(cfg: Config) -> str | None:
+    """Turn on JAX's persistent compilation cache (see `compilation_cache_dir`); returns its path."""
+    path = cfg.compilation_cache_dir
+    if not path:
+        return None
+    if path == "auto":
+        path = os.path.join(cfg.base_output_dir, ".jax_cache")
+    path = os.path.abspath(path)
+    if jax.config.jax_compilation_cache_dir != path:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()  # the cache binds its folder at the first compile
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return path
+
+
 def train(
     cfg: Config, max_steps: int | None = None, time_limit_s: float | None = None
 ) -> TrainResult:
     """Train to `cfg.steps`, resuming if possible; stop early after `max_steps` steps or
     `time_limit_s` seconds in this call (a checkpoint is saved either way)."""
     distributed.initialize(cfg)
+    enable_compilation_cache(cfg)
     out_dir = run_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
     mesh = build_mesh(cfg)

@@ -207,6 +207,9 @@ class Config:
     coordinator_address: str = ""  # multi-host: "host:port" of process 0
     num_processes: int = 0  # 0: from the environment / cluster auto-detection
     process_id: int = -1  # -1: from the environment / cluster auto-detection
+    # JAX's persistent compilation cache: "auto" = <base_output_dir>/.jax_cache (shared by the runs
+    # there, so a second run skips compiling); a path; or "" (off)
+    compilation_cache_dir: str = "auto"
     # --- end of llm-train additions ---------------------------------------------------------------
 
     # --- inference
