@@ -192,3 +192,70 @@ def test_prompt_scoring_with_and_without_generation(engines, kind):
     assert all(r is None for r in s.slots)
     if engine.allocator is not None:
         assert engine.allocator.num_free == engine.allocator.capacity
+
+
+def _choices(s, prompt, n, **sampling):
+    params = SamplingParams(**sampling)
+    reqs = [Request(list(prompt), params.for_choice(i), lambda ev: None) for i in range(n)]
+    s.submit_group(reqs)
+    return reqs
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_n_choices_prefill_once_seeded_and_free_everything(engines, kind):
+    s = scheduler(engines, kind)
+    engine = engines[kind][0]
+    calls = []
+    chunk = engine.prefill_chunk
+    engine.prefill_chunk = lambda *a: calls.append(1) or chunk(*a)
+    try:
+        other = submit(s, [7, 8, 9], max_tokens=5, **GREEDY)  # shares the batch with the group
+        runs = []
+        for _ in range(2):
+            reqs = _choices(s, [3, 4, 5, 6], 3, max_tokens=12, temperature=1.0, seed=11)
+            s.run_until_idle()
+            runs.append([r.generated for r in reqs])
+        assert len(calls) == 3  # one prefill per group (+ `other`'s), not one per choice
+    finally:
+        engine.prefill_chunk = chunk
+    assert other.finish_reason == "length"
+    assert runs[0] == runs[1]  # reproducible from the seed
+    assert all(len(g) == 12 for g in runs[0])
+    assert len({tuple(g) for g in runs[0]}) > 1  # the choices differ
+    assert [r.index for r in reqs] == [0, 1, 2] and reqs[0].group is reqs
+    # choice 0 is the plain request with that seed
+    alone = generate_text(
+        scheduler(engines, kind), [3, 4, 5, 6], SamplingParams(max_tokens=12, seed=11)
+    )
+    assert alone.generated == runs[0][0]
+    greedy = _choices(s, [3, 4, 5, 6], 3, max_tokens=6, **GREEDY)
+    s.run_until_idle()
+    assert greedy[0].generated == greedy[1].generated == greedy[2].generated
+    stats = s.stats()
+    assert stats["active_slots"] == 0 and not s.prefilling
+    if kind == "paged":
+        assert stats["free_pages"] == stats["total_pages"]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_n_choices_wait_for_slots_and_cancel_frees_all(engines, kind):
+    s = scheduler(engines, kind)
+    busy = [submit(s, [5, i + 1], max_tokens=4, **GREEDY) for i in range(2)]
+    s.step()
+    reqs = _choices(s, [3, 4], 3, max_tokens=30, temperature=1.0, seed=1)
+    s.step()
+    assert s.stats()["active_slots"] == 2 and s.stats()["queue_depth"] == 1  # 2 free < 3
+    while s.queue:
+        s.step()
+    assert all(r.finish_reason == "length" for r in busy)
+    s.step()
+    assert all(r.generated for r in reqs)
+    s.cancel(reqs[1])  # cancelling one choice cancels the group
+    s.step()
+    assert all(r.finish_reason == "abort" for r in reqs)
+    stats = s.stats()
+    assert stats["active_slots"] == 0
+    if kind == "paged":
+        assert stats["free_pages"] == stats["total_pages"]
+    with pytest.raises(ValueError, match="max_decode_slots"):
+        _choices(s, [3, 4], 5, max_tokens=4)

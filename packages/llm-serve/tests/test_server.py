@@ -173,7 +173,24 @@ def post(server, path, body, raw=False):
         ),
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "yes"}, 400, "stream"),
-        ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 2}, 400, "n"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 0}, 400, "n"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 9}, 400, "n"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 5}, 400, "n"),  # > 4 slots
+        ("/v1/chat/completions", {"model": "tiny", "messages": [], "n": 2}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 5},
+            400,
+            "n",
+        ),
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"messages": "hi"}, 400, "messages"),
+        ("/tokenize", b"[1]", 400, None),
+        ("/detokenize", {}, 400, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1, "a"]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
         ("/v1/completions", {"model": "tiny", "prompt": "hi " * 1100}, 400, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
         ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
@@ -346,3 +363,65 @@ def test_echo_with_generation_and_streaming(client, server):
     first = chunks[0].choices[0]
     assert first.text == "Hello world" and first.logprobs.tokens == echo.logprobs.tokens[:n]
     assert idle(server)["active_slots"] == 0
+
+
+def test_n_choices_completions(client, server):
+    kw = dict(model="tiny", prompt="the quick brown", max_tokens=8, n=2, seed=5, logprobs=0)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # reproducible
+    assert all(c.finish_reason for c in a.choices)
+    tokens = [len(c.logprobs.tokens) for c in a.choices]
+    assert a.usage.completion_tokens == sum(tokens) and all(0 < t <= 8 for t in tokens)
+    assert len(set(c.text for c in a.choices)) == 2  # sampled with seeds 5 and 6
+    assert a.usage.prompt_tokens == len(tiny_tokenizer().encode("the quick brown"))
+    greedy = client.completions.create(**{**kw, "temperature": 0, "echo": True})
+    assert greedy.choices[0].text == greedy.choices[1].text
+    assert greedy.choices[0].text.startswith("the quick brown")
+    assert greedy.choices[1].logprobs.token_logprobs[0] is None
+    chunks = list(client.completions.create(**kw, stream=True))
+    texts, finishes = ["", ""], [None, None]
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.text
+            finishes[c.index] = finishes[c.index] or c.finish_reason
+    assert texts == [c.text for c in a.choices]
+    assert all(finishes)
+    health = idle(server)
+    assert health["active_slots"] == 0 and health["free_pages"] == health["total_pages"]
+
+
+def test_n_choices_chat(client, server):
+    messages = [{"role": "user", "content": "Hello world!"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=6, n=2, seed=3)
+    a = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert all(c.finish_reason and c.message.role == "assistant" for c in a.choices)
+    texts, finishes = ["", ""], [None, None]
+    for ch in client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    ):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = finishes[c.index] or c.finish_reason
+        if ch.usage is not None:
+            assert ch.usage.completion_tokens == a.usage.completion_tokens
+    assert texts == [c.message.content for c in a.choices]
+    assert all(finishes)
+    health = idle(server)
+    assert health["active_slots"] == 0 and health["free_pages"] == health["total_pages"]
+
+
+def test_tokenize_detokenize_round_trip(server):
+    tok = tiny_tokenizer()
+    r = post(server, "/tokenize", {"prompt": "Hello world! the lazy dog"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("Hello world! the lazy dog")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 1024
+    back = post(server, "/detokenize", {"tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "Hello world! the lazy dog"}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = post(server, "/tokenize", {"messages": messages}).json()
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template(messages))

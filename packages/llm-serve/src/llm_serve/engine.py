@@ -9,6 +9,10 @@ The protocol (as in JetStream) keeps the engine free of any scheduling policy:
     state, out = engine.generate(params, state)               # one token for every slot
     state = engine.release(state, slot)                       # slot (and its pages) free again
 
+`engine.fork(prefix, sampling)` gives the same prompt KV with a first token drawn under other settings
+(another seed) from the prompt's last logits: `n` > 1 choices prefill once and insert the forks into
+n slots (insert copies the prefix into each slot's row or pages).
+
 Every step is the model's own `forward` on a cache from the model's `init_cache`, jitted over
 `nnx.split` state. `from_model` serves llm-core's decode view (`llm_core.unstack_layers`: the same
 parameters, one array per layer group) unless `decode_view=False`. The engine never looks inside a
@@ -39,6 +43,7 @@ page table), so short requests do not pay for `kv_cache_max_length` positions pe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -86,6 +91,7 @@ class PrefillJob:
     capacity: int
     done: int = 0
     first: Sampled | None = None
+    logits: jax.Array | None = None  # [1, V] logits at the last prompt position (after a chunk)
     prompt_logprobs: int | None = None  # None: not asked; k: also the k most likely tokens
     prev: jax.Array | None = None  # [V] log-softmax at the last position of the previous chunk
     scores: list = field(default_factory=list)  # per chunk: (logprobs [c], top_ids, top_lps)
@@ -102,6 +108,7 @@ class Prefix:
     first: Sampled
     sampling: SlotSampling
     meta: dict = field(default_factory=dict)
+    logits: jax.Array | None = None  # [1, V] logits at the last prompt position (for `fork`)
     # prefill(..., prompt_logprobs=k) only (host arrays): log p(token i | tokens < i), NaN at i = 0,
     # and the k most likely tokens at each position (row 0: zeros)
     prompt_logprobs: np.ndarray | None = None  # [length] float32
@@ -253,7 +260,7 @@ class Engine:
         pos = np.full((1, width), job.capacity, np.int32)  # padding: dropped by the cache
         pos[0, :c] = np.arange(job.done, job.done + c)
         score = job.prompt_logprobs is not None
-        job.cache, job.first, scores = self._prefill_fn(
+        job.cache, job.first, job.logits, scores = self._prefill_fn(
             params, job.cache, jnp.asarray(ids), jnp.asarray(pos), c - 1, job.sampling, job.prev,
             score=score,
         )  # fmt: skip
@@ -266,8 +273,9 @@ class Engine:
         if job.done < n:
             return None
         prefix = Prefix(
-            cache=job.cache, capacity=job.capacity, length=n, first=job.first, sampling=job.sampling
-        )
+            cache=job.cache, capacity=job.capacity, length=n, first=job.first, sampling=job.sampling,
+            logits=job.logits,
+        )  # fmt: skip
         if score:
             lps, top_ids, top_lps = (np.concatenate(parts) for parts in zip(*job.scores))
             lps[0] = np.nan  # the first token has no context
@@ -293,7 +301,7 @@ class Engine:
         counts = jnp.zeros(last_logits.shape, jnp.int32)
         first = sample(last_logits, sampling, counts)
         if not score:
-            return cache, first, None
+            return cache, first, last_logits, None
         # token j of the chunk is scored by the log-softmax at position j - 1 (j = 0: the last
         # position of the previous chunk, `prev`); rows past the chunk are padding
         lsm = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [W, V]
@@ -301,7 +309,17 @@ class Engine:
         lps = jnp.take_along_axis(before, ids[0][:, None], axis=-1)[:, 0]
         top_lps, top_ids = jax.lax.top_k(before, min(TOP_LOGPROBS_MAX, before.shape[-1]))
         new_prev = jax.lax.dynamic_index_in_dim(lsm, last, axis=0, keepdims=False)
-        return cache, first, (lps, top_ids.astype(jnp.int32), top_lps, new_prev)
+        return cache, first, last_logits, (lps, top_ids.astype(jnp.int32), top_lps, new_prev)
+
+    def fork(self, prefix: Prefix, sampling: SamplingParams) -> Prefix:
+        """The same prompt KV with its first token drawn anew under `sampling` (e.g. another seed):
+        for `n` > 1 choices of one prompt, prefilled once and inserted into several slots. The
+        cache is shared, not copied: `insert` copies it into each slot's row or pages."""
+        if prefix.logits is None:
+            raise ValueError("this Prefix has no last-position logits to sample from")
+        slot_sampling = SlotSampling.of(sampling)
+        first = _sample_first(prefix.logits, slot_sampling)
+        return dataclasses.replace(prefix, first=first, sampling=slot_sampling)
 
     # ------------------------------------------------------------------ insert / release
     def reserve(self, slot: int, num_tokens: int) -> bool:
@@ -402,6 +420,11 @@ class Engine:
 def _resize(cache, length: int):
     """Cut or zero-pad every layer cache of a contiguous model cache to `length` positions."""
     return map_layer_caches(lambda c: c.resize(length), cache)
+
+
+@jax.jit
+def _sample_first(logits: jax.Array, sampling: SlotSampling) -> Sampled:
+    return sample(logits, sampling, jnp.zeros(logits.shape, jnp.int32))
 
 
 @partial(jax.jit, donate_argnums=(0,))

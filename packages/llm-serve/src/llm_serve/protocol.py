@@ -1,10 +1,21 @@
 """OpenAI request parsing (with errors naming the field at fault) and response bodies.
 
-Supported request fields. Both endpoints: model, max_tokens, temperature, top_p, n (1 only), stream,
+Supported request fields. Both endpoints: model, max_tokens, temperature, top_p, n (1-8), stream,
 stream_options.include_usage, stop, seed, presence_penalty, frequency_penalty, and the vLLM
 extensions top_k, min_p, stop_token_ids, ignore_eos. Completions: prompt (a string, a list of token
 ids, or a list of one string), logprobs (0-5), echo. Chat: messages, logprobs (bool), top_logprobs
 (0-20), max_completion_tokens. Unknown fields are ignored, as OpenAI does.
+
+`n` > 1 (at most N_MAX and at most the server's max_decode_slots): n choices with `index` 0..n-1, the
+prompt prefilled once. Choice i samples with seed `seed + i` (a random seed when none is given), so the
+choices differ yet a seeded response is reproducible; greedy (temperature 0) gives n equal choices.
+Stop strings, max_tokens, logprobs and echo apply per choice; `usage.completion_tokens` sums the
+choices, `prompt_tokens` counts the prompt once. Streaming chunks carry their choice's `index`, each
+choice sends its own finish chunk, and `[DONE]` follows the last one.
+
+`POST /tokenize` takes `{"prompt": str}` or `{"messages": [...]}` (rendered with the chat template)
+and answers `{"tokens", "count", "max_model_len"}`; `POST /detokenize` takes `{"tokens": [ids]}` and
+answers `{"prompt": str}` (vLLM's shapes; `parse_tokenize` / `parse_detokenize`).
 
 Completions `echo: true` (as the OpenAI legacy API and vLLM, what lm-evaluation-harness's
 log-likelihood tasks need): the text is the prompt followed by the completion, and with `logprobs: N`
@@ -42,6 +53,8 @@ class APIError(Exception):
         }
 
 
+N_MAX = 8  # most choices per request (`n`)
+
 _MISSING = object()
 _NUM = (int, float)
 
@@ -74,6 +87,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
+    n: int = 1
 
 
 def _stop(body: dict) -> list[str]:
@@ -86,11 +100,12 @@ def _stop(body: dict) -> list[str]:
 
 def _common(
     body: dict, max_tokens_default, logprobs, prompt_logprobs=None, allow_zero=False
-) -> tuple[SamplingParams, bool, bool]:
+) -> tuple[SamplingParams, bool, bool, int]:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
-    if _field(body, "n", int, 1) != 1:
-        raise APIError(400, "'n' must be 1: one completion per request is supported.", "n")
+    n = _field(body, "n", int, 1)
+    if not 1 <= n <= N_MAX:
+        raise APIError(400, f"'n' must be an int in [1, {N_MAX}], got {n}.", "n")
     stop_ids = _field(body, "stop_token_ids", list, [], "a list of ints")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise APIError(400, "'stop_token_ids' must be a list of ints.", "stop_token_ids")
@@ -127,7 +142,7 @@ def _common(
         param = name if err.field == "max_tokens" else err.field
         message = str(err).replace("'max_tokens'", f"'{param}'")
         raise APIError(400, message.replace("with prompt_logprobs", "with echo"), param) from None
-    return sampling, stream, include_usage
+    return sampling, stream, include_usage, n
 
 
 def parse_completion(body) -> ParsedRequest:
@@ -149,14 +164,12 @@ def parse_completion(body) -> ParsedRequest:
         raise APIError(400, "'logprobs' must be an int in [0, 5] or null.", "logprobs")
     echo = _field(body, "echo", bool, False)
     prompt_logprobs = logprobs if echo else None
-    sampling, stream, usage = _common(body, 16, logprobs, prompt_logprobs, allow_zero=echo)
-    return ParsedRequest(model, prompt, None, sampling, stream, usage, echo)
+    sampling, stream, usage, n = _common(body, 16, logprobs, prompt_logprobs, allow_zero=echo)
+    return ParsedRequest(model, prompt, None, sampling, stream, usage, echo, n)
 
 
-def parse_chat(body) -> ParsedRequest:
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
-    model = _field(body, "model", str)
+def parse_messages(body: dict) -> list[dict]:
+    """The chat `messages` of a body, checked and with content parts joined into strings."""
     messages = _field(body, "messages", list, what="a list of {role, content} objects")
     if not messages:
         raise APIError(400, "'messages' must hold at least one message.", "messages")
@@ -175,14 +188,47 @@ def parse_chat(body) -> ParsedRequest:
         if not isinstance(content, str):
             raise APIError(400, f"'{where}.content' must be a string.", f"{where}.content")
         clean.append({"role": m["role"], "content": content})
+    return clean
+
+
+def parse_chat(body) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
+    model = _field(body, "model", str)
+    clean = parse_messages(body)
     top = _field(body, "top_logprobs", int, None)
     if top is not None and not 0 <= top <= TOP_LOGPROBS_MAX:
         raise APIError(
             400, f"'top_logprobs' must be an int in [0, {TOP_LOGPROBS_MAX}].", "top_logprobs"
         )
     want = _field(body, "logprobs", bool, False)
-    sampling, stream, usage = _common(body, None, (top or 0) if want else None)
-    return ParsedRequest(model, None, clean, sampling, stream, usage)
+    sampling, stream, usage, n = _common(body, None, (top or 0) if want else None)
+    return ParsedRequest(model, None, clean, sampling, stream, usage, n=n)
+
+
+def parse_tokenize(body) -> tuple[str | None, list[dict] | None]:
+    """`/tokenize`: (prompt, None) or (None, messages)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
+    if "prompt" in body:
+        return _field(body, "prompt", str), None
+    if "messages" in body:
+        return None, parse_messages(body)
+    raise APIError(400, "'prompt' (a string) or 'messages' is required.", "prompt", "missing_field")
+
+
+def parse_detokenize(body, vocab_size: int) -> list[int]:
+    """`/detokenize`: the token ids, each in [0, vocab_size)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
+    tokens = _field(body, "tokens", list, what="a list of token ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise APIError(400, "'tokens' must be a list of ints.", "tokens")
+    if any(not 0 <= t < vocab_size for t in tokens):
+        raise APIError(
+            400, f"'tokens' holds ids outside the vocabulary [0, {vocab_size}).", "tokens"
+        )
+    return tokens
 
 
 # ---------------------------------------------------------------------- responses
@@ -251,36 +297,42 @@ def chat_logprobs(tokenizer, events) -> dict:
     return {"content": content}
 
 
-def _envelope(rid, model, obj: str, choice: dict, usage: dict | None = None) -> dict:
-    """The OpenAI response object around one choice (usage only where the API sends it)."""
+def _envelope(rid, model, obj: str, choices: list[dict], usage: dict | None = None) -> dict:
+    """The OpenAI response object around its choices (usage only where the API sends it)."""
     body = {
         "id": rid,
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
     }
     if usage is not None:
         body["usage"] = usage
     return body
 
 
-def completion_body(rid, model, text, finish, logprobs, use) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return _envelope(rid, model, "text_completion", choice, use)
+def completion_choice(index, text, finish, logprobs) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def chat_body(rid, model, text, finish, logprobs, use) -> dict:
+def chat_choice(index, text, finish, logprobs) -> dict:
     message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-    return _envelope(rid, model, "chat.completion", choice, use)
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def completion_chunk(rid, model, text, finish=None, logprobs=None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return _envelope(rid, model, "text_completion", choice)
+def completion_body(rid, model, choices: list[dict], use) -> dict:
+    return _envelope(rid, model, "text_completion", choices, use)
 
 
-def chat_chunk(rid, model, delta: dict, finish=None, logprobs=None) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    return _envelope(rid, model, "chat.completion.chunk", choice)
+def chat_body(rid, model, choices: list[dict], use) -> dict:
+    return _envelope(rid, model, "chat.completion", choices, use)
+
+
+def completion_chunk(rid, model, text, finish=None, logprobs=None, index: int = 0) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _envelope(rid, model, "text_completion", [choice])
+
+
+def chat_chunk(rid, model, delta: dict, finish=None, logprobs=None, index: int = 0) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _envelope(rid, model, "chat.completion.chunk", [choice])

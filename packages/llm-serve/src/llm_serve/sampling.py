@@ -15,6 +15,7 @@ OpenAI API documents them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -93,6 +94,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The settings of choice `index` of an `n` > 1 request: the seed is `seed + index`, so the
+        choices differ and one seed still reproduces the whole response."""
+        return self if index == 0 else dataclasses.replace(self, seed=self.seed + index)
 
 
 @struct.dataclass

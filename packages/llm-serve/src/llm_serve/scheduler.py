@@ -14,6 +14,12 @@ A request with `sampling.prompt_logprobs` set gets its prompt scored by the pref
 (`Request.prompt_logprobs` / `prompt_top_logprobs`, filled before its first event); with
 `max_tokens=0` it then finishes ("length") without generating a token.
 
+A request for `n` > 1 choices is a group of n Requests with the same prompt (`submit_group`; choice i
+samples with `SamplingParams.for_choice(i)`). It waits until n slots (and their pages) are free, its
+prompt is prefilled once, and the prefix is inserted into each of the n slots (`Engine.fork` draws
+each choice's first token from the prompt's last logits with its own seed); from then on every
+choice is an ordinary request in its own slot. Cancelling one member cancels the group.
+
 The waiting queue is bounded (`max_queue_size`); `submit` raises `QueueFull` beyond it. The loop runs
 in a background thread (`start` / `stop`) or is driven by hand (`step`, `run_until_idle`) in tests.
 """
@@ -70,6 +76,8 @@ class Request:
     # first) and its most likely alternatives [(token id, logprob)] (None for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    index: int = 0  # the choice this request is, within its group (n > 1)
+    group: list[Request] | None = None  # every choice of the request (set by submit_group)
 
 
 class Scheduler:
@@ -82,7 +90,8 @@ class Scheduler:
         self.state = engine.init_decode_state()
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * engine.max_concurrent_decodes
-        self.prefilling: list[tuple[int, object]] = []  # (slot, PrefillJob)
+        # (slots of the group, PrefillJob, the request whose sampling the prefill used)
+        self.prefilling: list[tuple[list[int], object, Request]] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -90,32 +99,52 @@ class Scheduler:
 
     # ------------------------------------------------------------------ client side (any thread)
     def submit(self, req: Request) -> Request:
-        n = len(req.prompt_ids)
+        return self.submit_group([req])[0]
+
+    def submit_group(self, reqs: list[Request]) -> list[Request]:
+        """The n choices of one request (same prompt; choice i usually with
+        `sampling.for_choice(i)`): admitted together, prefilled once. Raises ValueError (n larger
+        than the slots, or a prompt that does not fit) or QueueFull."""
+        if not reqs:
+            raise ValueError("a group needs at least one request")
+        first = reqs[0]
+        if any(r.prompt_ids != first.prompt_ids for r in reqs):
+            raise ValueError("the requests of a group must share their prompt")
+        if len(reqs) > len(self.slots):
+            raise ValueError(
+                f"n={len(reqs)} choices need as many decode slots; this server has "
+                f"{len(self.slots)} (max_decode_slots)."
+            )
+        n = len(first.prompt_ids)
         room = self.engine.max_len - n
         if n == 0 or room <= 0:
             raise ValueError(
                 f"prompt has {n} tokens; the context holds {self.engine.max_len} "
                 "(kv_cache_max_length), prompt included, and a prompt needs at least 1 token."
             )
-        req.max_new = min(req.sampling.max_tokens, room)
         alloc = self.engine.allocator
-        if alloc is not None and alloc.pages_for(n + req.max_new) > alloc.capacity:
+        for i, req in enumerate(reqs):
+            req.max_new = min(req.sampling.max_tokens, room)
+            req.index, req.group = i, reqs
+            req.stream = TextStream(self.tokenizer, req.sampling.stop)
+        pages = sum(alloc.pages_for(n + r.max_new) for r in reqs) if alloc is not None else 0
+        if alloc is not None and pages > alloc.capacity:
             raise ValueError(
-                f"prompt + max_tokens need {alloc.pages_for(n + req.max_new)} KV pages but the pool "
-                f"holds {alloc.capacity} (kv_num_pages); lower max_tokens or raise kv_num_pages."
+                f"prompt + max_tokens need {pages} KV pages but the pool holds {alloc.capacity} "
+                "(kv_num_pages); lower max_tokens (or n) or raise kv_num_pages."
             )
-        req.stream = TextStream(self.tokenizer, req.sampling.stop)
         with self._cv:
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are waiting (max_queue_size)")
-            self.queue.append(req)
+            self.queue.append(first)
             self._cv.notify()
-        return req
+        return reqs
 
     def cancel(self, req: Request) -> None:
-        """The client went away: free its slot and pages at the next step boundary."""
+        """The client went away: free its slots and pages (every choice's) at the next step."""
         with self._cv:
-            req.cancelled = True
+            for r in req.group or [req]:
+                r.cancelled = True
             self._cv.notify()
 
     def stats(self) -> dict:
@@ -172,21 +201,15 @@ class Scheduler:
                 self._finish(slot, "abort")
         self._admit()
         if self.prefilling:
-            slot, job = self.prefilling[0]
+            slots, job, owner = self.prefilling[0]
             prefix = self.engine.prefill_chunk(self.params, job)
             if prefix is not None:
                 self.prefilling.pop(0)
-                req = self.slots[slot]
                 if self.metrics:
                     self.metrics.prompt_tokens.inc(prefix.length)
-                if prefix.prompt_logprobs is not None:
-                    _store_prompt_scores(req, prefix)
-                if req.max_new == 0:  # scoring only: no slot needed for decoding
-                    self._finish(slot, "length")
-                else:
-                    self.state = self.engine.insert(prefix, self.state, slot)
-                    self._deliver(slot, req, jax.device_get(prefix.first), 0)
-        busy = {s for s, _ in self.prefilling}
+                for slot in slots:
+                    self._start_decoding(slot, prefix, owner)
+        busy = {s for slots, _, _ in self.prefilling for s in slots}
         decoding = [s for s, r in enumerate(self.slots) if r is not None and s not in busy]
         if decoding:
             self.state, out = self.engine.generate(self.params, self.state)
@@ -195,29 +218,54 @@ class Scheduler:
                 self._deliver(slot, self.slots[slot], out, slot)
         self._update_gauges()
 
+    def _start_decoding(self, slot: int, prefix, owner: Request) -> None:
+        """A finished prefill goes into `slot` (its own first token unless it is `owner`'s)."""
+        req = self.slots[slot]
+        if prefix.prompt_logprobs is not None:
+            _store_prompt_scores(req, prefix)
+        if req.max_new == 0:  # scoring only: no slot needed for decoding
+            self._finish(slot, "length")
+            return
+        mine = prefix if req is owner else self.engine.fork(prefix, req.sampling)
+        self.state = self.engine.insert(mine, self.state, slot)
+        self._deliver(slot, req, jax.device_get(mine.first), 0)
+
     def _admit(self) -> None:
         with self._cv:
-            while self.queue and self.queue[0].cancelled:
-                self._reject(self.queue.popleft())
             free = [s for s, r in enumerate(self.slots) if r is None]
-            while self.queue and free:
-                req = self.queue[0]
-                if req.cancelled:
-                    self._reject(self.queue.popleft())
+            alloc = self.engine.allocator
+            while self.queue:
+                lead = self.queue[0]
+                group = lead.group or [lead]
+                if any(r.cancelled for r in group):
+                    for r in group:
+                        self._reject(self.queue.popleft() if r is lead else r)
                     continue
-                slot = free[0]
-                if not self.engine.reserve(slot, len(req.prompt_ids) + req.max_new):
-                    break  # pages come back when running requests finish
+                if len(free) < len(group):
+                    break  # slots come back when running requests finish
+                n = len(lead.prompt_ids)
+                if alloc is not None:
+                    need = sum(alloc.pages_for(n + r.max_new) for r in group)
+                    if need > alloc.num_free:
+                        break  # pages come back when running requests finish
+                taken = []
+                for r in group:
+                    slot = free.pop(0)
+                    if not self.engine.reserve(slot, n + r.max_new):  # pragma: no cover
+                        raise RuntimeError("pages counted free could not be reserved")
+                    self.slots[slot] = r
+                    taken.append(slot)
                 self.queue.popleft()
-                free.pop(0)
-                self.slots[slot] = req
                 job = self.engine.start_prefill(
-                    req.prompt_ids, req.sampling, req.sampling.prompt_logprobs
+                    lead.prompt_ids, lead.sampling, lead.sampling.prompt_logprobs
                 )
-                self.prefilling.append((slot, job))
+                self.prefilling.append((taken, job, lead))
 
     def _reject(self, req: Request) -> None:
+        if req.finished:
+            return
         req.finished = True
+        req.finish_reason = "abort"
         req.on_event(Event(text="", finish_reason="abort"))
         if self.metrics:
             self.metrics.requests.labels("abort").inc()
@@ -260,7 +308,11 @@ class Scheduler:
     def _finish(self, slot: int, reason: str) -> None:
         req = self.slots[slot]
         self.slots[slot] = None
-        self.prefilling = [(s, j) for s, j in self.prefilling if s != slot]
+        self.prefilling = [
+            ([s for s in slots if s != slot], job, owner)
+            for slots, job, owner in self.prefilling
+            if slots != [slot]
+        ]
         self.state = self.engine.release(self.state, slot)
         if req is not None and not req.finished:
             req.finished = True

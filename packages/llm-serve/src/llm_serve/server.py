@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server (FastAPI): completions, chat completions, models, health, metrics.
+"""OpenAI-compatible HTTP server (FastAPI): completions, chat completions (n choices), models, health,
+metrics, and vLLM's /tokenize and /detokenize.
 
     app = create_app(scheduler, tokenizer, model_name="tiny")   # the scheduler thread starts with it
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -97,21 +98,38 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
             raise P.APIError(400, f"'{param}' holds token ids outside the vocabulary.", param)
         return ids
 
-    def submit(ids, sampling):
+    def submit(ids, parsed: P.ParsedRequest):
+        """The request's n choices as one scheduler group; events arrive as (index, Event)."""
+        if parsed.n > len(scheduler.slots):
+            raise P.APIError(
+                400,
+                f"'n' is {parsed.n}; this server decodes at most {len(scheduler.slots)} sequences "
+                "at once (max_decode_slots).",
+                "n",
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        req = EngineRequest(
-            ids, sampling, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        )
+
+        def sink(i):
+            return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+        reqs = [
+            EngineRequest(list(ids), parsed.sampling.for_choice(i), sink(i))
+            for i in range(parsed.n)
+        ]
         try:
-            scheduler.submit(req)
+            scheduler.submit_group(reqs)
         except QueueFull as err:
             raise P.APIError(
                 429, f"Server busy: {err}. Retry shortly.", None, "queue_full"
             ) from None
         except ValueError as err:
             raise P.APIError(400, str(err), "max_tokens") from None
-        return req, queue
+        return reqs, queue
+
+    def cancel_unfinished(reqs) -> None:
+        if not all(r.finished for r in reqs):
+            scheduler.cancel(reqs[0])  # the whole group
 
     def echoed(parsed: P.ParsedRequest, ids: list[int], req) -> tuple[str, dict | None]:
         """Completions with echo: the prompt text and (logprobs asked) its logprobs object."""
@@ -120,85 +138,98 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
             return text, None
         return text, P.echo_logprobs(tokenizer, ids, req, parsed.sampling.logprobs)
 
+    def usage_of(ids, reqs) -> dict:
+        return P.usage(len(ids), sum(len(r.generated) for r in reqs))
+
     async def run(parsed: P.ParsedRequest, ids: list[int], chat: bool):
-        req, queue = submit(ids, parsed.sampling)
+        reqs, queue = submit(ids, parsed)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
             return StreamingResponse(
-                stream(req, queue, rid, parsed, ids, chat), media_type="text/event-stream"
+                stream(reqs, queue, rid, parsed, ids, chat), media_type="text/event-stream"
             )
-        events = []
+        events: list[list] = [[] for _ in reqs]
         try:
-            while True:
-                ev = await queue.get()
-                events.append(ev)
-                if ev.finish_reason:
-                    break
+            left = len(reqs)
+            while left:
+                i, ev = await queue.get()
+                events[i].append(ev)
+                left -= bool(ev.finish_reason)
         finally:
-            if not req.finished:
-                scheduler.cancel(req)
-        text = "".join(e.text for e in events)
-        use = P.usage(len(ids), len(req.generated))
+            cancel_unfinished(reqs)
+        use = usage_of(ids, reqs)
         want = parsed.sampling.logprobs is not None
-        if chat:
-            lp = P.chat_logprobs(tokenizer, events) if want else None
-            return P.chat_body(rid, parsed.model, text, events[-1].finish_reason, lp, use)
-        if not parsed.echo:
-            lp = P.completion_logprobs(tokenizer, events) if want else None
-            return P.completion_body(rid, parsed.model, text, events[-1].finish_reason, lp, use)
-        if events[-1].finish_reason == "abort":
+        if not chat and parsed.echo and any(e[-1].finish_reason == "abort" for e in events):
             raise P.APIError(
                 503, "The request was aborted (engine failure or cancellation) before it finished."
             )
-        prompt_text, lp = echoed(parsed, ids, req)
-        if want:
-            lp = P.join_logprobs(lp, P.completion_logprobs(tokenizer, events, len(prompt_text)))
-        finish = events[-1].finish_reason
-        return P.completion_body(rid, parsed.model, prompt_text + text, finish, lp, use)
+        choices = []
+        for i, (req, evs) in enumerate(zip(reqs, events)):
+            text, finish = "".join(e.text for e in evs), evs[-1].finish_reason
+            if chat:
+                lp = P.chat_logprobs(tokenizer, evs) if want else None
+                choices.append(P.chat_choice(i, text, finish, lp))
+            elif not parsed.echo:
+                lp = P.completion_logprobs(tokenizer, evs) if want else None
+                choices.append(P.completion_choice(i, text, finish, lp))
+            else:
+                prompt_text, lp = echoed(parsed, ids, req)
+                if want:
+                    more = P.completion_logprobs(tokenizer, evs, len(prompt_text))
+                    lp = P.join_logprobs(lp, more)
+                choices.append(P.completion_choice(i, prompt_text + text, finish, lp))
+        body = P.chat_body if chat else P.completion_body
+        return body(rid, parsed.model, choices, use)
 
-    async def stream(req, queue, rid, parsed, ids, chat):
+    async def stream(reqs, queue, rid, parsed, ids, chat):
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
         want = parsed.sampling.logprobs is not None
-        offset = 0
+        n = len(reqs)
+        offsets = [0] * n
+        echo = [not chat and parsed.echo] * n
         try:
             if chat:
-                yield sse(P.chat_chunk(rid, parsed.model, {"role": "assistant", "content": ""}))
-            echo = not chat and parsed.echo
-            while True:
-                ev = await queue.get()
-                if echo and ev.finish_reason != "abort":  # the prompt is scored by now
-                    echo = False
-                    text, lp = echoed(parsed, ids, req)
-                    yield sse(P.completion_chunk(rid, parsed.model, text, None, lp))
-                    offset += len(text)
+                for i in range(n):
+                    delta = {"role": "assistant", "content": ""}
+                    yield sse(P.chat_chunk(rid, parsed.model, delta, index=i))
+            left = n
+            while left:
+                i, ev = await queue.get()
+                if echo[i] and ev.finish_reason != "abort":  # the prompt is scored by now
+                    echo[i] = False
+                    text, lp = echoed(parsed, ids, reqs[i])
+                    yield sse(P.completion_chunk(rid, parsed.model, text, None, lp, index=i))
+                    offsets[i] += len(text)
                 if ev.finish_reason:
+                    left -= 1
                     if chat:
-                        yield sse(P.chat_chunk(rid, parsed.model, {}, ev.finish_reason))
+                        yield sse(P.chat_chunk(rid, parsed.model, {}, ev.finish_reason, index=i))
                     else:
-                        yield sse(P.completion_chunk(rid, parsed.model, "", ev.finish_reason))
-                    if parsed.include_usage:
-                        body = (
-                            P.chat_chunk(rid, parsed.model, {})
-                            if chat
-                            else P.completion_chunk(rid, parsed.model, "")
-                        )
-                        body["choices"] = []
-                        body["usage"] = P.usage(len(req.prompt_ids), len(req.generated))
-                        yield sse(body)
-                    yield "data: [DONE]\n\n"
-                    return
+                        chunk = P.completion_chunk(rid, parsed.model, "", ev.finish_reason, index=i)
+                        yield sse(chunk)
+                    continue
                 if chat:
                     lp = P.chat_logprobs(tokenizer, [ev]) if want else None
-                    yield sse(P.chat_chunk(rid, parsed.model, {"content": ev.text}, None, lp))
+                    delta = {"content": ev.text}
+                    yield sse(P.chat_chunk(rid, parsed.model, delta, None, lp, index=i))
                 else:
-                    lp = P.completion_logprobs(tokenizer, [ev], offset) if want else None
-                    yield sse(P.completion_chunk(rid, parsed.model, ev.text, None, lp))
-                offset += len(ev.text)
+                    lp = P.completion_logprobs(tokenizer, [ev], offsets[i]) if want else None
+                    yield sse(P.completion_chunk(rid, parsed.model, ev.text, None, lp, index=i))
+                offsets[i] += len(ev.text)
+            if parsed.include_usage:
+                body = (
+                    P.chat_chunk(rid, parsed.model, {})
+                    if chat
+                    else P.completion_chunk(rid, parsed.model, "")
+                )
+                body["choices"] = []
+                body["usage"] = usage_of(ids, reqs)
+                yield sse(body)
+            yield "data: [DONE]\n\n"
         finally:
-            if not req.finished:
-                scheduler.cancel(req)
+            cancel_unfinished(reqs)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -217,6 +248,18 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
         text = tokenizer.apply_chat_template(parsed.messages)
         ids = prompt_ids(tokenizer.encode(text), "messages")
         return await run(parsed, ids, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        prompt, messages = P.parse_tokenize(await read_json(request))
+        text = prompt if messages is None else tokenizer.apply_chat_template(messages)
+        ids = tokenizer.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        ids = P.parse_detokenize(await read_json(request), tokenizer.vocab_size)
+        return {"prompt": tokenizer.decode(ids)}
 
     app.state.started = time.time()
     return app
