@@ -298,8 +298,7 @@ class Engine:
     def _prefill_impl(self, params, cache, ids, pos, last, sampling, prev, score: bool):
         logits, cache = self._forward(params, ids, pos, cache)
         last_logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
-        counts = jnp.zeros(last_logits.shape, jnp.int32)
-        first = sample(last_logits, sampling, counts)
+        first = _first_token(last_logits, sampling)
         if not score:
             return cache, first, last_logits, None
         # token j of the chunk is scored by the log-softmax at position j - 1 (j = 0: the last
@@ -422,9 +421,12 @@ def _resize(cache, length: int):
     return map_layer_caches(lambda c: c.resize(length), cache)
 
 
-@jax.jit
-def _sample_first(logits: jax.Array, sampling: SlotSampling) -> Sampled:
+def _first_token(logits: jax.Array, sampling: SlotSampling) -> Sampled:
+    """A prompt's first generated token (no tokens generated yet: no penalty counts)."""
     return sample(logits, sampling, jnp.zeros(logits.shape, jnp.int32))
+
+
+_sample_first = jax.jit(_first_token)
 
 
 @partial(jax.jit, donate_argnums=(0,))

@@ -57,10 +57,15 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
     return weights, experts, probs
 
 
-def load_balancing_loss(probs: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
-    """Switch / Mixtral auxiliary loss for one layer: E * sum_e (assignments_e / T) * mean_t P[t, e]."""
-    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
-    return num_experts * jnp.sum(counts / probs.shape[0] * probs.mean(0))
+def expert_counts(experts: jax.Array, num_experts: int) -> jax.Array:
+    """Top-k assignments per expert [E] (float32) from expert ids [T, k]."""
+    return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+
+
+def load_balancing_loss(probs: jax.Array, counts: jax.Array) -> jax.Array:
+    """Switch / Mixtral auxiliary loss for one layer: E * sum_e (assignments_e / T) * mean_t P[t, e];
+    probs [T, E], counts from `expert_counts`."""
+    return probs.shape[1] * jnp.sum(counts / probs.shape[0] * probs.mean(0))
 
 
 class MoE(nnx.Module):
@@ -93,19 +98,18 @@ class MoE(nnx.Module):
         else:
             y_assign, dropped = self._with_capacity(tokens, experts)
         y = jnp.einsum("tkd,tk->td", y_assign, weights.astype(y_assign.dtype))
-        counts = jnp.zeros((self.num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+        counts = expert_counts(experts, self.num_experts)
         aux = {
-            "moe_lb_loss": load_balancing_loss(probs, experts, self.num_experts),
+            "moe_lb_loss": load_balancing_loss(probs, counts),
             "moe_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
             "moe_tokens_per_expert": counts,
             "moe_dropped": dropped,
         }
         return y.reshape(shape).astype(x.dtype), aux
 
-    def _ffn_ragged(self, xs, sizes):
-        return self.down.ragged(
-            self.act(self.gate.ragged(xs, sizes)) * self.up.ragged(xs, sizes), sizes
-        )
+    def _ffn(self, x, matmul):
+        """The gated expert FFN, with `matmul(grouped_linear, x)` doing each expert-weight product."""
+        return matmul(self.down, self.act(matmul(self.gate, x)) * matmul(self.up, x))
 
     def _dropless(self, tokens, experts):
         """Sort assignments by expert, grouped matmuls, unsort -> [T, k, D]."""
@@ -115,7 +119,7 @@ class MoE(nnx.Module):
         sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
         rows_per_expert = t * k / self.num_experts
         if self.matmul == "ragged_dot" or rows_per_expert < MIN_ROWS_FOR_TILES:
-            ys = self._ffn_ragged(tokens[order // k], sizes)
+            ys = self._ffn(tokens[order // k], lambda w, x: w.ragged(x, sizes))
         else:
             tile = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
             ys = self._ffn_tiled(tokens[order // k], flat[order], sizes, tile)
@@ -134,8 +138,7 @@ class MoE(nnx.Module):
         x = x.reshape(num_tiles, tile, -1)
         starts = jnp.arange(num_tiles) * tile
         tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), starts, side="right"), e - 1)
-        h = self.act(self.gate.tiles(x, tile_expert)) * self.up.tiles(x, tile_expert)
-        y = self.down.tiles(h, tile_expert)
+        y = self._ffn(x, lambda w, x: w.tiles(x, tile_expert))
         return y.reshape(num_tiles * tile, -1)[dest]
 
     def _with_capacity(self, tokens, experts):
@@ -149,8 +152,7 @@ class MoE(nnx.Module):
         slot = jnp.where(keep, slot, capacity)  # out of range: dropped by mode="drop"
         buf = jnp.zeros((self.num_experts, capacity, tokens.shape[-1]), tokens.dtype)
         buf = buf.at[flat, slot].set(jnp.repeat(tokens, k, axis=0), mode="drop")
-        h = self.act(self.gate.dense(buf)) * self.up.dense(buf)
-        out = self.down.dense(h)
+        out = self._ffn(buf, lambda w, x: w.dense(x))
         ys = out.at[flat, slot].get(mode="fill", fill_value=0)
         dropped = jnp.sum(~keep).astype(jnp.float32)
         return ys.reshape(t, k, -1), dropped

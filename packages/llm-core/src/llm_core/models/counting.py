@@ -17,31 +17,29 @@ from llm_core.config import Config
 
 
 def count_params(cfg: Config, exclude_embeddings: bool = False, active: bool = False) -> int:
-    total = 0.0
-    for path, shape, expert in _leaves(_key(cfg)):
-        if exclude_embeddings and path[0] == "embedder":
-            continue
-        size = math.prod(shape)
-        total += size * cfg.num_experts_per_tok / cfg.num_experts if (active and expert) else size
-    return round(total)
+    return _total(
+        cfg, active, lambda path, shape: not (exclude_embeddings and path[0] == "embedder")
+    )
 
 
 def matmul_params(cfg: Config) -> int:
     """Weights one token multiplies by (active experts only, the output head included even when tied,
     embeddings lookups, norms and biases excluded): FLOPs per token = 2 x this (forward)."""
+    total = _total(cfg, True, lambda path, shape: path[0] != "embedder" and path[-1] == "kernel")
+    return total + (cfg.vocab_size * cfg.emb_dim if cfg.tie_embeddings else 0)
+
+
+def _total(cfg: Config, active: bool, keep) -> int:
+    """Sum of the sizes of the parameters `keep(path, shape)` selects; with `active`, an
+    expert-stacked weight counts num_experts_per_tok / num_experts of its size."""
     total = 0.0
-    for path, shape, expert in _leaves(_key(cfg)):
-        if path[0] == "embedder" or len(shape) < 2 or path[-1] != "kernel":
-            continue
-        size = math.prod(shape)
-        total += size * cfg.num_experts_per_tok / cfg.num_experts if expert else size
-    if cfg.tie_embeddings:
-        total += cfg.vocab_size * cfg.emb_dim
+    for path, shape, expert in _leaves(json.dumps(cfg.to_dict(), sort_keys=True)):
+        if keep(path, shape):
+            size = math.prod(shape)
+            total += (
+                size * cfg.num_experts_per_tok / cfg.num_experts if (active and expert) else size
+            )
     return round(total)
-
-
-def _key(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
 @cache
