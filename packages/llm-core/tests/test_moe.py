@@ -56,6 +56,9 @@ def _loop_reference(moe: MoE, x, capacity=None):
 # (matmul, tokens per row): 9 tokens -> 9 rows per expert (ragged_dot below MIN_ROWS_FOR_TILES);
 # 40 tokens -> 40 rows per expert on average: 32-row tiles, with partly filled ones
 DROPLESS_CASES = [
+    ("grouped_matmul", 9),
+    ("grouped_matmul", 40),
+    ("dense", 9),
     ("ragged_dot", 9),
     ("ragged_dot", 40),
     ("tiled", 9),
@@ -76,7 +79,10 @@ def test_dropless_equals_per_expert_loop(normalize, matmul, seq):
     assert float(aux["moe_dropped"]) == 0
 
 
-@pytest.mark.parametrize(("matmul", "seq"), [("ragged_dot", 7), ("tiled", 70)])
+@pytest.mark.parametrize(
+    ("matmul", "seq"),
+    [("grouped_matmul", 7), ("grouped_matmul", 70), ("ragged_dot", 7), ("tiled", 70)],
+)
 def test_dropless_gradients_equal_dense_per_expert_computation(matmul, seq):
     """Gradients through the grouped matmuls match a dense formulation (every expert on every
     token, masked)."""
@@ -105,7 +111,7 @@ def test_dropless_gradients_equal_dense_per_expert_computation(matmul, seq):
         return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)[0].reshape(-1, 32)))
 
     if matmul == "tiled":  # the tiled path is the one taken
-        from llm_core.layers.moe import MIN_ROWS_FOR_TILES
+        from llm_core.layers.experts import MIN_ROWS_FOR_TILES
 
         assert seq * 2 / 4 >= MIN_ROWS_FOR_TILES
 

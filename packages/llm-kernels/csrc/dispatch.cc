@@ -47,6 +47,8 @@ void attention_fwd(const AttnFwdArgs& a) { LLMK_DISPATCH(attention_fwd, a) }
 void attention_bwd(const AttnBwdArgs& a) { LLMK_DISPATCH(attention_bwd, a) }
 void rms_norm_fwd(const RmsNormArgs& a) { LLMK_DISPATCH(rms_norm_fwd, a) }
 void rms_norm_bwd(const RmsNormArgs& a) { LLMK_DISPATCH(rms_norm_bwd, a) }
+void gmm(const GmmArgs& a) { LLMK_DISPATCH(gmm, a) }
+void tgmm(const TgmmArgs& a) { LLMK_DISPATCH(tgmm, a) }
 const char* isa_name() {
 #if defined(LLMK_MULTI_ISA)
   switch (isa()) {

@@ -149,8 +149,65 @@ ffi::Error RmsNormBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
+ffi::Error GmmImpl(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
+                   ffi::Buffer<ffi::S32> group_sizes, bool transpose_rhs,
+                   ffi::ResultBuffer<ffi::F32> out) {
+  auto ld = lhs.dimensions(), rd = rhs.dimensions(), od = out->dimensions();
+  if (ld.size() != 2 || rd.size() != 3 || od.size() != 2)
+    return ffi::Error::InvalidArgument("grouped_matmul: lhs must be 2-D, rhs 3-D");
+  GmmArgs a{};
+  a.m = ld[0];
+  a.k = ld[1];
+  a.groups = rd[0];
+  a.n = transpose_rhs ? rd[1] : rd[2];
+  if ((transpose_rhs ? rd[2] : rd[1]) != a.k || od[0] != a.m || od[1] != a.n ||
+      static_cast<int64_t>(group_sizes.element_count()) != a.groups)
+    return ffi::Error::InvalidArgument("grouped_matmul: shapes do not match");
+  a.group_sizes = group_sizes.typed_data();
+  a.lhs = lhs.typed_data();
+  a.rhs = rhs.typed_data();
+  a.transpose_rhs = transpose_rhs;
+  a.out = out->typed_data();
+  gmm(a);
+  return ffi::Error::Success();
+}
+
+ffi::Error TgmmImpl(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
+  auto ld = lhs.dimensions(), dd = dout.dimensions(), od = out->dimensions();
+  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || dd[0] != ld[0] || od[1] != ld[1] ||
+      od[2] != dd[1] || static_cast<int64_t>(group_sizes.element_count()) != od[0])
+    return ffi::Error::InvalidArgument("grouped_matmul (rhs gradient): shapes do not match");
+  TgmmArgs a{};
+  a.m = ld[0];
+  a.k = ld[1];
+  a.n = dd[1];
+  a.groups = od[0];
+  a.group_sizes = group_sizes.typed_data();
+  a.lhs = lhs.typed_data();
+  a.dout = dout.typed_data();
+  a.out = out->typed_data();
+  tgmm(a);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace llmk
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkGmm, llmk::GmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("transpose_rhs")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkTgmm, llmk::TgmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkAttentionFwd, llmk::AttentionFwdImpl,
                               ffi::Ffi::Bind()

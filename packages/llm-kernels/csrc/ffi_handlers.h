@@ -7,4 +7,6 @@ XLA_FFI_Error* LlmkAttentionFwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkAttentionBwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkRmsNormFwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkRmsNormBwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkGmm(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkTgmm(XLA_FFI_CallFrame* call_frame);
 }

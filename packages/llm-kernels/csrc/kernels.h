@@ -37,12 +37,30 @@ struct RmsNormArgs {
   float *y, *dx, *dweight;       // y for forward; dx, dweight for backward
 };
 
+// Grouped matmul: rows of lhs [m, k] sorted by group; group i has group_sizes[i] rows.
+struct GmmArgs {
+  int64_t m, k, n, groups;
+  const int32_t* group_sizes;
+  const float *lhs, *rhs;  // rhs [groups, k, n], or [groups, n, k] when transpose_rhs
+  bool transpose_rhs;
+  float* out;  // [m, n]; rows past the groups are zeros
+};
+
+struct TgmmArgs {
+  int64_t m, k, n, groups;
+  const int32_t* group_sizes;
+  const float *lhs, *dout;  // [m, k], [m, n]
+  float* out;               // [groups, k, n]; out[i] = lhs_i^T dout_i
+};
+
 #define LLMK_DECLARE_KERNELS(ns)                 \
   namespace ns {                                 \
   void attention_fwd(const AttnFwdArgs& a);      \
   void attention_bwd(const AttnBwdArgs& a);      \
   void rms_norm_fwd(const RmsNormArgs& a);       \
   void rms_norm_bwd(const RmsNormArgs& a);       \
+  void gmm(const GmmArgs& a);                    \
+  void tgmm(const TgmmArgs& a);                  \
   const char* isa_name();                        \
   }
 
@@ -55,6 +73,8 @@ void attention_fwd(const AttnFwdArgs& a);
 void attention_bwd(const AttnBwdArgs& a);
 void rms_norm_fwd(const RmsNormArgs& a);
 void rms_norm_bwd(const RmsNormArgs& a);
+void gmm(const GmmArgs& a);
+void tgmm(const TgmmArgs& a);
 const char* isa_name();
 
 }  // namespace llmk

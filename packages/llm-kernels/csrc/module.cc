@@ -16,13 +16,15 @@ nb::capsule encapsulate(T* fn) {
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm).";
+  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul).";
   m.def("registrations", []() {
     nb::dict d;
     d["llm_kernels_attention_fwd"] = encapsulate(LlmkAttentionFwd);
     d["llm_kernels_attention_bwd"] = encapsulate(LlmkAttentionBwd);
     d["llm_kernels_rms_norm_fwd"] = encapsulate(LlmkRmsNormFwd);
     d["llm_kernels_rms_norm_bwd"] = encapsulate(LlmkRmsNormBwd);
+    d["llm_kernels_gmm"] = encapsulate(LlmkGmm);
+    d["llm_kernels_tgmm"] = encapsulate(LlmkTgmm);
     return d;
   });
   m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");

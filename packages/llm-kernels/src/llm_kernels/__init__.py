@@ -1,8 +1,8 @@
-"""llm_kernels: attention and normalisation kernels for JAX.
+"""llm_kernels: attention, normalisation and MoE grouped-matmul kernels for JAX.
 
-Public API: ``flash_attention``, ``rms_norm``, ``paged_attention`` (and their references ``mha_reference``,
-``rms_norm_reference``, ``paged_attention_reference``), ``sharded_flash_attention``, ``cpu_kernels_available``,
-``cpu_kernels_info``.
+Public API: ``flash_attention``, ``rms_norm``, ``paged_attention``, ``grouped_matmul`` (and their
+references ``mha_reference``, ``rms_norm_reference``, ``paged_attention_reference``, ``gmm_reference``,
+``tgmm_reference``), ``sharded_flash_attention``, ``cpu_kernels_available``, ``cpu_kernels_info``.
 Importing registers the C++ XLA FFI targets for the CPU platform when the compiled module loads,
 and otherwise warns once and keeps the jax.numpy fallbacks.
 """
@@ -10,6 +10,7 @@ and otherwise warns once and keeps the jax.numpy fallbacks.
 from llm_kernels._ffi import cpu_kernels_available, cpu_kernels_info
 from llm_kernels.flash_attention import flash_attention, mha_reference
 from llm_kernels.flash_attention.sharded import sharded_flash_attention
+from llm_kernels.grouped_matmul import gmm_reference, grouped_matmul, tgmm_reference
 from llm_kernels.paged_attention import paged_attention, paged_attention_reference
 from llm_kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -20,10 +21,13 @@ __all__ = [
     "cpu_kernels_available",
     "cpu_kernels_info",
     "flash_attention",
+    "gmm_reference",
+    "grouped_matmul",
     "mha_reference",
     "paged_attention",
     "paged_attention_reference",
     "rms_norm",
     "rms_norm_reference",
     "sharded_flash_attention",
+    "tgmm_reference",
 ]

@@ -119,9 +119,10 @@ class Config:
     # null: dropless (every token reaches its k experts); else each expert takes at most
     # ceil(capacity_factor * tokens * k / num_experts) tokens and the rest skip that expert
     moe_capacity_factor: float | None = None
-    # dropless expert matmuls: tiled (rows padded to tiles per expert, one batched matmul) or
-    # ragged_dot (XLA's grouped matmul; dense over all experts on the CPU)
-    moe_matmul: Literal["tiled", "ragged_dot"] = "tiled"
+    # dropless expert matmuls: grouped_matmul (llm-kernels: C++ on CPU, Pallas on TPU/GPU),
+    # ragged_dot (XLA's; dense over all experts on the CPU), tiled (rows padded to tiles per
+    # expert, one batched matmul), dense (every expert on every row); auto: the measured fastest
+    moe_matmul: Literal["auto", "grouped_matmul", "ragged_dot", "tiled", "dense"] = "auto"
     moe_aux_loss_weight: float = 0.0  # llm-train adds weight * load-balancing loss
     moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss
 

@@ -3,7 +3,7 @@
 `Linear` contracts the trailing `len(in_shape)` axes of its input with a kernel of shape
 `in_shape + out_shape` (so attention's [embed] -> [heads, head_dim] and [heads, head_dim] -> [embed]
 projections, the MLP and the output head are all the same module). `GroupedLinear` is its per-expert
-twin for MoE: a kernel [experts, in, out] applied to rows sorted by expert (`jax.lax.ragged_dot`).
+twin for MoE: a kernel [experts, in, out] whose products are in `experts.py`.
 
 Hook point for LoRA and quantization: a wrapper replaces a `Linear` in the model tree with a module of
 the same call signature (`x -> y`), found with `iter_linears`. The wrapper reads the base weights
@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from llm_core.layers.params import param
@@ -73,8 +72,8 @@ class Linear(nnx.Module):
 
 
 class GroupedLinear(nnx.Module):
-    """Stacked per-expert kernels [experts, in, out]; rows arrive sorted by expert (dropless MoE) or
-    as a dense [experts, capacity, in] buffer (capacity MoE)."""
+    """Stacked per-expert kernels [experts, in, out]. The products live in `experts.py` as pure
+    functions of `weight(dtype)`, so they also run per shard under expert parallelism."""
 
     def __init__(
         self,
@@ -93,18 +92,6 @@ class GroupedLinear(nnx.Module):
 
     def weight(self, dtype) -> jax.Array:
         return self.kernel[...].astype(dtype)
-
-    def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """x [rows, in] sorted by group; group_sizes [groups] int32 summing to <= rows."""
-        return jax.lax.ragged_dot(x, self.weight(x.dtype), group_sizes)
-
-    def tiles(self, x: jax.Array, tile_group: jax.Array) -> jax.Array:
-        """x [tiles, rows, in], tile i belonging to group tile_group[i] -> [tiles, rows, out]."""
-        return jnp.einsum("tri,tio->tro", x, self.weight(x.dtype)[tile_group])
-
-    def dense(self, x: jax.Array) -> jax.Array:
-        """x [groups, rows, in] -> [groups, rows, out]."""
-        return jnp.einsum("gri,gio->gro", x, self.weight(x.dtype))
 
 
 def iter_linears(module: nnx.Module) -> Iterator[tuple[tuple, Linear | GroupedLinear]]:

@@ -4,13 +4,9 @@ Routing (`router_kind`):
 - `softmax_topk` (Mixtral, Qwen3-MoE): softmax over all experts in float32, keep the top k, and
   renormalise them to sum to 1 when `norm_topk_prob`.
 
-Two ways to run the experts, with the same parameters:
+Two ways to run the experts, with the same parameters (the expert FFN itself is in `experts.py`):
 - dropless (`moe_capacity_factor: null`): the token-expert assignments are sorted by expert and every
-  expert multiplies its contiguous block of rows. `moe_matmul: ragged_dot` does that with one grouped
-  matmul (`jax.lax.ragged_dot`), which XLA:CPU runs as a dense matmul over every expert (experts-times
-  the FLOPs). `moe_matmul: tiled` (default) pads each expert's rows to whole tiles and runs one batched
-  matmul over the tiles, each tile against its expert's weights (at most one partly filled tile per
-  expert); batches with few rows per expert (decoding) use ragged_dot, where that blow-up is small.
+  expert multiplies its contiguous block of rows, with the grouped product `moe_matmul` names.
 - capacity (`moe_capacity_factor: c`): each expert takes at most ceil(c * tokens * k / experts)
   assignments into a dense [experts, capacity, embed] buffer, served in token order. An assignment
   beyond its expert's capacity is dropped: it adds nothing to the token's output, so a token whose
@@ -30,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm_core.layers import expert_parallel
+from llm_core.layers.experts import ExpertWeights, capacity_buffer_ffn, sorted_expert_ffn
 from llm_core.layers.linear import GroupedLinear, Linear
 from llm_core.layers.mlp import ACTIVATIONS
 from llm_core.layers.params import dtype_of
-
-MIN_ROWS_FOR_TILES = 16  # fewer rows per expert (decoding): ragged_dot's dense blow-up is small
 
 
 def empty_aux(cfg) -> dict[str, jax.Array]:
@@ -74,6 +70,7 @@ class MoE(nnx.Module):
         self.normalize = cfg.norm_topk_prob
         self.capacity_factor = cfg.moe_capacity_factor
         self.matmul = cfg.moe_matmul
+        self.batch_axes = expert_parallel.batch_axes(cfg.logical_axis_rules)
         e, m, n, wd = (
             cfg.emb_dim,
             cfg.resolved_moe_mlp_dim,
@@ -93,7 +90,11 @@ class MoE(nnx.Module):
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
         weights, experts, probs = route(logits, self.top_k, self.normalize)
-        if self.capacity_factor is None:
+        ep = expert_parallel.plan(tokens.shape[0], self.num_experts, self.batch_axes)
+        if ep is not None:  # context mesh with an `expert` axis > 1: see expert_parallel.py
+            w = self.expert_weights(tokens.dtype)
+            y_assign, dropped = ep(tokens, experts, w, self.act, self.matmul, self.capacity_factor)
+        elif self.capacity_factor is None:
             y_assign, dropped = self._dropless(tokens, experts), jnp.zeros((), jnp.float32)
         else:
             y_assign, dropped = self._with_capacity(tokens, experts)
@@ -107,9 +108,12 @@ class MoE(nnx.Module):
         }
         return y.reshape(shape).astype(x.dtype), aux
 
-    def _ffn(self, x, matmul):
-        """The gated expert FFN, with `matmul(grouped_linear, x)` doing each expert-weight product."""
-        return matmul(self.down, self.act(matmul(self.gate, x)) * matmul(self.up, x))
+    def expert_weights(self, dtype) -> ExpertWeights:
+        """The stacked expert kernels in the compute dtype (read through GroupedLinear.weight, the
+        LoRA / quantization hook)."""
+        return ExpertWeights(
+            self.gate.weight(dtype), self.up.weight(dtype), self.down.weight(dtype)
+        )
 
     def _dropless(self, tokens, experts):
         """Sort assignments by expert, grouped matmuls, unsort -> [T, k, D]."""
@@ -117,29 +121,9 @@ class MoE(nnx.Module):
         flat = experts.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-        rows_per_expert = t * k / self.num_experts
-        if self.matmul == "ragged_dot" or rows_per_expert < MIN_ROWS_FOR_TILES:
-            ys = self._ffn(tokens[order // k], lambda w, x: w.ragged(x, sizes))
-        else:
-            tile = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
-            ys = self._ffn_tiled(tokens[order // k], flat[order], sizes, tile)
+        w = self.expert_weights(tokens.dtype)
+        ys = sorted_expert_ffn(tokens[order // k], flat[order], sizes, w, self.act, self.matmul)
         return jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
-
-    def _ffn_tiled(self, xs, expert_of_row, sizes, tile: int):
-        """Rows sorted by expert -> each expert's rows padded to whole tiles -> one batched matmul per
-        weight over the tiles -> back to the sorted rows."""
-        n, e = xs.shape[0], self.num_experts
-        padded = (sizes + tile - 1) // tile * tile
-        pad_start = jnp.cumsum(padded) - padded
-        rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
-        dest = pad_start[expert_of_row] + rank  # padded row of each sorted row
-        num_tiles = -(-n // tile) + e  # bound: one partly filled tile per expert
-        x = jnp.zeros((num_tiles * tile, xs.shape[1]), xs.dtype).at[dest].set(xs)
-        x = x.reshape(num_tiles, tile, -1)
-        starts = jnp.arange(num_tiles) * tile
-        tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), starts, side="right"), e - 1)
-        y = self._ffn(x, lambda w, x: w.tiles(x, tile_expert))
-        return y.reshape(num_tiles * tile, -1)[dest]
 
     def _with_capacity(self, tokens, experts):
         """Dense [E, capacity, D] buffer; assignments beyond capacity are dropped -> [T, k, D]."""
@@ -152,7 +136,7 @@ class MoE(nnx.Module):
         slot = jnp.where(keep, slot, capacity)  # out of range: dropped by mode="drop"
         buf = jnp.zeros((self.num_experts, capacity, tokens.shape[-1]), tokens.dtype)
         buf = buf.at[flat, slot].set(jnp.repeat(tokens, k, axis=0), mode="drop")
-        out = self._ffn(buf, lambda w, x: w.dense(x))
+        out = capacity_buffer_ffn(buf, self.expert_weights(tokens.dtype), self.act)
         ys = out.at[flat, slot].get(mode="fill", fill_value=0)
         dropped = jnp.sum(~keep).astype(jnp.float32)
         return ys.reshape(t, k, -1), dropped

@@ -1,0 +1,99 @@
+"""The expert FFN of a MoE layer as pure functions of the stacked expert weights.
+
+Pure (weights passed in, no module state) so that the same code runs on one device and, under
+`shard_map`, on the local experts of an expert-parallel shard. Rows arrive sorted by expert with
+`sizes[e]` rows for expert e (dropless), or as a dense [experts, capacity, embed] buffer.
+
+`moe_matmul` picks how a sorted block of rows meets its expert's weights:
+- `grouped_matmul`: `llm_kernels.grouped_matmul` (C++ kernel on CPU, Pallas on TPU/GPU): each
+  expert multiplies only its own rows.
+- `ragged_dot`: `jax.lax.ragged_dot`; XLA:CPU runs it as a dense matmul over every expert.
+- `tiled`: rows padded to whole tiles per expert, one batched matmul over the tiles.
+- `dense`: every expert on every row, then each row keeps its own expert's result (experts-times
+  the FLOPs; exact, for tiny expert counts and tests).
+- `auto`: the fastest measured on the platform (see `resolve_matmul`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+MIN_ROWS_FOR_TILES = 16  # fewer rows per expert (decoding): tiles would be mostly padding
+
+
+class ExpertWeights(NamedTuple):
+    """Stacked expert kernels, already in the compute dtype: gate, up [E, D, F]; down [E, F, D]."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+
+def resolve_matmul(method: str) -> str:
+    """`auto` -> the measured fastest: the grouped matmul kernel wherever llm-kernels has one
+    (benchmarks/kernels.py, docs/llm-kernels.md); other names pass through."""
+    if method != "auto":
+        return method
+    return "grouped_matmul"
+
+
+def gated_ffn(x: jax.Array, w: ExpertWeights, act: Callable, matmul: Callable) -> jax.Array:
+    """down(act(gate(x)) * up(x)), with `matmul(x, kernel)` doing each expert-weight product."""
+    return matmul(act(matmul(x, w.gate)) * matmul(x, w.up), w.down)
+
+
+def sorted_expert_ffn(
+    xs: jax.Array,
+    expert_of_row: jax.Array,
+    sizes: jax.Array,
+    w: ExpertWeights,
+    act: Callable,
+    method: str,
+) -> jax.Array:
+    """Rows [N, D] sorted by expert (`sizes` [E] int32 rows each, `expert_of_row` [N]) -> [N, D].
+    Rows past sum(sizes) come out as zeros (grouped_matmul, ragged_dot) or are unused padding."""
+    method = resolve_matmul(method)
+    if method == "grouped_matmul":
+        from llm_kernels import grouped_matmul
+
+        return gated_ffn(xs, w, act, lambda x, k: grouped_matmul(x, k, sizes))
+    if method == "ragged_dot":
+        return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes))
+    if method == "dense":
+        e = w.gate.shape[0]
+        x_all = jnp.broadcast_to(xs, (e, *xs.shape))
+        y = gated_ffn(x_all, w, act, lambda x, k: jnp.einsum("end,edf->enf", x, k))
+        return jnp.take_along_axis(y, jnp.minimum(expert_of_row, e - 1)[None, :, None], 0)[0]
+    if method == "tiled":
+        rows_per_expert = xs.shape[0] / w.gate.shape[0]
+        if rows_per_expert < MIN_ROWS_FOR_TILES:
+            return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes))
+        tile = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
+        return _tiled_ffn(xs, expert_of_row, sizes, w, act, tile)
+    raise ValueError(f"moe_matmul: unknown method {method!r}")
+
+
+def _tiled_ffn(xs, expert_of_row, sizes, w: ExpertWeights, act, tile: int):
+    """Each expert's rows padded to whole tiles -> one batched matmul per weight over the tiles
+    -> back to the sorted rows."""
+    n, e = xs.shape[0], w.gate.shape[0]
+    padded = (sizes + tile - 1) // tile * tile
+    pad_start = jnp.cumsum(padded) - padded
+    rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
+    dest = pad_start[expert_of_row] + rank  # padded row of each sorted row
+    num_tiles = -(-n // tile) + e  # bound: one partly filled tile per expert
+    x = jnp.zeros((num_tiles * tile, xs.shape[1]), xs.dtype).at[dest].set(xs)
+    x = x.reshape(num_tiles, tile, -1)
+    starts = jnp.arange(num_tiles) * tile
+    tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), starts, side="right"), e - 1)
+    y = gated_ffn(x, w, act, lambda x, k: jnp.einsum("tri,tio->tro", x, k[tile_expert]))
+    return y.reshape(num_tiles * tile, -1)[dest]
+
+
+def capacity_buffer_ffn(buf: jax.Array, w: ExpertWeights, act: Callable) -> jax.Array:
+    """Dense buffer [E, capacity, D] -> [E, capacity, D], expert e on its own rows."""
+    return gated_ffn(buf, w, act, lambda x, k: jnp.einsum("gri,gio->gro", x, k))
