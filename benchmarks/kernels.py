@@ -6,8 +6,14 @@ it and our mha_reference). RMSNorm baseline: rms_norm_reference, jitted.
 Prints, per shape, the time and peak extra resident memory of each implementation, measured in
 the same run, and the ratio XLA / C++ (> 1 means the C++ kernel is faster / leaner).
 
+Grouped matmul (MoE experts, 4096 tokens, float32): our C++ kernel against jax.lax.ragged_dot and
+against a dense batched matmul doing the same useful FLOPs (the ceiling: equal groups as one
+[groups, rows, k] x [groups, k, n] einsum), forward and forward+backward; implementations
+interleaved per round, median of 3 rounds, with the CPU model and load average printed around it.
+
     python benchmarks/kernels.py            # seq 512, 2048, 8192 + RMSNorm [8192, 4096]
     python benchmarks/kernels.py --quick    # seq 512, 2048 + a smaller RMSNorm, fewer repeats
+    python benchmarks/kernels.py --only grouped_matmul
 
 Memory: XLA's temporaries + outputs of the compiled program (compiled.memory_analysis()) plus
 the peak scratch the C++ kernels allocate themselves (counted by the module), inputs excluded. Do not run this next to the test suite: both want every core.
@@ -17,6 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
+import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -25,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llm_kernels
-from llm_kernels import flash_attention, rms_norm, rms_norm_reference
+from llm_kernels import flash_attention, grouped_matmul, rms_norm, rms_norm_reference
 
 
 def _scratch_module():
@@ -118,11 +128,110 @@ def bench_rms_norm(shape: tuple[int, int], repeats: int) -> None:
     _row("fwd+bwd default (XLA fwd)", default, xla_grad, 0)
 
 
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# (experts, top-k, d_model, expert width) from the grouped-matmul issue, 4096 tokens.
+GMM_SHAPES = [(8, 2, 1024, 2816), (64, 8, 1024, 512)]
+RAGGED_DOT_MAX_TEMP_GIB = 8.0  # ragged_dot's dense blow-up beyond this is skipped, not run
+
+
+def _interleaved(fns: dict[str, Callable], args: tuple, rounds: int) -> dict[str, float | None]:
+    """Median seconds per call of each compiled fn, the fns interleaved within each round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        if fn is not None:
+            jax.block_until_ready(fn(*args))  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if fn is None:
+                continue
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {n: statistics.median(t) if t else None for n, t in times.items()}
+
+
+def _compile_or_skip(fn: Callable, args: tuple, max_gib: float | None):
+    compiled = jax.jit(fn).lower(*args).compile()
+    temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    if max_gib is not None and temp_gib > max_gib:
+        return None, temp_gib
+    return compiled, temp_gib
+
+
+def bench_grouped_matmul(rounds: int, tokens: int = 4096) -> None:
+    print(f"\ngrouped matmul, float32, {tokens} tokens, routing drawn at random (uneven groups)")
+    print(f"CPU: {cpu_model()}; load average before: {load_average()}")
+    print(
+        f"{'case':<34} {'C++ ms':>8} {'ragged ms':>9} {'dense ms':>8} {'ragged/C++':>10}"
+        f" {'C++/ceiling':>11}  {'GFLOP/s C++ / ragged / dense':>28}"
+    )
+    rng = np.random.default_rng(0)
+    for shape in GMM_SHAPES:
+        _bench_gmm_shape(*shape, tokens=tokens, rounds=rounds, rng=rng)
+    print(f"load average after: {load_average()}")
+
+
+def _bench_gmm_shape(experts, top_k, d_model, width, *, tokens, rounds, rng) -> None:
+    m = tokens * top_k
+    choice = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]  # k distinct experts
+    sizes = jnp.asarray(np.bincount(choice.reshape(-1), minlength=experts), jnp.int32)
+    lhs = jnp.asarray(rng.standard_normal((m, d_model), dtype=np.float32))
+    rhs = jnp.asarray(rng.standard_normal((experts, d_model, width), dtype=np.float32) * 0.03)
+    flops = 2.0 * m * d_model * width
+
+    def ours(a, b):
+        return grouped_matmul(a, b, sizes, backend="cpu")
+
+    def ragged(a, b):
+        return jax.lax.ragged_dot(a, b, sizes)
+
+    def dense(a, b):  # same useful FLOPs, equal groups: the ceiling
+        return jnp.einsum("gmk,gkn->gmn", a.reshape(experts, m // experts, d_model), b)
+
+    def fwd_bwd(fn):
+        return jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), argnums=(0, 1))
+
+    for label, wrap, mult in (("fwd", lambda f: f, 1.0), ("fwd+bwd", fwd_bwd, 3.0)):
+        fns, notes = {}, ""
+        fns["ours"], _ = _compile_or_skip(wrap(ours), (lhs, rhs), None)
+        fns["ragged"], temp = _compile_or_skip(wrap(ragged), (lhs, rhs), RAGGED_DOT_MAX_TEMP_GIB)
+        if fns["ragged"] is None:
+            notes = f"  (ragged_dot skipped: needs {temp:.1f} GiB of temporaries)"
+        fns["dense"], _ = _compile_or_skip(wrap(dense), (lhs, rhs), None)
+        t = _interleaved(fns, (lhs, rhs), rounds)
+        f = flops * mult
+        t_r = t["ragged"]
+        ratio_r = f"{t_r / t['ours']:9.2f}x" if t_r else f"{'-':>10}"
+        gf_r = f"{f / t_r / 1e9:6.1f}" if t_r else f"{'-':>6}"
+        print(
+            f"E={experts} k={top_k} {d_model}x{width} {label:<8}"[:34].ljust(34)
+            + f" {t['ours'] * 1e3:8.1f} {(t_r or 0) * 1e3:9.1f} {t['dense'] * 1e3:8.1f}"
+            f" {ratio_r} {t['dense'] / t['ours']:10.2f}x "
+            f" {f / t['ours'] / 1e9:8.1f} / {gf_r} / {f / t['dense'] / 1e9:6.1f}{notes}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: seq 512 and 2048")
     parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
-    parser.add_argument("--only", choices=["attention", "rms_norm"], help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=["attention", "rms_norm", "grouped_matmul"], help="run one benchmark"
+    )
     args = parser.parse_args()
     info = llm_kernels.cpu_kernels_info()
     if not info["available"]:
@@ -130,10 +239,12 @@ def main() -> None:
     print(f"jax {jax.__version__}, C++ kernels: {info}")
     seqs = args.seqs or ([512, 2048] if args.quick else [512, 2048, 8192])
     repeats = 2 if args.quick else 3
-    if args.only != "rms_norm":
+    if args.only in (None, "attention"):
         bench_attention(seqs, repeats)
-    if args.only != "attention":
+    if args.only in (None, "rms_norm"):
         bench_rms_norm((2048, 4096) if args.quick else (8192, 4096), repeats)
+    if args.only in (None, "grouped_matmul"):
+        bench_grouped_matmul(rounds=3)
 
 
 if __name__ == "__main__":

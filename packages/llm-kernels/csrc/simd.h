@@ -21,7 +21,9 @@ typedef float vf_u __attribute__((vector_size(W * 4), aligned(4)));  // unaligne
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vf_u*>(p) = x; }
-inline vf splat(float x) { return vf{} + x; }
+// `x - 0`, not `0 + x`: only the former is an identity in IEEE arithmetic (0 + -0 = +0), so only
+// it folds to a single broadcast load instead of a scalar add before every broadcast.
+inline vf splat(float x) { return x - vf{}; }
 
 inline float hsum(vf x) {
   float s = 0.f;
