@@ -71,3 +71,51 @@ def test_losses_agree_across_mesh_layouts(tmp_path):
         np.testing.assert_allclose(out[name], want, rtol=1e-5, err_msg=name)
     assert out["fsdp8_max_shard_fraction"] <= 1 / 8  # every weight matrix is split 8 ways
     assert "not divisible by the data-parallel size 8" in out["batch_error"]
+
+
+MOE = [
+    "ffn_kind=moe",
+    "num_experts=8",
+    "num_experts_per_tok=2",
+    "moe_mlp_dim=32",
+]
+
+EP_CHILD = """
+import json, sys
+import jax
+from llm_core import load_config
+from llm_train.optim import make_optimizer
+from llm_train.sharding import build_mesh
+from llm_train.step import Steps
+from llm_train.trainer import train
+
+cfg = load_config(None, json.loads(sys.argv[1]))
+res = train(cfg)
+steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+lowered = steps.train_step.lower(steps.abstract_with_sharding(), steps.abstract_batch())
+hlo = lowered.compile(steps.compiler_options()).as_text()
+print("RESULT", json.dumps({"losses": [res.losses[s] for s in (1, 2, 3)],
+                            "all_to_all": "all-to-all" in hlo}))
+"""
+
+
+def test_moe_expert_parallel_losses_match_one_device(tmp_path):
+    """Steps trace the model under the run's mesh, so MoE layers take the expert-parallel path
+    (all-to-all in the compiled step) and train as on one device."""
+    common = {"steps": 3, "warmup_steps": 0, "learning_rate": 3e-3}
+    layout = ["ici_expert_parallelism=4", "ici_data_parallelism=2", "ici_fsdp_parallelism=1"]
+    over = tiny_overrides(tmp_path, run_name="ep", **common) + MOE + layout
+    proc = subprocess.run(
+        [sys.executable, "-c", EP_CHILD, json.dumps(over)],
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT ")[1])
+    assert out["all_to_all"]
+    from llm_core import load_config
+
+    single = train(load_config(None, tiny_overrides(tmp_path, run_name="one", **common) + MOE))
+    np.testing.assert_allclose(out["losses"], [single.losses[s] for s in (1, 2, 3)], rtol=1e-5)

@@ -141,12 +141,14 @@ class Steps:
     def _loss(self, params, rest, batch):
         """(summed loss, (summed nll, token count, summed aux statistics)). Router losses (MoE) are
         per-token means from the model; they enter the summed loss x the token count, so after the
-        division by all tokens they weigh `moe_*_loss_weight` whatever the accumulation."""
+        division by all tokens they weigh `moe_*_loss_weight` whatever the accumulation. The forward
+        is traced under the run's mesh, so MoE layers see the `expert` axis (expert parallelism)."""
         cfg = self.cfg
         model = nnx.merge(self.graphdef, params, rest)
-        logits, _, aux = model.forward(
-            batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-        )
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            logits, _, aux = model.forward(
+                batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+            )
         nll, zl, count = token_loss(logits, batch["targets"], batch["weights"], cfg.z_loss)
         loss = nll + zl
         stats = {}

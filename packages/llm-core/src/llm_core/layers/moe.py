@@ -11,6 +11,8 @@ Two ways to run the experts, with the same parameters (the expert FFN itself is 
   assignments into a dense [experts, capacity, embed] buffer, served in token order. An assignment
   beyond its expert's capacity is dropped: it adds nothing to the token's output, so a token whose
   every assignment is dropped passes through the layer on the residual connection alone.
+Under a context mesh with an `expert` axis > 1 both run expert-parallel instead (all-to-all
+dispatch, `expert_parallel.py`), where a capacity limits each (device, expert shard) pair.
 
 Auxiliary outputs per layer (summed over layers by the model): the Switch / Mixtral load-balancing
 loss `E * sum_e f_e * P_e` (f_e: share of top-k assignments to expert e, P_e: mean router
