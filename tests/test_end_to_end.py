@@ -80,3 +80,81 @@ def test_train_export_serve_and_convert_to_hf(tmp_path):
             pad_token_id=0,
         )
     assert _greedy_ours(model, prompt) == out[0, len(prompt) :].tolist()
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _hf_llama_with_chat_tokenizer(folder):
+    """A tiny random Llama written by transformers, with a BPE tokenizer and a ChatML template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("what is one plus two? three. what is two plus two? four. " * 30)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(
+        [str(corpus)],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML})
+    )
+    return folder
+
+
+def test_init_from_hf_then_sft_then_export_back_to_hf(tmp_path):
+    """init_from a Hugging Face folder -> SFT on chat records (the folder's chat template) ->
+    export -> llm-convert to HF: transformers loads it and agrees with our logits; the run started
+    from the HF weights (a few small steps stay close to them)."""
+    import json
+
+    src = _hf_llama_with_chat_tokenizer(tmp_path / "hf_src")
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as f:
+        for q, a in (("one plus two", "three"), ("two plus two", "four")) * 8:
+            chat = [
+                {"role": "user", "content": f"what is {q}?"},
+                {"role": "assistant", "content": a},
+            ]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    arch = [o for o in TINY if not o.startswith(("vocab_size", "steps", "learning_rate"))]
+    cfg = load_config(
+        "sft.yml",
+        [*arch, "vocab_size=320", "steps=3", "learning_rate=1e-4", "warmup_steps=0",
+         f"init_from={src}", f"dataset_path={data}", f"tokenizer_path={src}",
+         f"base_output_dir={tmp_path}", "run_name=sft", "compilation_cache_dir="],
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.last_step == 3
+    native = export(cfg, str(tmp_path / "export"))
+    model = load(native)
+    hf_dir = llm_convert.native_to_hf(native, tmp_path / "hf_out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    before = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    ids = np.random.default_rng(0).integers(0, 300, (2, 16)).astype(np.int32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
+        original = before(torch.from_numpy(ids).long()).logits.numpy()
+    ours = np.asarray(model(ids))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    moved = np.abs(ours - original).max()
+    assert 0 < moved < 0.2 * np.abs(original).max(), moved  # trained, starting from the HF weights

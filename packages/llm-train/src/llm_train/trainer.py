@@ -15,7 +15,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from llm_core import Config
-from llm_train import distributed
+from llm_train import distributed, init_from
 from llm_train.checkpoint import Checkpointer
 from llm_train.data.pipeline import Data
 from llm_train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -126,8 +126,16 @@ def train(
         if data_state is not None:
             data.set_state(data_state)
         writer.message(f"Resumed from {ckpt.directory} step {latest}.")
+    elif cfg.init_from:
+        state = init_from.state_from(steps, cfg)
+        writer.message(f"Initialised the parameters from {cfg.init_from}.")
     else:
         state = steps.init()
+    if data.skipped_records:
+        writer.message(
+            f"Skipped {len(data.skipped_records)} bad records (skip_bad_records); first: "
+            f"{data.skipped_records[0]}"
+        )
     start = int(jax.device_get(state["step"]))
     end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
     result = TrainResult(out_dir, start, start)

@@ -211,6 +211,12 @@ class Config:
     # JAX's persistent compilation cache: "auto" = <base_output_dir>/.jax_cache (shared by the runs
     # there, so a second run skips compiling); a path; or "" (off)
     compilation_cache_dir: str = "auto"
+    # Records: "text" (one document per record, every token trained) or "sft" (chat `messages`,
+    # `prompt`/`completion`, or `text` records; only assistant / completion tokens are trained)
+    dataset_format: Literal["text", "sft"] = "text"
+    chat_template: str = ""  # a .jinja file; "": the tokenizer folder's tokenizer_config.json one
+    skip_bad_records: bool = False  # sft: skip (and count) malformed records instead of failing
+    init_from: str = ""  # native checkpoint or HF folder: parameters start from there
     # --- end of llm-train additions ---------------------------------------------------------------
 
     # --- inference

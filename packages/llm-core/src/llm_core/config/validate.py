@@ -79,6 +79,11 @@ def validate(cfg: Config) -> Config:
                     "parallelism is not implemented yet: set it to 1."
                 )
     _validate_moe(cfg)
+    if cfg.dataset_format == "sft" and cfg.dataset_kind not in ("jsonl", "parquet", "hf"):
+        raise ConfigError(
+            f"dataset_format=sft reads records, so dataset_kind must be jsonl, parquet or hf, "
+            f"got dataset_kind={cfg.dataset_kind!r}."
+        )
     for rule in cfg.logical_axis_rules:
         if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise ConfigError(

@@ -12,20 +12,27 @@ import jax
 import numpy as np
 
 from llm_core import Config
+from llm_train.data.sft import RecordEncoder, encode_all, load_chat_template, open_records
 from llm_train.data.sources import open_documents
 from llm_train.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
 EVAL_SEED_OFFSET = 7919
 
 
-def _finish(tokens: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
-    """A row of seq_len + 1 tokens -> next-token inputs / targets with restarted positions."""
+def _finish(
+    tokens: np.ndarray, seg: np.ndarray, loss_mask: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """A row of seq_len + 1 tokens -> next-token inputs / targets with restarted positions.
+    `loss_mask` (SFT) marks the tokens that are training targets; others get weight 0."""
     inputs, targets = tokens[:-1], tokens[1:]
     seg_in, seg_next = seg[:-1], seg[1:]
     starts = np.concatenate([[True], seg_in[1:] != seg_in[:-1]])
     idx = np.arange(len(seg_in))
     positions = idx - np.maximum.accumulate(np.where(starts, idx, 0))
-    weights = ((seg_in == seg_next) & (seg_in > 0)).astype(np.float32)
+    weights = (seg_in == seg_next) & (seg_in > 0)
+    if loss_mask is not None:
+        weights &= loss_mask[1:] > 0
+    weights = weights.astype(np.float32)
     return {
         "inputs": inputs.astype(np.int32),
         "targets": targets.astype(np.int32),
@@ -113,6 +120,43 @@ def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bo
     return it
 
 
+def _pad_sft(cfg: Config):
+    def fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = cfg.seq_len + 1
+        t, m = x["tokens"][:n], x["mask"][:n]
+        tokens, seg, mask = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        tokens[: len(t)], seg[: len(t)], mask[: len(t)] = t, 1, m
+        return _finish(tokens, seg, mask)
+
+    return fn
+
+
+def sft_dataset(cfg: Config, examples: list, seed: int, shuffle: bool):
+    """Encoded SFT examples -> rows. Packing places whole examples into rows (first fit; an
+    example longer than a row is truncated), never splitting one across rows, and keeps them
+    apart with segment ids; the loss mask travels with the tokens."""
+    local, _ = _local_rows(cfg)
+    ds = grain.MapDataset.source(examples)[jax.process_index() :: jax.process_count()]
+    if len(ds) == 0:
+        raise ValueError(
+            f"Process {jax.process_index()} got no SFT examples ({len(examples)} for "
+            f"{jax.process_count()} processes): add data or use fewer processes."
+        )
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat().map(lambda e: {"tokens": e.tokens, "mask": e.mask})
+    it = ds.to_iter_dataset()
+    n = cfg.seq_len + 1
+    if cfg.packing:
+        it = gx.FirstFitPackIterDataset(
+            it, length_struct={"tokens": n, "mask": n}, num_packing_bins=max(local, 2), seed=seed
+        )
+        it = it.map(lambda x: _finish(x["tokens"], x["tokens_segment_ids"], x["mask"]))
+    else:
+        it = it.map(_pad_sft(cfg))
+    return it.batch(local, drop_remainder=True)
+
+
 def _split_docs(docs, eval_fraction: float, seed: int):
     """Deterministic document split: (train indices view, eval indices view)."""
     if eval_fraction <= 0:
@@ -141,9 +185,12 @@ class Data:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.tokenizer: Tokenizer | None = None
+        self.skipped_records: list[str] = []
         if cfg.dataset_kind == "synthetic":
             self._train = synthetic_dataset(cfg, cfg.seed)
             self._eval_docs = cfg.eval_fraction > 0 or cfg.eval_every > 0
+        elif cfg.dataset_format == "sft":
+            self._train = self._open_sft(cfg)
         else:
             docs = open_documents(
                 cfg.dataset_kind, cfg.dataset_path, cfg.dataset_field, cfg.dataset_split
@@ -154,6 +201,22 @@ class Data:
             self._train = text_dataset(cfg, train_docs, self.tokenizer, cfg.seed, cfg.shuffle_data)
         self.train_iter = iter(self._train)
 
+    def _open_sft(self, cfg: Config):
+        records = open_records(cfg.dataset_kind, cfg.dataset_path, cfg.dataset_split)
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path)
+        check_vocab(self.tokenizer, cfg)
+        encoder = RecordEncoder(
+            self.tokenizer,
+            load_chat_template(cfg.chat_template, cfg.tokenizer_path),
+            text_field=cfg.dataset_field,
+            skip_bad_records=cfg.skip_bad_records,
+        )
+        train_records, eval_records = _split_docs(records, cfg.eval_fraction, cfg.seed)
+        train = encode_all(train_records, encoder)
+        self._eval_docs = encode_all(eval_records, encoder) if eval_records else None
+        self.skipped_records = encoder.skipped
+        return sft_dataset(cfg, train, cfg.seed, cfg.shuffle_data)
+
     def has_eval(self) -> bool:
         return bool(self._eval_docs)
 
@@ -162,6 +225,8 @@ class Data:
         cfg = self.cfg
         if cfg.dataset_kind == "synthetic":
             it = iter(synthetic_dataset(cfg, cfg.seed + EVAL_SEED_OFFSET))
+        elif cfg.dataset_format == "sft":
+            it = iter(sft_dataset(cfg, self._eval_docs, cfg.seed, False))
         else:
             it = iter(
                 text_dataset(

@@ -107,32 +107,36 @@ class ArrayRecordDocs:
         return text
 
 
+def load_hf_dataset(path: str, split: str):
+    """A Hugging Face dataset split from a `save_to_disk` folder or local data files."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise DataError("dataset_kind=hf needs `datasets`: pip install 'llm-train[data]'") from None
+    if not path or not os.path.exists(path):
+        raise DataError(f"dataset_path={path!r} does not exist (dataset_kind=hf).")
+    if os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, "dataset_info.json"))
+        or os.path.exists(os.path.join(path, "dataset_dict.json"))
+    ):
+        ds = datasets.load_from_disk(path)
+    else:
+        files = _files(path, "hf")
+        ext = Path(files[0]).suffix.lstrip(".")
+        builder = {"jsonl": "json", "txt": "text"}.get(ext, ext)
+        ds = datasets.load_dataset(builder, data_files=files)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset_split={split!r} not in {path} (splits: {list(ds)}).")
+        ds = ds[split]
+    return ds
+
+
 class HFDocs:
-    """A Hugging Face dataset from a `save_to_disk` folder or local data files."""
+    """The text field of a Hugging Face dataset (see `load_hf_dataset`)."""
 
     def __init__(self, path: str, field: str, split: str):
-        try:
-            import datasets
-        except ImportError:  # pragma: no cover
-            raise DataError(
-                "dataset_kind=hf needs `datasets`: pip install 'llm-train[data]'"
-            ) from None
-        if not path or not os.path.exists(path):
-            raise DataError(f"dataset_path={path!r} does not exist (dataset_kind=hf).")
-        if os.path.isdir(path) and (
-            os.path.exists(os.path.join(path, "dataset_info.json"))
-            or os.path.exists(os.path.join(path, "dataset_dict.json"))
-        ):
-            ds = datasets.load_from_disk(path)
-        else:
-            files = _files(path, "hf")
-            ext = Path(files[0]).suffix.lstrip(".")
-            builder = {"jsonl": "json", "txt": "text"}.get(ext, ext)
-            ds = datasets.load_dataset(builder, data_files=files)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"dataset_split={split!r} not in {path} (splits: {list(ds)}).")
-            ds = ds[split]
+        ds = load_hf_dataset(path, split)
         if field not in ds.column_names:
             raise DataError(
                 f"{path}: no column {field!r} (columns: {ds.column_names}); set dataset_field."
