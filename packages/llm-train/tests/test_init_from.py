@@ -64,3 +64,17 @@ def test_missing_source_is_a_config_error(tmp_path):
     steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
     with pytest.raises(ConfigError, match=r"neither a native checkpoint .* does not exist"):
         state_from(steps, cfg)
+
+
+def test_lora_run_takes_its_base_weights_from_the_source(tmp_path, exported):
+    from llm_core import strip_lora
+
+    cfg = tiny_config(tmp_path, run_name="lora", init_from=exported, lora_rank=4)
+    steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+    state = state_from(steps, cfg)
+    model = nnx.merge(steps.graphdef, state["params"], state["rest"])
+    got = strip_lora(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    want = nnx.to_pure_dict(nnx.state(load(exported), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    ids = np.arange(12, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(load(exported)(ids)))

@@ -10,6 +10,14 @@ from llm_core.config import (
 from llm_core.io import CheckpointError, load, save
 from llm_core.layers.kv_cache import ContiguousKV, PagedKV, map_layer_caches
 from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
+from llm_core.layers.lora import (
+    LoRALinear,
+    LoRAParam,
+    apply_lora,
+    lift_into_lora,
+    merged_params,
+    strip_lora,
+)
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
 from llm_core.models.counting import count_params, matmul_params
 from llm_core.sharding import create_mesh, logical_sharding, logical_to_mesh_spec, state_shardings
@@ -23,23 +31,29 @@ __all__ = [
     "ContiguousKV",
     "GroupedLinear",
     "Linear",
+    "LoRALinear",
+    "LoRAParam",
     "PagedKV",
     "Transformer",
     "__version__",
+    "apply_lora",
     "build_model",
     "count_params",
     "create_mesh",
     "iter_linears",
     "layer_placement",
+    "lift_into_lora",
     "load",
     "load_config",
     "logical_sharding",
     "logical_to_mesh_spec",
     "map_layer_caches",
     "matmul_params",
+    "merged_params",
     "resolve_mesh_shape",
     "save",
     "shipped_model_names",
     "state_shardings",
+    "strip_lora",
     "unstack_layers",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 import llm_core
-from llm_core import Config, ConfigError
+from llm_core import Config, ConfigError, lift_into_lora, strip_lora
 
 # The config keys that define the function a set of parameters computes: they must agree between
 # the source and the run, or the run would silently compute another model with the same shapes.
@@ -101,15 +101,22 @@ def check_compatible(source: dict, target: dict, path: str) -> None:
 
 
 def state_from(steps, cfg: Config) -> dict:
-    """A fresh train state (as `steps.init()`) whose parameters come from `cfg.init_from`."""
+    """A fresh train state (as `steps.init()`) whose parameters come from `cfg.init_from`. With
+    LoRA the source fills the base weights and the adapters keep their fresh (identity) values."""
+    from llm_train.step import _split_model
+
     source_cfg, source = load_source(cfg, cfg.init_from)
     check_architecture(source_cfg, cfg, cfg.init_from)
     state = steps.init()
-    params = state["params"]
-    check_compatible(source, nnx.to_pure_dict(params), cfg.init_from)
-    dtypes = jax.tree.map(lambda a: a.dtype, nnx.to_pure_dict(params))
-    nnx.replace_by_pure_dict(
-        params, jax.tree.map(lambda a, d: np.asarray(a).astype(d), source, dtypes)
-    )
-    state["params"] = jax.device_put(params, steps.state_sharding["params"])
+    model = nnx.merge(steps.graphdef, state["params"], state["rest"])
+    params = nnx.state(model, nnx.Param)
+    target = nnx.to_pure_dict(params)
+    check_compatible(source, strip_lora(target), cfg.init_from)
+    dtypes = jax.tree.map(lambda a: a.dtype, strip_lora(target))
+    source = jax.tree.map(lambda a, d: np.asarray(a).astype(d), source, dtypes)
+    nnx.replace_by_pure_dict(params, lift_into_lora(source, target))
+    nnx.update(model, params)
+    _, trained, rest = _split_model(model)
+    state["params"] = jax.device_put(trained, steps.state_sharding["params"])
+    state["rest"] = jax.device_put(rest, steps.state_sharding["rest"])
     return state

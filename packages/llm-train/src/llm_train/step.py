@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llm_core import Config
+from llm_core import Config, LoRAParam
 from llm_train.model import build_model
 from llm_train.sharding import batch_sharding, state_shardings
 
@@ -46,7 +46,10 @@ def finish_moe_statistics(stats: dict, tokens) -> dict:
 
 
 def _split_model(model):
-    return nnx.split(model, nnx.Param, ...)
+    """(graphdef, trained parameters, the rest). With LoRA (`lora_rank` > 0) only the adapters
+    train: the base weights go to the rest, so they get neither gradients nor optimizer state."""
+    trained = LoRAParam if model.cfg.lora_rank > 0 else nnx.Param
+    return nnx.split(model, trained, ...)
 
 
 def abstract_model(cfg: Config):

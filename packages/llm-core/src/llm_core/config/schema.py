@@ -126,6 +126,12 @@ class Config:
     moe_aux_loss_weight: float = 0.0  # llm-train adds weight * load-balancing loss
     moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss
 
+    # --- LoRA (llm_core.layers.lora): adapters on the Linear modules whose path matches
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_targets: str = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"  # regex over module paths
+    lora_dropout: float = 0.0  # only 0 is implemented
+
     # --- numerics and memory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -79,6 +79,7 @@ def validate(cfg: Config) -> Config:
                     "parallelism is not implemented yet: set it to 1."
                 )
     _validate_moe(cfg)
+    _validate_lora(cfg)
     if cfg.dataset_format == "sft" and cfg.dataset_kind not in ("jsonl", "parquet", "hf"):
         raise ConfigError(
             f"dataset_format=sft reads records, so dataset_kind must be jsonl, parquet or hf, "
@@ -96,6 +97,24 @@ def validate(cfg: Config) -> Config:
                 f"logical_axis_rules: '{rule[0]}' maps to unknown mesh axes {unknown}; known: {list(MESH_AXES)}."
             )
     return cfg
+
+
+def _validate_lora(cfg: Config) -> None:
+    import re
+
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"lora_rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}.")
+    if cfg.lora_dropout != 0.0:
+        raise ConfigError(
+            f"Config key 'lora_dropout' is {cfg.lora_dropout}, but LoRA dropout is not "
+            "implemented yet: set it to 0."
+        )
+    try:
+        re.compile(cfg.lora_targets)
+    except re.error as err:
+        raise ConfigError(
+            f"lora_targets={cfg.lora_targets!r} is not a valid regex: {err}"
+        ) from None
 
 
 def _validate_moe(cfg: Config) -> None:

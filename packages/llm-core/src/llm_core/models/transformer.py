@@ -264,5 +264,17 @@ def unstack_layers(model: Transformer) -> Transformer:
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
-    """A randomly initialised model for `cfg` (weights in cfg.weight_dtype)."""
-    return Transformer(cfg, rngs=rngs)
+    """A randomly initialised model for `cfg` (weights in cfg.weight_dtype), with LoRA adapters
+    around the `lora_targets` Linear modules when `lora_rank` > 0."""
+    model = Transformer(cfg, rngs=rngs)
+    if cfg.lora_rank > 0:
+        from llm_core.layers.lora import apply_lora
+
+        if apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs) == 0:
+            from llm_core.config import ConfigError
+
+            raise ConfigError(
+                f"lora_targets={cfg.lora_targets!r} matches no Linear module; module paths look "
+                "like groups/layer_0/attn/q, groups/layer_0/mlp/down, lm_head."
+            )
+    return model

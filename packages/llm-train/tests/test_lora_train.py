@@ -1,0 +1,53 @@
+"""LoRA training: only the adapters get gradients and optimizer state; the base stays frozen; the
+export is the merged plain model."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from llm_core import load
+from llm_train.export import export
+from llm_train.optim import make_optimizer
+from llm_train.sharding import build_mesh
+from llm_train.step import Steps
+from llm_train.trainer import train
+
+pytestmark = pytest.mark.cpu
+
+
+def _size(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def test_only_adapters_train_and_hold_optimizer_state(tmp_path):
+    cfg = tiny_config(tmp_path, lora_rank=4, run_name="lora", steps=8, learning_rate=1e-2)
+    steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+    state = steps.init()
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state["params"])}
+    assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
+    adapters = _size(state["params"])
+    # AdamW keeps two moments per trained parameter (plus scalar counts): adapters only
+    assert 2 * adapters <= _size(state["opt_state"]) <= 2 * adapters + 8
+    base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(state["rest"]))
+
+    result = train(cfg)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert losses[-1] < losses[0]
+
+    from llm_train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "runs" / "lora" / "checkpoints"), use_async=False)
+    trained, _ = ckpt.restore(steps.abstract_with_sharding())
+    ckpt.close()
+    base_after = jax.tree.map(np.asarray, nnx.to_pure_dict(trained["rest"]))
+    jax.tree.map(np.testing.assert_array_equal, base_after, base_before)  # frozen
+
+    exported = load(export(cfg, str(tmp_path / "export")))
+    assert exported.cfg.lora_rank == 0
+    model = nnx.merge(steps.graphdef, trained["params"], trained["rest"])
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(model(ids)), atol=2e-5)
