@@ -15,6 +15,8 @@ EPILOG = """examples:
   llm-train train sft.yml model_name=llama3.2-1b init_from=hf/Llama-3.2-1B-Instruct \
       tokenizer_path=hf/Llama-3.2-1B-Instruct dataset_path=chat.jsonl run_name=sft1
                                       # fine-tune on chat / prompt-completion records
+  llm-train train dpo.yml model_name=llama3.2-1b init_from=runs/sft1/export \
+      tokenizer_path=hf/Llama-3.2-1B-Instruct dataset_path=pairs.jsonl run_name=dpo1
   llm-train plan bench-small ici_fsdp_parallelism=8              # memory / FLOPs estimate
   llm-train compile bench-small --devices 8 ici_fsdp_parallelism=8   # 8 simulated CPU devices
 
@@ -25,7 +27,7 @@ Output goes to <base_output_dir>/<run_name>/: checkpoints/, metrics.jsonl, tenso
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llm-train",
-        description="Pre-train and fine-tune (SFT) LLMs in JAX (optax, grain, orbax).",
+        description="Pre-train and post-train (SFT, DPO, LoRA) LLMs in JAX (optax, grain, orbax).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -119,4 +119,6 @@ def state_from(steps, cfg: Config) -> dict:
     _, trained, rest = _split_model(model)
     state["params"] = jax.device_put(trained, steps.state_sharding["params"])
     state["rest"] = jax.device_put(rest, steps.state_sharding["rest"])
+    if "ref_params" in state:  # DPO's frozen reference starts from the same weights
+        state["ref_params"] = jax.device_put(trained, steps.state_sharding["ref_params"])
     return state

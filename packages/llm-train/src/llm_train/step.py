@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from llm_core import Config, LoRAParam
+from llm_train.dpo import dpo_loss, sequence_logps
 from llm_train.model import build_model
 from llm_train.sharding import batch_sharding, state_shardings
 
@@ -119,13 +120,29 @@ class Steps:
 
     # ------------------------------------------------------------------ state
     def _fresh(self, params, rest) -> dict[str, Any]:
-        return {
+        state = {
             "params": params,
             "rest": rest,
             "opt_state": self.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(self.cfg.seed)),
         }
+        if self.needs_reference_copy:  # DPO without LoRA: a frozen copy of the starting weights
+            state["ref_params"] = jax.tree.map(
+                lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, params
+            )  # (abstract leaves when traced by eval_shape for the state's shapes)
+        return state
+
+    @property
+    def needs_reference_copy(self) -> bool:
+        return self.cfg.objective == "dpo" and self.cfg.lora_rank == 0
+
+    def _reference(self, params, ref):
+        """DPO's reference parameters: the frozen copy, or with LoRA the base model (adapters set
+        to zero), so LoRA needs no second copy of the weights."""
+        if ref is not None:
+            return ref
+        return jax.tree.map(jnp.zeros_like, params)
 
     def _init(self):
         with nnx.use_eager_sharding(False):
@@ -141,12 +158,14 @@ class Steps:
         )
 
     # ------------------------------------------------------------------ loss and steps
-    def _loss(self, params, rest, batch):
+    def _loss(self, params, rest, batch, ref=None):
         """(summed loss, (summed nll, token count, summed aux statistics)). Router losses (MoE) are
         per-token means from the model; they enter the summed loss x the token count, so after the
         division by all tokens they weigh `moe_*_loss_weight` whatever the accumulation. The forward
         is traced under the run's mesh, so MoE layers see the `expert` axis (expert parallelism)."""
         cfg = self.cfg
+        if cfg.objective == "dpo":
+            return self._dpo_loss(params, rest, batch, ref)
         model = nnx.merge(self.graphdef, params, rest)
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
             logits, _, aux = model.forward(
@@ -163,11 +182,36 @@ class Steps:
             stats = moe_statistics(aux, count)
         return loss, (nll, count, stats)
 
-    def _grads(self, params, rest, batch):
+    def _dpo_loss(self, params, rest, batch, ref):
+        """(summed DPO loss, (summed loss, pair count, summed DPO statistics)); see dpo.py."""
+        cfg = self.cfg
+
+        def logps(p):
+            model = nnx.merge(self.graphdef, p, rest)
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                logits, _, _ = model.forward(
+                    batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+                )
+            return sequence_logps(logits, batch["targets"], batch["weights"])
+
+        policy, lengths = logps(params)
+        reference, _ = logps(jax.lax.stop_gradient(self._reference(params, ref)))
+        losses, stats = dpo_loss(
+            policy,
+            jax.lax.stop_gradient(reference),
+            lengths,
+            beta=cfg.dpo_beta,
+            label_smoothing=cfg.dpo_label_smoothing,
+            kind=cfg.dpo_loss,
+        )
+        total = jnp.sum(losses)
+        return total, (total, jnp.asarray(losses.shape[0], jnp.float32), stats)
+
+    def _grads(self, params, rest, batch, ref=None):
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accum = self.cfg.grad_accum_steps
         if accum == 1:
-            (_, (nll, count, stats)), grads = grad_fn(params, rest, batch)
+            (_, (nll, count, stats)), grads = grad_fn(params, rest, batch, ref)
             return grads, nll, count, stats
 
         def to_micro(x):  # [B, ...] -> [accum, B / accum, ...], row r goes to microbatch r % accum
@@ -203,7 +247,9 @@ class Steps:
 
     def _train_step(self, state, batch):
         params = state["params"]
-        grads, nll, count, stats = self._grads(params, state["rest"], batch)
+        grads, nll, count, stats = self._grads(
+            params, state["rest"], batch, state.get("ref_params")
+        )
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
@@ -214,10 +260,13 @@ class Steps:
             opt_state=opt_state,
             step=state["step"] + 1,
         )
-        metrics = {"loss": nll / denom, "grad_norm": grad_norm, "tokens": count}
+        tokens = jnp.sum(batch["weights"]) if self.cfg.objective == "dpo" else count
+        metrics = {"loss": nll / denom, "grad_norm": grad_norm, "tokens": tokens}
         metrics.update(finish_moe_statistics(stats, denom))
         return new_state, metrics
 
     def _eval_step(self, state, batch):
-        _, (nll, count, _) = self._loss(state["params"], state["rest"], batch)
-        return {"nll": nll, "tokens": count}
+        _, (nll, count, stats) = self._loss(
+            state["params"], state["rest"], batch, state.get("ref_params")
+        )
+        return {"nll": nll, "tokens": count, **stats}

@@ -35,6 +35,7 @@ class TrainResult:
     last_step: int
     losses: dict[int, float] = field(default_factory=dict)
     eval_losses: dict[int, float] = field(default_factory=dict)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # every eval metric
     stopped_by_signal: bool = False
 
 
@@ -178,13 +179,18 @@ def train(
                         "step_time": dt,
                         "tokens_per_sec": tps,
                         "mfu": tps * flops_tok / peak if peak else 0.0,
-                        **{k: float(v) for k, v in metrics.items() if k.startswith("moe_")},
+                        **{
+                            k: float(v)
+                            for k, v in metrics.items()
+                            if k.startswith(("moe_", "dpo_"))
+                        },
                     }
                     writer.write(record)
                     writer.progress(record)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and data.has_eval():
                     ev = evaluate(steps, state, data)
                     result.eval_losses[step + 1] = ev["eval_loss"]
+                    result.evals[step + 1] = ev
                     writer.write({"step": step + 1, **ev})
                     writer.message(
                         f"eval step {step + 1}: loss {ev['eval_loss']:.4f} ppl {ev['eval_perplexity']:.2f}"
@@ -212,9 +218,15 @@ def train(
 
 
 def evaluate(steps: Steps, state, data: Data) -> dict[str, float]:
+    """eval_loss (per token; per pair for DPO) and eval_perplexity; DPO adds the eval_dpo_* means."""
     nll = count = 0.0
+    dpo: dict[str, float] = {}
     for batch in data.eval_batches():
         out = jax.device_get(steps.eval_step(state, _global_batch(batch, steps.batch_sharding)))
         nll, count = nll + float(out["nll"]), count + float(out["tokens"])
+        for key in (k for k in out if k.startswith("dpo_")):
+            dpo[key] = dpo.get(key, 0.0) + float(out[key])
     loss = nll / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    result.update({f"eval_{k}": v / max(count, 1.0) for k, v in dpo.items()})
+    return result

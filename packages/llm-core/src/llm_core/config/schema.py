@@ -219,10 +219,17 @@ class Config:
     compilation_cache_dir: str = "auto"
     # Records: "text" (one document per record, every token trained) or "sft" (chat `messages`,
     # `prompt`/`completion`, or `text` records; only assistant / completion tokens are trained)
-    dataset_format: Literal["text", "sft"] = "text"
+    # "preference": {"prompt", "chosen", "rejected"} records for objective=dpo
+    dataset_format: Literal["text", "sft", "preference"] = "text"
     chat_template: str = ""  # a .jinja file; "": the tokenizer folder's tokenizer_config.json one
     skip_bad_records: bool = False  # sft: skip (and count) malformed records instead of failing
     init_from: str = ""  # native checkpoint or HF folder: parameters start from there
+    # lm: next-token cross-entropy; dpo: preference pairs against a frozen reference (the starting
+    # weights; with LoRA the base model, so no second copy)
+    objective: Literal["lm", "dpo"] = "lm"
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0  # sigmoid loss only: the conservative-DPO epsilon
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     # --- end of llm-train additions ---------------------------------------------------------------
 
     # --- inference

@@ -80,11 +80,13 @@ def validate(cfg: Config) -> Config:
                 )
     _validate_moe(cfg)
     _validate_lora(cfg)
-    if cfg.dataset_format == "sft" and cfg.dataset_kind not in ("jsonl", "parquet", "hf"):
+    records = cfg.dataset_format in ("sft", "preference")
+    if records and cfg.dataset_kind not in ("jsonl", "parquet", "hf"):
         raise ConfigError(
-            f"dataset_format=sft reads records, so dataset_kind must be jsonl, parquet or hf, "
-            f"got dataset_kind={cfg.dataset_kind!r}."
+            f"dataset_format={cfg.dataset_format} reads records, so dataset_kind must be jsonl, "
+            f"parquet or hf, got dataset_kind={cfg.dataset_kind!r}."
         )
+    _validate_dpo(cfg)
     for rule in cfg.logical_axis_rules:
         if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise ConfigError(
@@ -97,6 +99,31 @@ def validate(cfg: Config) -> Config:
                 f"logical_axis_rules: '{rule[0]}' maps to unknown mesh axes {unknown}; known: {list(MESH_AXES)}."
             )
     return cfg
+
+
+def _validate_dpo(cfg: Config) -> None:
+    if (cfg.objective == "dpo") != (cfg.dataset_format == "preference"):
+        raise ConfigError(
+            f"objective={cfg.objective} with dataset_format={cfg.dataset_format}: DPO trains on "
+            "preference records, so set objective=dpo together with dataset_format=preference."
+        )
+    if cfg.objective != "dpo":
+        return
+    if cfg.global_batch_size % 2:
+        raise ConfigError(
+            f"objective=dpo puts a chosen and a rejected row per pair in the batch: "
+            f"global_batch_size must be even, got {cfg.global_batch_size}."
+        )
+    if cfg.grad_accum_steps != 1:
+        raise ConfigError(
+            "objective=dpo with grad_accum_steps > 1 is not implemented yet: set grad_accum_steps=1."
+        )
+    if cfg.dpo_beta <= 0:
+        raise ConfigError(f"dpo_beta must be > 0, got {cfg.dpo_beta}.")
+    if not 0 <= cfg.dpo_label_smoothing < 0.5:
+        raise ConfigError(
+            f"dpo_label_smoothing must be in [0, 0.5), got {cfg.dpo_label_smoothing}."
+        )
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -157,6 +157,25 @@ def sft_dataset(cfg: Config, examples: list, seed: int, shuffle: bool):
     return it.batch(local, drop_remainder=True)
 
 
+def preference_dataset(cfg: Config, pairs: list, seed: int, shuffle: bool):
+    """(chosen, rejected) encoded pairs -> rows 2i (chosen) and 2i + 1 (rejected), each padded to
+    seq_len + 1 (no packing: DPO scores whole responses)."""
+    local, _ = _local_rows(cfg)
+    ds = grain.MapDataset.source(pairs)[jax.process_index() :: jax.process_count()]
+    if len(ds) == 0:
+        raise ValueError(f"Process {jax.process_index()} got no preference pairs.")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    pad = _pad_sft(cfg)
+
+    def rows(pair):
+        a, b = (pad({"tokens": e.tokens, "mask": e.mask}) for e in pair)
+        return {k: np.stack([a[k], b[k]]) for k in a}
+
+    it = ds.repeat().map(rows).to_iter_dataset().batch(local // 2, drop_remainder=True)
+    return it.map(lambda b: {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()})
+
+
 def _split_docs(docs, eval_fraction: float, seed: int):
     """Deterministic document split: (train indices view, eval indices view)."""
     if eval_fraction <= 0:
@@ -189,7 +208,7 @@ class Data:
         if cfg.dataset_kind == "synthetic":
             self._train = synthetic_dataset(cfg, cfg.seed)
             self._eval_docs = cfg.eval_fraction > 0 or cfg.eval_every > 0
-        elif cfg.dataset_format == "sft":
+        elif cfg.dataset_format in ("sft", "preference"):
             self._train = self._open_sft(cfg)
         else:
             docs = open_documents(
@@ -212,10 +231,15 @@ class Data:
             skip_bad_records=cfg.skip_bad_records,
         )
         train_records, eval_records = _split_docs(records, cfg.eval_fraction, cfg.seed)
-        train = encode_all(train_records, encoder)
-        self._eval_docs = encode_all(eval_records, encoder) if eval_records else None
+        if cfg.dataset_format == "preference":
+            encode = encoder.pairs
+            make = preference_dataset
+        else:
+            encode, make = encoder, sft_dataset
+        train = encode_all(train_records, encode)
+        self._eval_docs = encode_all(eval_records, encode) if eval_records else None
         self.skipped_records = encoder.skipped
-        return sft_dataset(cfg, train, cfg.seed, cfg.shuffle_data)
+        return make(cfg, train, cfg.seed, cfg.shuffle_data)
 
     def has_eval(self) -> bool:
         return bool(self._eval_docs)
@@ -225,8 +249,9 @@ class Data:
         cfg = self.cfg
         if cfg.dataset_kind == "synthetic":
             it = iter(synthetic_dataset(cfg, cfg.seed + EVAL_SEED_OFFSET))
-        elif cfg.dataset_format == "sft":
-            it = iter(sft_dataset(cfg, self._eval_docs, cfg.seed, False))
+        elif cfg.dataset_format in ("sft", "preference"):
+            make = preference_dataset if cfg.dataset_format == "preference" else sft_dataset
+            it = iter(make(cfg, self._eval_docs, cfg.seed, False))
         else:
             it = iter(
                 text_dataset(

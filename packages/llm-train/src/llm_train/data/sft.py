@@ -108,6 +108,17 @@ class RecordEncoder:
             self.skipped.append(str(err))
             return None
 
+    def pairs(self, item: tuple[str, dict]) -> tuple[Encoded, Encoded] | None:
+        """`encode_pair` for (where, record) items, skipping bad records like `__call__`."""
+        where, record = item
+        try:
+            return self.encode_pair(record, where)
+        except DataError as err:
+            if not self.skip_bad_records:
+                raise
+            self.skipped.append(str(err))
+            return None
+
     def encode(self, record: dict, where: str) -> Encoded:
         if not isinstance(record, dict):
             raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
@@ -141,7 +152,34 @@ class RecordEncoder:
         mask = np.concatenate([np.zeros(len(prompt_ids), np.int32), done.mask])
         return Encoded(tokens, mask)
 
-    def _chat(self, messages, where: str) -> Encoded:
+    def encode_pair(self, record: dict, where: str) -> tuple[Encoded, Encoded]:
+        """A preference record {"prompt", "chosen", "rejected"} -> (chosen, rejected) rows whose
+        trained tokens are the response only. Strings are prompt / completion pairs; message lists
+        (TRL's conversational format: prompt = the conversation so far, chosen / rejected = the
+        assistant reply) are rendered with the chat template."""
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in record:
+                raise DataError(
+                    f"{where}: preference record has no field {key!r} (fields: "
+                    f"{sorted(record)[:10]}); expected prompt, chosen and rejected."
+                )
+        prompt = record["prompt"]
+        out = []
+        for key in ("chosen", "rejected"):
+            answer = record[key]
+            if isinstance(prompt, list) and isinstance(answer, list):
+                out.append(self._chat(prompt + answer, where, train_from=len(prompt)))
+            elif isinstance(prompt, str) and isinstance(answer, str):
+                out.append(self._prompt_completion({"prompt": prompt, "completion": answer}, where))
+            else:
+                raise DataError(
+                    f"{where}: 'prompt' and {key!r} must both be strings or both message lists."
+                )
+        return out[0], out[1]
+
+    def _chat(self, messages, where: str, train_from: int = 0) -> Encoded:
         if self.template is None:
             raise DataError(
                 f"{where}: chat record ('messages') but the tokenizer has no chat template: "
@@ -151,7 +189,7 @@ class RecordEncoder:
         full = self.template.render(messages, add_generation_prompt=False)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < train_from:
                 continue
             before = self.template.render(messages[:i], add_generation_prompt=True)
             through = self.template.render(messages[: i + 1], add_generation_prompt=False)
@@ -229,7 +267,8 @@ def open_records(kind: str, path: str, split: str) -> list[tuple[str, dict]]:
 def encode_all(records, encoder: Callable) -> list[Encoded]:
     """Encode every record up front (fine-tuning sets are small next to pre-training corpora):
     bad records fail (or are counted) before any compile."""
-    out = [e for e in map(encoder, records) if e is not None and len(e.tokens) > 1]
+    out = [e for e in map(encoder, records) if e is not None]
+    out = [e for e in out if not isinstance(e, Encoded) or len(e.tokens) > 1]
     if not out:
         raise DataError("no usable SFT records (all were skipped or too short).")
     return out
