@@ -17,6 +17,9 @@ EPILOG = """examples:
                                       # fine-tune on chat / prompt-completion records
   llm-train train dpo.yml model_name=llama3.2-1b init_from=runs/sft1/export \
       tokenizer_path=hf/Llama-3.2-1B-Instruct dataset_path=pairs.jsonl run_name=dpo1
+  llm-train train rl.yml model_name=llama3.2-1b init_from=runs/sft1/export \
+      tokenizer_path=hf/Llama-3.2-1B-Instruct dataset_path=math.jsonl run_name=grpo1 \
+      'reward_functions=[llm_train.rewards:exact_match_number]'   # GRPO, in-process rollouts
   llm-train plan bench-small ici_fsdp_parallelism=8              # memory / FLOPs estimate
   llm-train compile bench-small --devices 8 ici_fsdp_parallelism=8   # 8 simulated CPU devices
 
@@ -27,7 +30,7 @@ Output goes to <base_output_dir>/<run_name>/: checkpoints/, metrics.jsonl, tenso
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llm-train",
-        description="Pre-train and post-train (SFT, DPO, LoRA) LLMs in JAX (optax, grain, orbax).",
+        description="Pre-train and post-train (SFT, DPO, GRPO/GSPO, LoRA) LLMs in JAX.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -12,12 +12,20 @@ from flax import nnx
 
 from llm_core import Config, LoRAParam
 from llm_train.dpo import dpo_loss, sequence_logps
+from llm_train.grpo import policy_loss
 from llm_train.model import build_model
 from llm_train.sharding import batch_sharding, state_shardings
 
 # A batch: int32 [B, S] arrays `inputs`, `targets`, `positions`, `segment_ids` (0 = padding) and
 # float32 [B, S] `weights` (1 where the target is a real next token of the same segment).
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+# GRPO batches add the rollout's float32 per-completion advantages [B] and, per token [B, S], the
+# log-probs of the policy that sampled them and of the reference (see grpo.py).
+GRPO_KEYS = ("advantages", "old_logps", "ref_logps")
+
+
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+    return BATCH_KEYS + (GRPO_KEYS if cfg.objective == "grpo" else ())
 
 
 def token_loss(logits, targets, weights, z_loss: float = 0.0):
@@ -69,7 +77,14 @@ class Steps:
         self.abstract_state = jax.eval_shape(lambda: self._fresh(abs_params, abs_rest))
         self.state_sharding = state_shardings(self.abstract_state, mesh, cfg)
         self.batch_sharding = batch_sharding(mesh)
-        batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
+        # per-row arrays ([B]: GRPO advantages) split like the batch's first axis
+        self.row_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(self.batch_sharding.spec[0])
+        )
+        batch_sh = {
+            k: self.row_sharding if k == "advantages" else self.batch_sharding
+            for k in batch_keys(cfg)
+        }
         self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
             self._train_step,
@@ -83,12 +98,16 @@ class Steps:
     # ------------------------------------------------------------------ ahead-of-time compile
     def abstract_batch(self) -> dict:
         shape = (self.cfg.global_batch_size, self.cfg.seq_len)
-        return {
-            k: jax.ShapeDtypeStruct(
-                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=self.batch_sharding
+
+        def one(k):
+            if k == "advantages":
+                return jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=self.row_sharding)
+            dtype = (
+                jnp.int32 if k in ("inputs", "targets", "positions", "segment_ids") else jnp.float32
             )
-            for k in BATCH_KEYS
-        }
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+
+        return {k: one(k) for k in batch_keys(self.cfg)}
 
     @staticmethod
     def compiler_options() -> dict:
@@ -135,7 +154,9 @@ class Steps:
 
     @property
     def needs_reference_copy(self) -> bool:
-        return self.cfg.objective == "dpo" and self.cfg.lora_rank == 0
+        cfg = self.cfg
+        wants = cfg.objective == "dpo" or (cfg.objective == "grpo" and cfg.grpo_beta > 0)
+        return wants and cfg.lora_rank == 0
 
     def _reference(self, params, ref):
         """DPO's reference parameters: the frozen copy, or with LoRA the base model (adapters set
@@ -166,6 +187,8 @@ class Steps:
         cfg = self.cfg
         if cfg.objective == "dpo":
             return self._dpo_loss(params, rest, batch, ref)
+        if cfg.objective == "grpo":
+            return self._grpo_loss(params, rest, batch)
         model = nnx.merge(self.graphdef, params, rest)
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
             logits, _, aux = model.forward(
@@ -181,6 +204,35 @@ class Steps:
             )
             stats = moe_statistics(aux, count)
         return loss, (nll, count, stats)
+
+    def token_logps(self, params, rest, batch):
+        """log p(target) per token [B, S] (float32) under `params`."""
+        model = nnx.merge(self.graphdef, params, rest)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            logits, _, _ = model.forward(
+                batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+            )
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+
+    def _grpo_loss(self, params, rest, batch):
+        """(summed GRPO / GSPO loss, (summed loss, completion count, summed statistics))."""
+        cfg = self.cfg
+        logp = self.token_logps(params, rest, batch)
+        ref = batch["ref_logps"] if cfg.grpo_beta else jax.lax.stop_gradient(logp)
+        total, stats = policy_loss(
+            logp,
+            batch["old_logps"],
+            ref,
+            batch["advantages"],
+            batch["weights"],
+            algo=cfg.grpo_loss_algo,
+            eps=cfg.grpo_epsilon,
+            eps_high=cfg.grpo_epsilon_high,
+            beta=cfg.grpo_beta,
+            kl_estimator=cfg.grpo_kl_estimator,
+        )
+        return total, (total, jnp.asarray(logp.shape[0], jnp.float32), stats)
 
     def _dpo_loss(self, params, rest, batch, ref):
         """(summed DPO loss, (summed loss, pair count, summed DPO statistics)); see dpo.py."""
@@ -260,7 +312,7 @@ class Steps:
             opt_state=opt_state,
             step=state["step"] + 1,
         )
-        tokens = jnp.sum(batch["weights"]) if self.cfg.objective == "dpo" else count
+        tokens = jnp.sum(batch["weights"]) if self.cfg.objective != "lm" else count
         metrics = {"loss": nll / denom, "grad_norm": grad_norm, "tokens": tokens}
         metrics.update(finish_moe_statistics(stats, denom))
         return new_state, metrics

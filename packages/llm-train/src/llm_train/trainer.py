@@ -35,6 +35,7 @@ class TrainResult:
     last_step: int
     losses: dict[int, float] = field(default_factory=dict)
     eval_losses: dict[int, float] = field(default_factory=dict)
+    rewards: dict[int, float] = field(default_factory=dict)  # GRPO: mean reward per round
     evals: dict[int, dict[str, float]] = field(default_factory=dict)  # every eval metric
     stopped_by_signal: bool = False
 
@@ -104,7 +105,12 @@ def train(
     cfg: Config, max_steps: int | None = None, time_limit_s: float | None = None
 ) -> TrainResult:
     """Train to `cfg.steps`, resuming if possible; stop early after `max_steps` steps or
-    `time_limit_s` seconds in this call (a checkpoint is saved either way)."""
+    `time_limit_s` seconds in this call (a checkpoint is saved either way). objective=grpo runs
+    the rollout loop of `llm_train.rl` instead."""
+    if cfg.objective == "grpo":
+        from llm_train.rl import train_rl
+
+        return train_rl(cfg, max_steps)
     distributed.initialize(cfg)
     enable_compilation_cache(cfg)
     out_dir = run_dir(cfg)
@@ -182,7 +188,7 @@ def train(
                         **{
                             k: float(v)
                             for k, v in metrics.items()
-                            if k.startswith(("moe_", "dpo_"))
+                            if k.startswith(("moe_", "dpo_", "grpo_"))
                         },
                     }
                     writer.write(record)

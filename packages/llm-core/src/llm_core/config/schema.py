@@ -219,17 +219,31 @@ class Config:
     compilation_cache_dir: str = "auto"
     # Records: "text" (one document per record, every token trained) or "sft" (chat `messages`,
     # `prompt`/`completion`, or `text` records; only assistant / completion tokens are trained)
-    # "preference": {"prompt", "chosen", "rejected"} records for objective=dpo
-    dataset_format: Literal["text", "sft", "preference"] = "text"
+    # "preference": {"prompt", "chosen", "rejected"} records for objective=dpo; "prompts":
+    # {"prompt", ...} records for objective=grpo (other fields go to the reward functions)
+    dataset_format: Literal["text", "sft", "preference", "prompts"] = "text"
     chat_template: str = ""  # a .jinja file; "": the tokenizer folder's tokenizer_config.json one
     skip_bad_records: bool = False  # sft: skip (and count) malformed records instead of failing
     init_from: str = ""  # native checkpoint or HF folder: parameters start from there
     # lm: next-token cross-entropy; dpo: preference pairs against a frozen reference (the starting
     # weights; with LoRA the base model, so no second copy)
-    objective: Literal["lm", "dpo"] = "lm"
+    objective: Literal["lm", "dpo", "grpo"] = "lm"
     dpo_beta: float = 0.1
     dpo_label_smoothing: float = 0.0  # sigmoid loss only: the conservative-DPO epsilon
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # GRPO / GSPO (llm_train/grpo.py, rl.py): global_batch_size = prompts x num_generations rows
+    num_generations: int = 4  # completions sampled per prompt (>= 2)
+    max_completion_length: int = 64
+    rollout_temperature: float = 1.0
+    reward_functions: list[str] = field(default_factory=list)  # "module:function" each
+    reward_format_regex: str = ""  # pattern of the built-in llm_train.rewards:format_regex
+    grpo_advantage: Literal["grpo", "rloo", "drgrpo"] = "grpo"
+    grpo_loss_algo: Literal["grpo", "gspo"] = "grpo"
+    grpo_epsilon: float = 0.2
+    grpo_epsilon_high: float | None = None  # default: grpo_epsilon
+    grpo_beta: float = 0.0  # KL weight to the reference; 0 skips the reference
+    grpo_kl_estimator: Literal["kl", "low_var_kl"] = "low_var_kl"
+    grpo_num_iterations: int = 1  # policy updates per batch of rollouts
     # --- end of llm-train additions ---------------------------------------------------------------
 
     # --- inference

@@ -80,7 +80,7 @@ def validate(cfg: Config) -> Config:
                 )
     _validate_moe(cfg)
     _validate_lora(cfg)
-    records = cfg.dataset_format in ("sft", "preference")
+    records = cfg.dataset_format in ("sft", "preference", "prompts")
     if records and cfg.dataset_kind not in ("jsonl", "parquet", "hf"):
         raise ConfigError(
             f"dataset_format={cfg.dataset_format} reads records, so dataset_kind must be jsonl, "
@@ -101,7 +101,41 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_grpo(cfg: Config) -> None:
+    if (cfg.objective == "grpo") != (cfg.dataset_format == "prompts"):
+        raise ConfigError(
+            f"objective={cfg.objective} with dataset_format={cfg.dataset_format}: GRPO samples "
+            "from prompt records, so set objective=grpo together with dataset_format=prompts."
+        )
+    if cfg.objective != "grpo":
+        return
+    if cfg.num_generations < 2:
+        raise ConfigError(
+            f"num_generations must be >= 2 for GRPO (advantages compare completions of one "
+            f"prompt), got {cfg.num_generations}."
+        )
+    if cfg.global_batch_size % cfg.num_generations:
+        raise ConfigError(
+            f"global_batch_size ({cfg.global_batch_size}) must be a multiple of num_generations "
+            f"({cfg.num_generations}): a batch holds whole groups of completions."
+        )
+    if not cfg.reward_functions:
+        raise ConfigError("objective=grpo needs reward_functions (a list of 'module:function').")
+    if cfg.grad_accum_steps != 1:
+        raise ConfigError(
+            "objective=grpo with grad_accum_steps > 1 is not implemented yet: set grad_accum_steps=1."
+        )
+    if cfg.max_completion_length < 1 or cfg.max_completion_length >= cfg.seq_len:
+        raise ConfigError(
+            f"max_completion_length ({cfg.max_completion_length}) must be in [1, seq_len) "
+            f"(seq_len={cfg.seq_len} holds prompt + completion)."
+        )
+    if cfg.grpo_num_iterations < 1:
+        raise ConfigError(f"grpo_num_iterations must be >= 1, got {cfg.grpo_num_iterations}.")
+
+
 def _validate_dpo(cfg: Config) -> None:
+    _validate_grpo(cfg)
     if (cfg.objective == "dpo") != (cfg.dataset_format == "preference"):
         raise ConfigError(
             f"objective={cfg.objective} with dataset_format={cfg.dataset_format}: DPO trains on "
