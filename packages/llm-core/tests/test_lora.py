@@ -100,3 +100,17 @@ def test_save_writes_the_merged_plain_model(tmp_path):
     back = load(path)
     assert back.cfg.lora_rank == 0
     np.testing.assert_allclose(np.asarray(back(IDS)), np.asarray(lora(IDS)), atol=2e-5)
+
+
+def test_lora_on_an_moe_model_warns_that_experts_stay_frozen():
+    moe = ["ffn_kind=moe", "num_experts=4", "num_experts_per_tok=2", "moe_mlp_dim=16"]
+    with pytest.warns(UserWarning, match="MoE expert weights .* stay frozen"):
+        build_model(load_config(None, [*TINY, *moe, "lora_rank=2"]), rngs=nnx.Rngs(0))
+
+
+def test_adapters_are_float32_on_a_bf16_base():
+    lora = build_model(
+        load_config(None, [*TINY, "lora_rank=2", "weight_dtype=bfloat16"]), rngs=nnx.Rngs(0)
+    )
+    q = lora.groups.layer_0.attn.q
+    assert q.base.kernel.dtype == jnp.bfloat16 and q.lora_b.dtype == jnp.float32

@@ -211,3 +211,12 @@ def test_active_parameter_count():
 def test_bad_moe_and_mesh_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         _cfg(*overrides)
+
+
+def test_auto_matmul_is_the_grouped_kernel_on_cpu_when_built():
+    import llm_kernels
+    from llm_core.layers.experts import resolve_matmul
+
+    want = "grouped_matmul" if llm_kernels.cpu_kernels_available() else "tiled"
+    assert resolve_matmul("auto") == want
+    assert resolve_matmul("ragged_dot") == "ragged_dot"

@@ -159,6 +159,7 @@ struct GroupProblem {
 
 // Runs every group's product over (group, column block, row chunk) tasks on all threads.
 void run_groups(const std::vector<GroupProblem>& problems, int64_t N, int64_t ldc) {
+  if (N == 0) return;
   struct Task {
     int32_t group;
     int64_t i0, i1, j0, j1;

@@ -132,6 +132,7 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, tokenizer_dir, lora):  # 
         tokenizer_path=str(tokenizer_dir),
         vocab_size=320,
         packing=False,
+        seq_len=63,
         eval_fraction=0.2,
         eval_every=30,
         eval_batches=4,
@@ -174,3 +175,11 @@ def test_shipped_dpo_task_file_loads():
 
     cfg = load_config("dpo.yml", [f"chat_template={DATA / 'chatml_style.jinja'}"])
     assert cfg.objective == "dpo" and cfg.dataset_format == "preference"
+
+
+def test_a_pair_longer_than_a_row_is_refused(tokenizer_dir):  # noqa: F811
+    enc = _encoder(tokenizer_dir, None)
+    enc.max_pair_tokens = 8
+    record = {"prompt": "one two three four five six seven", "chosen": " a", "rejected": " b"}
+    with pytest.raises(DataError, match=r"p\.jsonl:4: prompt \+ chosen is \d+ tokens, more than"):
+        enc.encode_pair(record, "p.jsonl:4")

@@ -251,3 +251,23 @@ def test_sft_run_raises_held_out_assistant_likelihood(tmp_path, tokenizer_dir):
 def test_sft_needs_a_record_source(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset_format=sft .* dataset_kind='synthetic'"):
         tiny_config(tmp_path, dataset_format="sft", dataset_kind="synthetic")
+
+
+def test_templates_parse_as_transformers_parses_them(tmp_path, tokenizer_dir):
+    """Loop controls (used by real templates) work; a template that does not parse names its file."""
+    from llm_train.data.sft import load_chat_template
+
+    good = tmp_path / "skip_system.jinja"
+    good.write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    out = load_chat_template(str(good), str(tokenizer_dir)).render(CHAT, False)
+    assert "You answer in one word." not in out and "Green, mostly." in out
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    with pytest.raises(
+        ConfigError, match=r"chat_template=.*bad\.jinja: the chat template does not parse"
+    ):
+        load_chat_template(str(bad), str(tokenizer_dir))

@@ -198,9 +198,8 @@ def train(
                     result.eval_losses[step + 1] = ev["eval_loss"]
                     result.evals[step + 1] = ev
                     writer.write({"step": step + 1, **ev})
-                    writer.message(
-                        f"eval step {step + 1}: loss {ev['eval_loss']:.4f} ppl {ev['eval_perplexity']:.2f}"
-                    )
+                    ppl = f" ppl {ev['eval_perplexity']:.2f}" if "eval_perplexity" in ev else ""
+                    writer.message(f"eval step {step + 1}: loss {ev['eval_loss']:.4f}{ppl}")
                 late = time_limit_s is not None and time.time() - t0 > time_limit_s
                 stopping, out_of_time = stop.any_process(late)
                 if out_of_time:
@@ -233,6 +232,8 @@ def evaluate(steps: Steps, state, data: Data) -> dict[str, float]:
         for key in (k for k in out if k.startswith("dpo_")):
             dpo[key] = dpo.get(key, 0.0) + float(out[key])
     loss = nll / max(count, 1.0)
-    result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    result = {"eval_loss": loss}
+    if steps.cfg.objective == "lm":  # a DPO loss has no perplexity
+        result["eval_perplexity"] = math.exp(min(loss, 50.0))
     result.update({f"eval_{k}": v / max(count, 1.0) for k, v in dpo.items()})
     return result

@@ -121,7 +121,8 @@ class Config:
     moe_capacity_factor: float | None = None
     # dropless expert matmuls: grouped_matmul (llm-kernels: C++ on CPU, Pallas on TPU/GPU),
     # ragged_dot (XLA's; dense over all experts on the CPU), tiled (rows padded to tiles per
-    # expert, one batched matmul), dense (every expert on every row); auto: the measured fastest
+    # expert, one batched matmul), dense (every expert on every row); auto: grouped_matmul on the
+    # CPU with the compiled kernels (measured fastest), tiled elsewhere (Pallas not yet measured)
     moe_matmul: Literal["auto", "grouped_matmul", "ragged_dot", "tiled", "dense"] = "auto"
     moe_aux_loss_weight: float = 0.0  # llm-train adds weight * load-balancing loss
     moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss

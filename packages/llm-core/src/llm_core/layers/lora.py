@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_core.layers.linear import Linear, iter_linears
+from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
 
 DEFAULT_TARGETS = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 
@@ -44,13 +44,14 @@ class LoRALinear(nnx.Module):
         out_axes = axes[n_lead + len(base.in_shape) :]
         fan_in = math.prod(base.in_shape)
         a = jax.random.normal(rngs.params(), lead + base.in_shape + (rank,), jnp.float32)
+        # adapters stay float32 whatever the base dtype: bf16 would round small updates away
         self.lora_a = LoRAParam(
-            (a / math.sqrt(fan_in)).astype(kernel.dtype),
+            a / math.sqrt(fan_in),
             out_sharding=lead_axes + in_axes + (None,),
             eager_sharding=False,
         )
         self.lora_b = LoRAParam(
-            jnp.zeros((*lead, rank, *base.out_shape), kernel.dtype),
+            jnp.zeros((*lead, rank, *base.out_shape), jnp.float32),
             out_sharding=(*lead_axes, None, *out_axes),
             eager_sharding=False,
         )
@@ -94,11 +95,17 @@ def module_path(path: tuple) -> str:
 def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: str, rngs: nnx.Rngs) -> int:
     """Wrap every `Linear` whose path matches `targets` (re.search); returns how many."""
     pattern = re.compile(targets)
-    chosen = [
-        (path, lin)
-        for path, lin in iter_linears(model)
-        if isinstance(lin, Linear) and pattern.search(module_path(path))
-    ]
+    matched = [(p, lin) for p, lin in iter_linears(model) if pattern.search(module_path(p))]
+    chosen = [(p, lin) for p, lin in matched if isinstance(lin, Linear)]
+    experts = sorted(module_path(p) for p, lin in matched if isinstance(lin, GroupedLinear))
+    if experts:
+        import warnings
+
+        warnings.warn(
+            f"lora_targets also matches MoE expert weights ({', '.join(experts[:3])}...), which "
+            "LoRA does not adapt yet: they stay frozen.",
+            stacklevel=2,
+        )
     for path, lin in chosen:
         parent = model
         for key in path[:-1]:

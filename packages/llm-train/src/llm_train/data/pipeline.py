@@ -161,6 +161,11 @@ def preference_dataset(cfg: Config, pairs: list, seed: int, shuffle: bool):
     """(chosen, rejected) encoded pairs -> rows 2i (chosen) and 2i + 1 (rejected), each padded to
     seq_len + 1 (no packing: DPO scores whole responses)."""
     local, _ = _local_rows(cfg)
+    if local % 2:
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} gives {local} rows per process "
+            f"({jax.process_count()} processes); DPO needs an even number (chosen + rejected)."
+        )
     ds = grain.MapDataset.source(pairs)[jax.process_index() :: jax.process_count()]
     if len(ds) == 0:
         raise ValueError(f"Process {jax.process_index()} got no preference pairs.")
@@ -229,6 +234,7 @@ class Data:
             load_chat_template(cfg.chat_template, cfg.tokenizer_path),
             text_field=cfg.dataset_field,
             skip_bad_records=cfg.skip_bad_records,
+            max_pair_tokens=cfg.seq_len + 1,
         )
         train_records, eval_records = _split_docs(records, cfg.eval_fraction, cfg.seed)
         if cfg.dataset_format == "preference":

@@ -41,16 +41,28 @@ class Encoded:
 class ChatTemplate:
     """A Hugging Face chat template (jinja2, rendered as transformers renders it)."""
 
-    def __init__(self, source: str, special_tokens: dict[str, str]):
+    def __init__(self, source: str, special_tokens: dict[str, str], origin: str = "chat_template"):
+        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise DataError(f"chat template: {message}")
+            raise DataError(f"chat template ({origin}): {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(
+                x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                sort_keys=sort_keys,
+            )  # fmt: skip
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent)
-        self.template = env.from_string(source)
+        env.filters["tojson"] = tojson
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"{origin}: the chat template does not parse: {err}") from None
         self.special_tokens = special_tokens
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
@@ -81,11 +93,13 @@ def load_chat_template(chat_template: str, tokenizer_path: str) -> ChatTemplate 
         if not os.path.exists(chat_template):
             raise ConfigError(f"chat_template={chat_template!r} does not exist.")
         with open(chat_template, encoding="utf-8") as f:
-            return ChatTemplate(f.read(), specials)
+            return ChatTemplate(f.read(), specials, f"chat_template={chat_template}")
     source = config.get("chat_template")
     if isinstance(source, list):  # named templates: take "default"
         source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    return ChatTemplate(source, specials) if isinstance(source, str) else None
+    if not isinstance(source, str):
+        return None
+    return ChatTemplate(source, specials, f"{config_path} chat_template")
 
 
 @dataclass
@@ -96,6 +110,7 @@ class RecordEncoder:
     template: ChatTemplate | None
     text_field: str = "text"
     skip_bad_records: bool = False
+    max_pair_tokens: int | None = None  # preference rows: at most this many tokens (seq_len + 1)
     skipped: list[str] = field(default_factory=list)
 
     def __call__(self, item: tuple[str, dict]) -> Encoded | None:
@@ -176,6 +191,14 @@ class RecordEncoder:
             else:
                 raise DataError(
                     f"{where}: 'prompt' and {key!r} must both be strings or both message lists."
+                )
+        limit = self.max_pair_tokens
+        for key, row in zip(("chosen", "rejected"), out, strict=True):
+            if limit is not None and len(row.tokens) > limit:
+                raise DataError(
+                    f"{where}: prompt + {key} is {len(row.tokens)} tokens, more than a row holds "
+                    f"(seq_len + 1 = {limit}): raise seq_len, shorten the record, or set "
+                    "skip_bad_records=true (a cut reply would bias the comparison)."
                 )
         return out[0], out[1]
 
