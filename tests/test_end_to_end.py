@@ -158,3 +158,42 @@ def test_init_from_hf_then_sft_then_export_back_to_hf(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     moved = np.abs(ours - original).max()
     assert 0 < moved < 0.2 * np.abs(original).max(), moved  # trained, starting from the HF weights
+
+
+def test_lora_sft_from_hf_exports_a_peft_adapter_for_the_hf_base(tmp_path):
+    """init_from an HF folder with LoRA -> SFT -> `export_peft_adapter`: peft on the original HF
+    model gives the logits of our merged export."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    from llm_train.export import export_peft_adapter
+
+    src = _hf_llama_with_chat_tokenizer(tmp_path / "hf_src")
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as f:
+        for q, a in (("one plus two", "three"), ("two plus two", "four")) * 8:
+            chat = [
+                {"role": "user", "content": f"what is {q}?"},
+                {"role": "assistant", "content": a},
+            ]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    arch = [o for o in TINY if not o.startswith(("vocab_size", "steps", "learning_rate"))]
+    cfg = load_config(
+        "sft.yml",
+        [*arch, "vocab_size=320", "steps=3", "learning_rate=1e-2", "warmup_steps=0",
+         "lora_rank=4", f"init_from={src}", f"dataset_path={data}", f"tokenizer_path={src}",
+         f"base_output_dir={tmp_path}", "run_name=lora", "compilation_cache_dir="],
+    )  # fmt: skip
+    train(cfg)
+    merged = load(export(cfg, str(tmp_path / "merged")))
+    adapter = export_peft_adapter(cfg, str(tmp_path / "adapter"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = np.random.default_rng(0).integers(0, 300, (2, 16)).astype(np.int32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids).long()).logits.numpy()
+        with model.disable_adapter():
+            original = model(torch.from_numpy(ids).long()).logits.numpy()
+    ours = np.asarray(merged(ids))
+    assert np.abs(ours - original).max() > 1e-4  # the adapters were trained
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)

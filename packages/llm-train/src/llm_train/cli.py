@@ -12,6 +12,7 @@ EPILOG = """examples:
   llm-train train bench-small steps=20 run_name=smoke          # synthetic data
   llm-train train bench-small steps=20 run_name=smoke          # again: resumes from step 20's checkpoint
   llm-train export bench-small run_name=smoke --out exported/   # parameter-only checkpoint
+                                      # (LoRA runs: merged; --peft-adapter: the adapter alone)
   llm-train train sft.yml model_name=llama3.2-1b init_from=hf/Llama-3.2-1B-Instruct \
       tokenizer_path=hf/Llama-3.2-1B-Instruct dataset_path=chat.jsonl run_name=sft1
                                       # fine-tune on chat / prompt-completion records
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--step", type=int, default=None, help="checkpoint step (default: latest)"
             )
+            s.add_argument(
+                "--peft-adapter",
+                action="store_true",
+                help="LoRA runs: write the adapter alone as a PEFT folder (adapter_model."
+                "safetensors + adapter_config.json; needs llm-convert) instead of merged weights",
+            )
     return p
 
 
@@ -98,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from llm_train.export import export
 
-            path = export(cfg, args.out, args.step)
-            print(f"exported parameters to {path} (load with llm_core.load)")
+            if args.peft_adapter:
+                from llm_train.export import export_peft_adapter
+
+                path = export_peft_adapter(cfg, args.out, args.step)
+                print(f"exported the LoRA adapter to {path} (load with peft.PeftModel)")
+            else:
+                path = export(cfg, args.out, args.step)
+                print(f"exported parameters to {path} (load with llm_core.load)")
         elif args.command == "plan":
             from llm_train.plan import plan, plan_table
 

@@ -30,8 +30,7 @@ from llm_train.step import Steps
 from llm_train.trainer import run_dir
 
 
-def export(cfg: Config, out: str, step: int | None = None) -> Path:
-    """Write the params of checkpoint `step` (default: the latest) of the run `cfg` names."""
+def _restore_model(cfg: Config, step: int | None):
     mesh = build_mesh(cfg)
     steps = Steps(cfg, mesh, make_optimizer(cfg))
     ckpt = Checkpointer(os.path.join(run_dir(cfg), "checkpoints"), use_async=False)
@@ -41,10 +40,30 @@ def export(cfg: Config, out: str, step: int | None = None) -> Path:
         state, _ = ckpt.restore(steps.abstract_with_sharding(), step)
     finally:
         ckpt.close()
-    path = llm_core.save(nnx.merge(steps.graphdef, state["params"], state["rest"]), out)
+    return nnx.merge(steps.graphdef, state["params"], state["rest"])
+
+
+def export(cfg: Config, out: str, step: int | None = None) -> Path:
+    """Write the params of checkpoint `step` (default: the latest) of the run `cfg` names (a LoRA
+    run: merged into the base weights)."""
+    path = llm_core.save(_restore_model(cfg, step), out)
     if cfg.tokenizer_path:
         export_tokenizer(cfg.tokenizer_path, path)
     return path
+
+
+def export_peft_adapter(cfg: Config, out: str, step: int | None = None) -> Path:
+    """A LoRA run's adapter alone as a PEFT folder, for the base model in Hugging Face format."""
+    if cfg.lora_rank <= 0:
+        raise llm_core.ConfigError("--peft-adapter needs a LoRA run (lora_rank > 0).")
+    try:
+        from llm_convert.adapters import save_peft_adapter
+    except ImportError:
+        raise llm_core.ConfigError(
+            "--peft-adapter writes Hugging Face names through llm-convert: "
+            "pip install packages/llm-convert"
+        ) from None
+    return save_peft_adapter(_restore_model(cfg, step), out)
 
 
 def export_tokenizer(tokenizer_path: str, out: Path) -> None:
