@@ -14,7 +14,7 @@ from test_sft import DATA, _encoder, _runs, tokenizer_dir  # noqa: F401 - shared
 
 from llm_core import ConfigError
 from llm_train.data.sources import DataError
-from llm_train.dpo import dpo_loss, sequence_logps
+from llm_train.dpo import dpo_loss
 
 pytestmark = pytest.mark.cpu
 
@@ -63,17 +63,6 @@ def test_small_beta_limit_is_log_two():
     )  # fmt: skip
     np.testing.assert_allclose(losses, math.log(2.0), rtol=1e-5)
     assert abs(float(stats["dpo_reward_margin"])) < 1e-4
-
-
-def test_sequence_logps_sum_the_weighted_targets():
-    logits = jnp.asarray(RNG.normal(size=(2, 5, 7)), jnp.float32)
-    targets = jnp.asarray(RNG.integers(0, 7, (2, 5)), jnp.int32)
-    weights = jnp.asarray([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], jnp.float32)
-    total, count = sequence_logps(logits, targets, weights)
-    logp = np.asarray(logits) - np.log(np.exp(np.asarray(logits)).sum(-1, keepdims=True))
-    picked = np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
-    np.testing.assert_allclose(total, (picked * np.asarray(weights)).sum(-1), rtol=1e-5)
-    np.testing.assert_array_equal(count, [2, 4])
 
 
 def test_preference_rows_train_the_responses_only(tokenizer_dir):  # noqa: F811

@@ -16,14 +16,6 @@ import jax
 import jax.numpy as jnp
 
 
-def sequence_logps(logits, targets, weights):
-    """Per row: (summed log-prob of the weighted target tokens [B], their count [B])."""
-    logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(tok * weights, axis=-1), jnp.sum(weights, axis=-1)
-
-
 def dpo_loss(policy, reference, lengths, *, beta: float, label_smoothing: float, kind: str):
     """policy, reference, lengths: [2P] per-row values, chosen at even rows -> (losses [P], stats
     summed over pairs: reward_chosen, reward_rejected, reward_margin, reward_accuracy,

@@ -11,10 +11,11 @@ import optax
 from flax import nnx
 
 from llm_core import Config, LoRAParam
-from llm_train.dpo import dpo_loss, sequence_logps
+from llm_train.dpo import dpo_loss
 from llm_train.grpo import policy_loss
 from llm_train.model import build_model
 from llm_train.sharding import batch_sharding, state_shardings
+from llm_train.vocab_tiling import target_logprobs
 
 # A batch: int32 [B, S] arrays `inputs`, `targets`, `positions`, `segment_ids` (0 = padding) and
 # float32 [B, S] `weights` (1 where the target is a real next token of the same segment).
@@ -189,13 +190,10 @@ class Steps:
             return self._dpo_loss(params, rest, batch, ref)
         if cfg.objective == "grpo":
             return self._grpo_loss(params, rest, batch)
-        model = nnx.merge(self.graphdef, params, rest)
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-            logits, _, aux = model.forward(
-                batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-            )
-        nll, zl, count = token_loss(logits, batch["targets"], batch["weights"], cfg.z_loss)
-        loss = nll + zl
+        logp, log_z, aux = self._target_logprobs(params, rest, batch)
+        weights = batch["weights"]
+        nll, count = -jnp.sum(logp * weights), jnp.sum(weights)
+        loss = nll + cfg.z_loss * jnp.sum(jnp.square(log_z) * weights)
         stats = {}
         if aux:
             loss += count * (
@@ -205,15 +203,20 @@ class Steps:
             stats = moe_statistics(aux, count)
         return loss, (nll, count, stats)
 
-    def token_logps(self, params, rest, batch):
-        """log p(target) per token [B, S] (float32) under `params`."""
+    def _target_logprobs(self, params, rest, batch):
+        """(log p(target) [B, S], logsumexp [B, S], aux) under `params`; the head runs in
+        `vocab_tiling_chunks` sequence chunks (vocab_tiling.py), traced under the run's mesh."""
         model = nnx.merge(self.graphdef, params, rest)
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-            logits, _, _ = model.forward(
+            x, _, aux = model.hidden(
                 batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
             )
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+            logp, log_z = target_logprobs(model, x, batch["targets"], self.cfg.vocab_tiling_chunks)
+        return logp, log_z, aux
+
+    def token_logps(self, params, rest, batch):
+        """log p(target) per token [B, S] (float32) under `params`."""
+        return self._target_logprobs(params, rest, batch)[0]
 
     def _grpo_loss(self, params, rest, batch):
         """(summed GRPO / GSPO loss, (summed loss, completion count, summed statistics))."""
@@ -239,12 +242,8 @@ class Steps:
         cfg = self.cfg
 
         def logps(p):
-            model = nnx.merge(self.graphdef, p, rest)
-            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-                logits, _, _ = model.forward(
-                    batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-                )
-            return sequence_logps(logits, batch["targets"], batch["weights"])
+            logp = self.token_logps(p, rest, batch) * batch["weights"]
+            return jnp.sum(logp, axis=-1), jnp.sum(batch["weights"], axis=-1)
 
         policy, lengths = logps(params)
         reference, _ = logps(jax.lax.stop_gradient(self._reference(params, ref)))

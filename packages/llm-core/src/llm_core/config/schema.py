@@ -184,6 +184,9 @@ class Config:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
     z_loss: float = 0.0
+    # > 1: the output head and the loss run over this many sequence chunks (each recomputed in the
+    # backward), so [batch, seq, vocab] logits never exist whole; seq_len must divide by it
+    vocab_tiling_chunks: int = 1
 
     # --- data
     dataset_kind: Literal["synthetic", "text", "jsonl", "parquet", "arrayrecord", "hf"] = (

@@ -80,6 +80,11 @@ def validate(cfg: Config) -> Config:
                 )
     _validate_moe(cfg)
     _validate_lora(cfg)
+    if cfg.vocab_tiling_chunks < 1 or cfg.seq_len % cfg.vocab_tiling_chunks:
+        raise ConfigError(
+            f"vocab_tiling_chunks ({cfg.vocab_tiling_chunks}) must be >= 1 and divide seq_len "
+            f"({cfg.seq_len})."
+        )
     records = cfg.dataset_format in ("sft", "preference", "prompts")
     if records and cfg.dataset_kind not in ("jsonl", "parquet", "hf"):
         raise ConfigError(

@@ -133,6 +133,12 @@ class Transformer(nnx.Module):
         K/V are written at `positions` (positions beyond the cache are dropped: use them for padding)
         and attention reads the cache. aux (MoE models): `moe_lb_loss` and `moe_z_loss` averaged over
         the MoE layers, `moe_tokens_per_expert` [experts] and `moe_dropped` summed over them."""
+        x, new_cache, aux = self.hidden(input_ids, positions, segment_ids, cache)
+        return self.logits(x), new_cache, aux
+
+    def hidden(self, input_ids, positions=None, segment_ids=None, cache=None):
+        """`forward` without the head: (hidden states after the last layer [B, S, E], before the
+        final norm; cache; aux). For losses that apply `logits` chunk by chunk (vocab tiling)."""
         if positions is None:
             positions = jnp.broadcast_to(
                 jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
@@ -144,7 +150,7 @@ class Transformer(nnx.Module):
             x, seg_cache, seg_aux = self._run_segment(seg, x, positions, segment_ids, seg_cache)
             new_cache[seg.name] = seg_cache
             aux = _add(aux, seg_aux)
-        return self.logits(x), (None if cache is None else new_cache), self._finish_aux(aux)
+        return x, (None if cache is None else new_cache), self._finish_aux(aux)
 
     def forward_with_cache(self, input_ids, positions, cache):
         """Serving path: (logits, cache) of `forward` with a cache."""
