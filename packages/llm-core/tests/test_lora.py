@@ -114,3 +114,27 @@ def test_adapters_are_float32_on_a_bf16_base():
     )
     q = lora.groups.layer_0.attn.q
     assert q.base.kernel.dtype == jnp.bfloat16 and q.lora_b.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_qlora_int8_base_is_close_and_merges_exactly(scan):
+    extra = [f"scan_layers={str(scan).lower()}", "lora_rank=4"]
+    float_base = build_model(load_config(None, [*TINY, *extra]), rngs=nnx.Rngs(0))
+    qlora = build_model(
+        load_config(None, [*TINY, *extra, "lora_base_quantization=int8"]), rngs=nnx.Rngs(0)
+    )
+    q = qlora.groups.layer_0.attn.q  # stacked parameters in both modes (scan or loop)
+    assert q.base.kernel_q.dtype == jnp.int8 and q.base.scale.dtype == jnp.float32
+    ref, got = np.asarray(float_base(IDS)), np.asarray(qlora(IDS))
+    # int8 with per-channel scales: within 2% of the logit range of the float model
+    assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
+    _randomise_b(qlora)
+    plain = model_from_params(
+        qlora.cfg.replace(lora_rank=0, lora_base_quantization="none"), merged_params(qlora)
+    )
+    np.testing.assert_allclose(np.asarray(plain(IDS)), np.asarray(qlora(IDS)), atol=2e-5)
+
+
+def test_qlora_needs_lora():
+    with pytest.raises(ConfigError, match=r"lora_base_quantization=int8 .* set lora_rank > 0"):
+        load_config(None, [*TINY, "lora_base_quantization=int8"])

@@ -51,3 +51,39 @@ def test_only_adapters_train_and_hold_optimizer_state(tmp_path):
     model = nnx.merge(steps.graphdef, trained["params"], trained["rest"])
     ids = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
     np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(model(ids)), atol=2e-5)
+
+
+def test_qlora_trains_adapters_over_a_frozen_int8_base(tmp_path):
+    cfg = tiny_config(
+        tmp_path, lora_rank=4, lora_base_quantization="int8", run_name="qlora", steps=8,
+        learning_rate=1e-2,
+    )  # fmt: skip
+    steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+    state = steps.init()
+    kernels = [x for x in jax.tree.leaves(state["rest"]) if x.dtype == np.int8]
+    assert kernels  # the adapted bases are stored as int8
+    assert all(n.endswith(("lora_a", "lora_b")) for n in (
+        "/".join(map(str, p)) for p, _ in nnx.to_flat_state(state["params"])))  # fmt: skip
+    result = train(cfg)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert losses[-1] < losses[0]
+    exported = load(export(cfg, str(tmp_path / "export")))
+    assert exported.cfg.lora_rank == 0 and exported.cfg.lora_base_quantization == "none"
+
+
+def test_qlora_init_from_quantizes_the_source(tmp_path):
+    from llm_train.init_from import state_from
+
+    src_cfg = tiny_config(tmp_path, run_name="src", steps=2)
+    train(src_cfg)
+    src = export(src_cfg, str(tmp_path / "src_export"))
+    cfg = tiny_config(
+        tmp_path, run_name="q", init_from=str(src), lora_rank=4, lora_base_quantization="int8"
+    )
+    steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+    state = state_from(steps, cfg)
+    model = nnx.merge(steps.graphdef, state["params"], state["rest"])
+    ids = np.random.default_rng(1).integers(0, 256, (2, 16)).astype(np.int32)
+    want = np.asarray(load(src)(ids))
+    got = np.asarray(model(ids))
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()

@@ -11,6 +11,7 @@ from llm_core.io import CheckpointError, load, save
 from llm_core.layers.kv_cache import ContiguousKV, PagedKV, map_layer_caches
 from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
 from llm_core.layers.lora import (
+    Int8Linear,
     LoRALinear,
     LoRAParam,
     apply_lora,
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "ContiguousKV",
     "GroupedLinear",
+    "Int8Linear",
     "Linear",
     "LoRALinear",
     "LoRAParam",

@@ -61,11 +61,13 @@ def _to_device_leafwise(tree: dict) -> dict:
 
 def save(model: nnx.Module, path: str | os.PathLike) -> Path:
     """Save a model's parameters + config as a native checkpoint. A LoRA model is saved merged
-    (adapters folded into the base kernels, `lora_rank: 0`): a plain model of the same family."""
+    (adapters folded into the (dequantized) base kernels, `lora_rank: 0`): a plain float model of
+    the same family."""
     if model.cfg.lora_rank > 0:
         from llm_core.layers.lora import merged_params
 
-        return save_params(merged_params(model), model.cfg.replace(lora_rank=0), path)
+        plain = model.cfg.replace(lora_rank=0, lora_base_quantization="none")
+        return save_params(merged_params(model), plain, path)
     return save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg, path)
 
 

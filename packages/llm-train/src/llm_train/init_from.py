@@ -113,7 +113,10 @@ def state_from(steps, cfg: Config) -> dict:
     target = nnx.to_pure_dict(params)
     check_compatible(source, strip_lora(target), cfg.init_from)
     dtypes = jax.tree.map(lambda a: a.dtype, strip_lora(target))
-    source = jax.tree.map(lambda a, d: np.asarray(a).astype(d), source, dtypes)
+    # int8 (QLoRA) kernels are quantized from the float source by lift_into_lora
+    source = jax.tree.map(
+        lambda a, d: np.asarray(a).astype(np.float32 if d == np.int8 else d), source, dtypes
+    )
     nnx.replace_by_pure_dict(params, lift_into_lora(source, target))
     nnx.update(model, params)
     _, trained, rest = _split_model(model)

@@ -132,6 +132,9 @@ class Config:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_targets: str = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"  # regex over module paths
     lora_dropout: float = 0.0  # only 0 is implemented
+    # int8: QLoRA, the frozen base kernels of the adapted modules stored as int8 with per-output-
+    # channel scales (a quarter of float32 memory), dequantized in the matmul
+    lora_base_quantization: Literal["none", "int8"] = "none"
 
     # --- numerics and memory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

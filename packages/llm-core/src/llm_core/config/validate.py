@@ -170,6 +170,11 @@ def _validate_lora(cfg: Config) -> None:
 
     if cfg.lora_rank < 0:
         raise ConfigError(f"lora_rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}.")
+    if cfg.lora_base_quantization != "none" and cfg.lora_rank == 0:
+        raise ConfigError(
+            f"lora_base_quantization={cfg.lora_base_quantization} quantizes the base of LoRA "
+            "adapters: set lora_rank > 0 as well."
+        )
     if cfg.lora_dropout != 0.0:
         raise ConfigError(
             f"Config key 'lora_dropout' is {cfg.lora_dropout}, but LoRA dropout is not "

@@ -30,6 +30,48 @@ class LoRAParam(nnx.Param):
     """An adapter weight: the only parameters a LoRA run trains."""
 
 
+def quantize_int8(kernel, n_lead: int, n_in: int):
+    """Symmetric int8 with one float32 scale per output channel (the max |w| over the input axes):
+    kernel [lead..., in..., out...] -> (int8 like kernel, scale [lead..., out...])."""
+    kernel = jnp.asarray(kernel, jnp.float32)
+    in_axes = tuple(range(n_lead, n_lead + n_in))
+    scale = jnp.max(jnp.abs(kernel), axis=in_axes) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    expanded = jnp.expand_dims(scale, in_axes)
+    q = jnp.clip(jnp.round(kernel / expanded), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+class Int8Linear(nnx.Module):
+    """A frozen `Linear` stored as int8 with per-output-channel scales (QLoRA's base): same call
+    signature; `weight(dtype)` dequantizes."""
+
+    def __init__(self, base: Linear):
+        self.in_shape, self.out_shape, self.out_dtype = (
+            base.in_shape,
+            base.out_shape,
+            base.out_dtype,
+        )
+        kernel = base.kernel
+        axes = tuple(getattr(kernel, "out_sharding", None) or (None,) * kernel.ndim)
+        n_lead = kernel.ndim - len(self.in_shape) - len(self.out_shape)
+        q, scale = quantize_int8(kernel[...], n_lead, len(self.in_shape))
+        self.kernel_q = nnx.Param(q, out_sharding=axes, eager_sharding=False)
+        out_axes = axes[:n_lead] + axes[n_lead + len(self.in_shape) :]
+        self.scale = nnx.Param(scale, out_sharding=out_axes, eager_sharding=False)
+        self.bias = base.bias
+
+    def weight(self, dtype) -> jax.Array:
+        # leading (layer) axes from the scale's rank: inside a scan they are gone
+        n_lead = self.scale.ndim - len(self.out_shape)
+        in_axes = tuple(range(n_lead, n_lead + len(self.in_shape)))
+        scale = jnp.expand_dims(self.scale[...], in_axes)
+        return (self.kernel_q[...].astype(jnp.float32) * scale).astype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return Linear.__call__(self, x)
+
+
 class LoRALinear(nnx.Module):
     """A frozen `Linear` plus a trainable low-rank update; same call signature as `Linear`."""
 
@@ -38,6 +80,7 @@ class LoRALinear(nnx.Module):
         self.rank, self.scale = rank, alpha / rank
         kernel = base.kernel
         n_lead = kernel.ndim - len(base.in_shape) - len(base.out_shape)
+        self.kernel_dtype = kernel.dtype
         lead = tuple(kernel.shape[:n_lead])
         axes = tuple(getattr(kernel, "out_sharding", None) or (None,) * kernel.ndim)
         lead_axes, in_axes = axes[:n_lead], axes[n_lead : n_lead + len(base.in_shape)]
@@ -92,8 +135,16 @@ def module_path(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: str, rngs: nnx.Rngs) -> int:
-    """Wrap every `Linear` whose path matches `targets` (re.search); returns how many."""
+def apply_lora(
+    model: nnx.Module,
+    rank: int,
+    alpha: float,
+    targets: str,
+    rngs: nnx.Rngs,
+    int8_base: bool = False,
+) -> int:
+    """Wrap every `Linear` whose path matches `targets` (re.search); returns how many. int8_base
+    (QLoRA) stores each wrapped base kernel as int8 with per-output-channel scales."""
     pattern = re.compile(targets)
     matched = [(p, lin) for p, lin in iter_linears(model) if pattern.search(module_path(p))]
     chosen = [(p, lin) for p, lin in matched if isinstance(lin, Linear)]
@@ -110,7 +161,10 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: str, rngs: n
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        setattr(parent, path[-1], LoRALinear(lin, rank, alpha, rngs))
+        wrapped = LoRALinear(lin, rank, alpha, rngs)
+        if int8_base:
+            wrapped.base = Int8Linear(lin)
+        setattr(parent, path[-1], wrapped)
     return len(chosen)
 
 
@@ -120,22 +174,45 @@ def iter_lora(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear]]:
             yield path, node
 
 
+def _plain_base(base: dict) -> dict:
+    """An int8 base {kernel_q, scale[, bias]} seen as {kernel[, bias]} (the int8 values stand in
+    for the kernel: same shape)."""
+    if "kernel_q" not in base:
+        return base
+    return {"kernel": base["kernel_q"], **{k: v for k, v in base.items() if k == "bias"}}
+
+
 def strip_lora(pure: dict) -> dict:
     """A LoRA model's pure parameter dict without adapters: the base model's layout."""
     if not isinstance(pure, dict):
         return pure
     if "base" in pure and "lora_a" in pure:
-        return strip_lora(pure["base"])
+        return strip_lora(_plain_base(pure["base"]))
     return {k: strip_lora(v) for k, v in pure.items()}
 
 
 def lift_into_lora(base: dict, target: dict) -> dict:
-    """Base-model parameters placed into a LoRA model's layout (`target`), adapters kept."""
+    """Base-model parameters placed into a LoRA model's layout (`target`), adapters kept; kernels
+    of int8 bases (QLoRA) are quantized on the way."""
     if not isinstance(target, dict):
         return base
     if "base" in target and "lora_a" in target:
-        return {**target, "base": lift_into_lora(base, target["base"])}
+        tb = target["base"]
+        if "kernel_q" in tb:
+            n_in = tb["kernel_q"].ndim - tb["scale"].ndim
+            n_lead = _lead_axes(target["lora_a"], n_in)
+            q, scale = quantize_int8(base["kernel"], n_lead, n_in)
+            lifted = {"kernel_q": q, "scale": scale}
+            if "bias" in tb:
+                lifted["bias"] = base["bias"]
+            return {**target, "base": lifted}
+        return {**target, "base": lift_into_lora(base, tb)}
     return {k: lift_into_lora(base[k], v) for k, v in target.items()}
+
+
+def _lead_axes(lora_a, n_in: int) -> int:
+    """Leading (layer) axes of an adapter A [lead..., in..., rank]."""
+    return lora_a.ndim - n_in - 1
 
 
 def merged_params(model: nnx.Module) -> dict:
@@ -146,5 +223,6 @@ def merged_params(model: nnx.Module) -> dict:
         node = pure
         for key in path:
             node = node[key]
-        node["base"]["kernel"] = lora.weight(lora.base.kernel.dtype)
+        node["base"] = {k: v for k, v in node["base"].items() if k not in ("kernel_q", "scale")}
+        node["base"]["kernel"] = lora.weight(lora.kernel_dtype)
     return strip_lora(pure)

@@ -276,7 +276,9 @@ def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
     if cfg.lora_rank > 0:
         from llm_core.layers.lora import apply_lora
 
-        if apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs) == 0:
+        int8_base = cfg.lora_base_quantization == "int8"
+        n = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs, int8_base)
+        if n == 0:
             from llm_core.config import ConfigError
 
             raise ConfigError(
