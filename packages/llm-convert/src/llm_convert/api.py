@@ -98,3 +98,32 @@ def save_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+QUANT_MODES = ("int8",)
+
+
+def quantize_native(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "int8") -> Path:
+    """Weight-only post-training quantization of a native checkpoint: every Linear except MoE
+    routers becomes int8 with a float32 scale per output channel (`weight_quantization: int8` in
+    the written config); llm-serve loads the result with the int8 weights as they are stored."""
+    if mode not in QUANT_MODES:
+        raise ConversionError(
+            f"--mode {mode!r} is not supported; implemented: {', '.join(QUANT_MODES)} "
+            "(grouped int4 is not implemented yet)."
+        )
+    from llm_core.io import abstract_model
+    from llm_core.layers.quantize import quantize_params
+
+    model = load_native(src)
+    cfg = model.cfg
+    if cfg.weight_quantization != "none" or cfg.lora_rank > 0:
+        raise ConversionError(
+            f"{src}: expected a float checkpoint without adapters (weight_quantization="
+            f"{cfg.weight_quantization}, lora_rank={cfg.lora_rank})."
+        )
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    del model
+    qcfg = cfg.replace(weight_quantization=mode)
+    quantized = quantize_params(params, abstract_model(qcfg))
+    return save_params(quantized, qcfg, dst)

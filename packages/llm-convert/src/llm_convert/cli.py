@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   llm-convert hf-to-native ./gemma-2-2b ./gemma2-native --dtype bfloat16
   llm-convert native-to-hf ./llama3.2-1b-native ./exported-hf --max-shard-gb 2
   llm-convert verify ./Llama-3.2-1B ./llama3.2-1b-native --max-logit-diff 1e-3
+  llm-convert quantize ./llama3.2-1b-native ./llama3.2-1b-int8 --mode int8   # serve with llm-serve
 """
 
 
@@ -45,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument(
         "--max-shard-gb", type=float, default=5.0, help="split safetensors past this size"
     )
+    quant = sub.add_parser(
+        "quantize",
+        help="native checkpoint -> weight-only int8 native checkpoint (for llm-serve)",
+        epilog=EXAMPLES,
+        formatter_class=fmt,
+    )
+    quant.add_argument("src", help="float native checkpoint folder")
+    quant.add_argument("dst", help="output native checkpoint folder")
+    quant.add_argument("--mode", default="int8", help="int8 (per-output-channel scales)")
     check = sub.add_parser(
         "verify",
         help="compare logits of HF and native models (needs torch)",
@@ -62,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from llm_convert.api import hf_to_native, native_to_hf
+    from llm_convert.api import hf_to_native, native_to_hf, quantize_native
     from llm_convert.verify import verify
 
     start = time.perf_counter()
@@ -70,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-native":
             out = hf_to_native(args.src, args.dst, args.dtype)
             print(f"wrote native checkpoint {out} in {time.perf_counter() - start:.1f}s")
+        elif args.command == "quantize":
+            out = quantize_native(args.src, args.dst, args.mode)
+            print(
+                f"wrote {args.mode} native checkpoint {out} in {time.perf_counter() - start:.1f}s"
+            )
         elif args.command == "native-to-hf":
             out = native_to_hf(args.src, args.dst, args.dtype, int(args.max_shard_gb * 1024**3))
             print(f"wrote Hugging Face folder {out} in {time.perf_counter() - start:.1f}s")

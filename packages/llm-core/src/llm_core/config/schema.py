@@ -127,6 +127,10 @@ class Config:
     moe_aux_loss_weight: float = 0.0  # llm-train adds weight * load-balancing loss
     moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss
 
+    # int8: every Linear except MoE routers stored as int8 with per-output-channel scales (weight-
+    # only post-training quantization for serving: `llm-convert quantize`); MoE experts stay float
+    weight_quantization: Literal["none", "int8"] = "none"
+
     # --- LoRA (llm_core.layers.lora): adapters on the Linear modules whose path matches
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank

@@ -170,6 +170,11 @@ def _validate_lora(cfg: Config) -> None:
 
     if cfg.lora_rank < 0:
         raise ConfigError(f"lora_rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}.")
+    if cfg.weight_quantization != "none" and cfg.lora_rank > 0:
+        raise ConfigError(
+            f"weight_quantization={cfg.weight_quantization} with lora_rank > 0: for adapters over "
+            "a quantized base use lora_base_quantization (QLoRA) instead."
+        )
     if cfg.lora_base_quantization != "none" and cfg.lora_rank == 0:
         raise ConfigError(
             f"lora_base_quantization={cfg.lora_base_quantization} quantizes the base of LoRA "

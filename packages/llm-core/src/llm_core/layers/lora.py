@@ -22,54 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
+from llm_core.layers.quantize import Int8Linear, quantize_int8, set_module
 
 DEFAULT_TARGETS = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 
 
 class LoRAParam(nnx.Param):
     """An adapter weight: the only parameters a LoRA run trains."""
-
-
-def quantize_int8(kernel, n_lead: int, n_in: int):
-    """Symmetric int8 with one float32 scale per output channel (the max |w| over the input axes):
-    kernel [lead..., in..., out...] -> (int8 like kernel, scale [lead..., out...])."""
-    kernel = jnp.asarray(kernel, jnp.float32)
-    in_axes = tuple(range(n_lead, n_lead + n_in))
-    scale = jnp.max(jnp.abs(kernel), axis=in_axes) / 127.0
-    scale = jnp.where(scale > 0, scale, 1.0)
-    expanded = jnp.expand_dims(scale, in_axes)
-    q = jnp.clip(jnp.round(kernel / expanded), -127, 127).astype(jnp.int8)
-    return q, scale
-
-
-class Int8Linear(nnx.Module):
-    """A frozen `Linear` stored as int8 with per-output-channel scales (QLoRA's base): same call
-    signature; `weight(dtype)` dequantizes."""
-
-    def __init__(self, base: Linear):
-        self.in_shape, self.out_shape, self.out_dtype = (
-            base.in_shape,
-            base.out_shape,
-            base.out_dtype,
-        )
-        kernel = base.kernel
-        axes = tuple(getattr(kernel, "out_sharding", None) or (None,) * kernel.ndim)
-        n_lead = kernel.ndim - len(self.in_shape) - len(self.out_shape)
-        q, scale = quantize_int8(kernel[...], n_lead, len(self.in_shape))
-        self.kernel_q = nnx.Param(q, out_sharding=axes, eager_sharding=False)
-        out_axes = axes[:n_lead] + axes[n_lead + len(self.in_shape) :]
-        self.scale = nnx.Param(scale, out_sharding=out_axes, eager_sharding=False)
-        self.bias = base.bias
-
-    def weight(self, dtype) -> jax.Array:
-        # leading (layer) axes from the scale's rank: inside a scan they are gone
-        n_lead = self.scale.ndim - len(self.out_shape)
-        in_axes = tuple(range(n_lead, n_lead + len(self.in_shape)))
-        scale = jnp.expand_dims(self.scale[...], in_axes)
-        return (self.kernel_q[...].astype(jnp.float32) * scale).astype(dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return Linear.__call__(self, x)
 
 
 class LoRALinear(nnx.Module):
@@ -158,13 +117,10 @@ def apply_lora(
             stacklevel=2,
         )
     for path, lin in chosen:
-        parent = model
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
         wrapped = LoRALinear(lin, rank, alpha, rngs)
         if int8_base:
             wrapped.base = Int8Linear(lin)
-        setattr(parent, path[-1], wrapped)
+        set_module(model, path, wrapped)
     return len(chosen)
 
 

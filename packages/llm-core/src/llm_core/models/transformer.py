@@ -270,9 +270,14 @@ def unstack_layers(model: Transformer) -> Transformer:
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
-    """A randomly initialised model for `cfg` (weights in cfg.weight_dtype), with LoRA adapters
-    around the `lora_targets` Linear modules when `lora_rank` > 0."""
+    """A randomly initialised model for `cfg` (weights in cfg.weight_dtype), with int8 Linear
+    modules under `weight_quantization: int8` and LoRA adapters around the `lora_targets` Linear
+    modules when `lora_rank` > 0."""
     model = Transformer(cfg, rngs=rngs)
+    if cfg.weight_quantization == "int8":
+        from llm_core.layers.quantize import quantize_linears
+
+        quantize_linears(model)
     if cfg.lora_rank > 0:
         from llm_core.layers.lora import apply_lora
 
