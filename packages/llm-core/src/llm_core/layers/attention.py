@@ -5,7 +5,7 @@ from __future__ import annotations
 from flax import nnx
 
 from llm_core.layers import attention_ops as ops
-from llm_core.layers.kv_cache import ContiguousKV, PagedKV
+from llm_core.layers.kv_cache import ContiguousKV, Int8ContiguousKV, PagedKV
 from llm_core.layers.linear import Linear
 from llm_core.layers.norms import RMSNorm
 from llm_core.layers.params import dtype_of
@@ -60,6 +60,15 @@ class Attention(nnx.Module):
         """An empty cache for one layer: `contiguous` [batch, max_len] or `paged` (a pool of
         `num_pages` pages shared by the batch rows, each row's table covering max_len positions)."""
         kh, d = cfg.resolved_num_kv_heads, cfg.resolved_head_dim
+        if cfg.kv_cache_dtype == "int8":
+            if kind == "paged":
+                from llm_core.config import ConfigError
+
+                raise ConfigError(
+                    "kv_cache_dtype=int8 with kv_cache_kind=paged is not implemented yet (the "
+                    "paged kernel reads float pools): use kv_cache_kind=contiguous."
+                )
+            return Int8ContiguousKV.create(batch, max_len, kh, d)
         if kind == "paged":
             return PagedKV.create(batch, kh, d, num_pages, page_size, max_len // page_size, dtype)
         return ContiguousKV.create(batch, max_len, kh, d, dtype)

@@ -17,6 +17,8 @@ them to a whole model's cache with `map_layer_caches`, never looking inside):
   steps are read in place by the paged kernel; `write_prefix(contiguous, pages)` stores a prefilled
   prompt, `with_table(table)` installs a new page table.
 
+- `Int8ContiguousKV` (`kv_cache_dtype: int8`): `ContiguousKV` in int8 with per-token, per-head scales.
+
 Positions at or beyond a cache's capacity are dropped on write (use that for padding tokens).
 """
 
@@ -172,7 +174,80 @@ class PagedKV:
         return self.replace(k=put(self.k, prefix.k), v=put(self.v, prefix.v))
 
 
-LAYER_CACHE_TYPES = (ContiguousKV, PagedKV)
+def _quantize_rows(x):
+    """[..., D] -> (int8 [..., D], float32 scale [..., 1]): symmetric, per token and head."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+@struct.dataclass
+class Int8ContiguousKV:
+    """`ContiguousKV` stored as int8 with a float32 scale per token and head (`kv_cache_dtype:
+    int8`): D + 4 bytes per token, head and K/V instead of 4 D (float32) or 2 D (bfloat16).
+    Attention dequantizes one layer's cache at a time."""
+
+    k: jax.Array  # [..., B, L, K, D] int8
+    v: jax.Array
+    k_scale: jax.Array  # [..., B, L, K, 1] float32
+    v_scale: jax.Array
+
+    @classmethod
+    def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int) -> Int8ContiguousKV:
+        shape, scales = (batch, max_len, kv_heads, head_dim), (batch, max_len, kv_heads, 1)
+        return cls(  # four distinct buffers: the engine donates each one
+            k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
+            k_scale=jnp.ones(scales, jnp.float32), v_scale=jnp.ones(scales, jnp.float32),
+        )  # fmt: skip
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[-3]
+
+    def write(self, k, v, positions) -> Int8ContiguousKV:
+        batch = jnp.arange(k.shape[0])[:, None]
+        (kq, ks), (vq, vs) = _quantize_rows(k), _quantize_rows(v)
+
+        def put(a, x):
+            return a.at[batch, positions].set(x, mode="drop")
+
+        return Int8ContiguousKV(
+            k=put(self.k, kq), v=put(self.v, vq),
+            k_scale=put(self.k_scale, ks), v_scale=put(self.v_scale, vs),
+        )  # fmt: skip
+
+    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+        k = (self.k.astype(jnp.float32) * self.k_scale).astype(q.dtype)
+        v = (self.v.astype(jnp.float32) * self.v_scale).astype(q.dtype)
+        return _attend_contiguous(q, k, v, positions, spec, backend, chunk)
+
+    # ------------------------------------------------------------------ serving
+    def resize(self, length: int) -> Int8ContiguousKV:
+        def fit(a, fill):
+            if a.shape[-3] >= length:
+                return a[..., :length, :, :]
+            pad = [(0, 0)] * a.ndim
+            pad[-3] = (0, length - a.shape[-3])
+            return jnp.pad(a, pad, constant_values=fill)
+
+        return Int8ContiguousKV(
+            k=fit(self.k, 0), v=fit(self.v, 0),
+            k_scale=fit(self.k_scale, 1.0), v_scale=fit(self.v_scale, 1.0),
+        )  # fmt: skip
+
+    def insert(self, row: Int8ContiguousKV, slot) -> Int8ContiguousKV:
+        """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
+        axis = self.k.ndim - 4
+        put = jax.lax.dynamic_update_slice_in_dim
+        return Int8ContiguousKV(
+            k=put(self.k, row.k, slot, axis), v=put(self.v, row.v, slot, axis),
+            k_scale=put(self.k_scale, row.k_scale, slot, axis),
+            v_scale=put(self.v_scale, row.v_scale, slot, axis),
+        )  # fmt: skip
+
+
+LAYER_CACHE_TYPES = (ContiguousKV, PagedKV, Int8ContiguousKV)
 
 
 def is_layer_cache(x) -> bool:
