@@ -271,3 +271,34 @@ def test_templates_parse_as_transformers_parses_them(tmp_path, tokenizer_dir):
         ConfigError, match=r"chat_template=.*bad\.jinja: the chat template does not parse"
     ):
         load_chat_template(str(bad), str(tokenizer_dir))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hf"])
+def test_records_from_parquet_and_hf_datasets(tmp_path, tokenizer_dir, kind):
+    """The same chat record read from Parquet and from a saved HF dataset encodes identically to
+    the JSONL one, and errors name the row."""
+    from llm_train.data.sft import open_records
+
+    records = [{"messages": CHAT}, {"prompt": "2 + 3 =", "completion": " 5"}]
+    rows_in = [
+        {"messages": CHAT, "prompt": None, "completion": None},
+        {"messages": None, **records[1]},
+    ]
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "data.parquet"
+        pq.write_table(pa.Table.from_pylist(rows_in), path)
+    else:
+        import datasets
+
+        path = tmp_path / "ds"
+        datasets.Dataset.from_list(rows_in).save_to_disk(str(path))
+    rows = open_records(kind, str(path), "train")
+    assert [w.rsplit(" ", 1)[-1] for w, _ in rows] == ["0", "1"]
+    enc = _encoder(tokenizer_dir, "chatml")
+    for (_, got), want in zip(rows, records, strict=True):  # null columns count as absent
+        a, b = enc.encode(got, "x"), enc.encode(want, "y")
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.mask, b.mask)

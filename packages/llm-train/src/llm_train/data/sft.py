@@ -137,6 +137,8 @@ class RecordEncoder:
     def encode(self, record: dict, where: str) -> Encoded:
         if not isinstance(record, dict):
             raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        # Parquet / HF datasets fill a row's missing columns with null: treat those as absent
+        record = {k: v for k, v in record.items() if v is not None}
         if "messages" in record:
             return self._chat(record["messages"], where)
         if "prompt" in record or "completion" in record:
