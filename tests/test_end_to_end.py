@@ -121,10 +121,8 @@ def _hf_llama_with_chat_tokenizer(folder):
     return folder
 
 
-def test_init_from_hf_then_sft_then_export_back_to_hf(tmp_path):
-    """init_from a Hugging Face folder -> SFT on chat records (the folder's chat template) ->
-    export -> llm-convert to HF: transformers loads it and agrees with our logits; the run started
-    from the HF weights (a few small steps stay close to them)."""
+def _sft_inputs(tmp_path):
+    """(HF source folder, chat records file, TINY's architecture keys without the run lengths)."""
     import json
 
     src = _hf_llama_with_chat_tokenizer(tmp_path / "hf_src")
@@ -137,6 +135,14 @@ def test_init_from_hf_then_sft_then_export_back_to_hf(tmp_path):
             ]
             f.write(json.dumps({"messages": chat}) + "\n")
     arch = [o for o in TINY if not o.startswith(("vocab_size", "steps", "learning_rate"))]
+    return src, data, arch
+
+
+def test_init_from_hf_then_sft_then_export_back_to_hf(tmp_path):
+    """init_from a Hugging Face folder -> SFT on chat records (the folder's chat template) ->
+    export -> llm-convert to HF: transformers loads it and agrees with our logits; the run started
+    from the HF weights (a few small steps stay close to them)."""
+    src, data, arch = _sft_inputs(tmp_path)
     cfg = load_config(
         "sft.yml",
         [*arch, "vocab_size=320", "steps=3", "learning_rate=1e-4", "warmup_steps=0",
@@ -163,21 +169,10 @@ def test_init_from_hf_then_sft_then_export_back_to_hf(tmp_path):
 def test_lora_sft_from_hf_exports_a_peft_adapter_for_the_hf_base(tmp_path):
     """init_from an HF folder with LoRA -> SFT -> `export_peft_adapter`: peft on the original HF
     model gives the logits of our merged export."""
-    import json
-
     peft = pytest.importorskip("peft")
     from llm_train.export import export_peft_adapter
 
-    src = _hf_llama_with_chat_tokenizer(tmp_path / "hf_src")
-    data = tmp_path / "chat.jsonl"
-    with open(data, "w") as f:
-        for q, a in (("one plus two", "three"), ("two plus two", "four")) * 8:
-            chat = [
-                {"role": "user", "content": f"what is {q}?"},
-                {"role": "assistant", "content": a},
-            ]
-            f.write(json.dumps({"messages": chat}) + "\n")
-    arch = [o for o in TINY if not o.startswith(("vocab_size", "steps", "learning_rate"))]
+    src, data, arch = _sft_inputs(tmp_path)
     cfg = load_config(
         "sft.yml",
         [*arch, "vocab_size=320", "steps=3", "learning_rate=1e-2", "warmup_steps=0",

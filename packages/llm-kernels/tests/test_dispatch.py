@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import llm_kernels
-from llm_kernels import _ffi
+from llm_kernels import _ffi, _platform
 from llm_kernels.flash_attention import ops as attention_ops
 
 pytestmark = pytest.mark.cpu
@@ -51,7 +51,7 @@ def test_missing_module_warns_once_and_falls_back(broken_module):
 
 
 def test_unsupported_platform_is_a_loud_error(monkeypatch):
-    monkeypatch.setattr(attention_ops, "current_platform", lambda: "metal")
+    monkeypatch.setattr(_platform, "current_platform", lambda: "metal")
     q = jnp.ones((1, 4, 2, 8))
     with pytest.raises(NotImplementedError, match="no kernel for platform 'metal'"):
         llm_kernels.flash_attention(q, q, q)
@@ -61,7 +61,7 @@ def test_unsupported_platform_is_a_loud_error(monkeypatch):
 
 @pytest.mark.parametrize("platform,expected", [("tpu", "pallas_tpu"), ("gpu", "pallas_gpu")])
 def test_platform_picks_pallas_kernel(monkeypatch, platform, expected):
-    monkeypatch.setattr(attention_ops, "current_platform", lambda: platform)
+    monkeypatch.setattr(_platform, "current_platform", lambda: platform)
     assert attention_ops.resolve_backend(None, interpret=False) == expected
 
 

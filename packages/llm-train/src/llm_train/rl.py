@@ -22,7 +22,7 @@ from flax import nnx
 from llm_core import Config, ConfigError, unstack_layers
 from llm_train import distributed
 from llm_train.checkpoint import Checkpointer
-from llm_train.data.pipeline import _finish
+from llm_train.data.pipeline import _pad_sft
 from llm_train.data.sft import load_chat_template, open_records
 from llm_train.data.sources import DataError
 from llm_train.data.tokenizer import check_vocab, load_tokenizer
@@ -83,12 +83,10 @@ class Prompts:
 
 
 def _rows(cfg: Config, prompt_ids: list[int], completion: list[int]) -> dict[str, np.ndarray]:
-    n = cfg.seq_len + 1
-    ids = (prompt_ids + completion)[:n]
-    tokens, seg, mask = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
-    tokens[: len(ids)], seg[: len(ids)] = ids, 1
-    mask[len(prompt_ids) : len(ids)] = 1
-    return _finish(tokens, seg, mask)
+    """prompt + completion as one padded row whose trained tokens are the completion's."""
+    tokens = np.asarray(prompt_ids + completion, np.int32)
+    mask = np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(completion), np.int32)])
+    return _pad_sft(cfg)({"tokens": tokens, "mask": mask})
 
 
 def _rewards(fns, prompts, completions, fields) -> tuple[np.ndarray, dict[str, float]]:

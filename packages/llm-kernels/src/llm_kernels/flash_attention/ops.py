@@ -13,8 +13,7 @@ from types import ModuleType
 
 import jax
 
-from llm_kernels import _ffi
-from llm_kernels._platform import current_platform
+from llm_kernels import _platform
 from llm_kernels.flash_attention import cpu, pallas_gpu, pallas_tpu
 from llm_kernels.flash_attention.config import DEFAULT_BLOCKS, AttentionConfig, pick_block
 from llm_kernels.flash_attention.reference import mha_reference
@@ -23,38 +22,14 @@ from llm_kernels.flash_attention.validation import validate_attention_args
 _KERNELS: dict[str, ModuleType] = {"cpu": cpu, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
 
 # The C++ kernel is the CPU default because benchmarks/kernels.py shows it beating XLA's
-# compiled reference on CPU (numbers in docs/llm-kernels.md).
-CPU_DEFAULT_BACKEND = "cpu"
-# interpret=True without a backend runs the TPU (Mosaic-style, BlockSpec grid) kernel.
-INTERPRET_DEFAULT_BACKEND = "pallas_tpu"
+# compiled reference on CPU (numbers in docs/llm-kernels.md); interpret=True without a backend runs
+# the TPU (Mosaic-style, BlockSpec grid) kernel. Both choices live in `_platform.resolve_backend`.
 
 
 def resolve_backend(backend: str | None, interpret: bool) -> str:
     """The backend to run, or a loud error when the platform has none."""
-    if interpret:
-        backend = backend or INTERPRET_DEFAULT_BACKEND
-        if backend not in ("pallas_tpu", "pallas_gpu"):
-            raise ValueError(
-                f"flash_attention: interpret=True runs a Pallas kernel; backend must be "
-                f"'pallas_tpu' or 'pallas_gpu', got {backend!r}"
-            )
-        return backend
-    if backend is not None:
-        if backend == "cpu":
-            _ffi.require_cpu_kernels("flash_attention")
-        return backend
-    platform = current_platform()
-    if platform == "tpu":
-        return "pallas_tpu"
-    if platform == "gpu":
-        return "pallas_gpu"
-    if platform == "cpu":
-        if CPU_DEFAULT_BACKEND == "cpu" and _ffi.cpu_kernels_available():
-            return "cpu"
-        return "reference"
-    raise NotImplementedError(
-        f"flash_attention: no kernel for platform {platform!r}; supported: cpu, gpu, tpu. "
-        "Pass backend='reference' to use the jax.numpy implementation."
+    return _platform.resolve_backend(
+        "flash_attention", backend, interpret, "the jax.numpy implementation"
     )
 
 

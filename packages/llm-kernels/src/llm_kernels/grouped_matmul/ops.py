@@ -21,8 +21,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from llm_kernels import _ffi
-from llm_kernels._platform import current_platform
+from llm_kernels import _platform
 from llm_kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
 from llm_kernels.grouped_matmul.validation import validate_gmm_args
 
@@ -31,8 +30,6 @@ _KERNEL_MODULES = {
     "pallas_tpu": "llm_kernels.grouped_matmul.pallas_tpu",
     "pallas_gpu": "llm_kernels.grouped_matmul.pallas_gpu",
 }
-# interpret=True without a backend runs the TPU (Mosaic-style) kernel.
-INTERPRET_DEFAULT_BACKEND = "pallas_tpu"
 
 
 class _Reference:
@@ -59,29 +56,7 @@ def _kernels(backend: str) -> ModuleType | type[_Reference]:
 
 def resolve_backend(backend: str | None, interpret: bool) -> str:
     """The backend to run, or a loud error when the platform has none."""
-    if interpret:
-        backend = backend or INTERPRET_DEFAULT_BACKEND
-        if backend not in ("pallas_tpu", "pallas_gpu"):
-            raise ValueError(
-                "grouped_matmul: interpret=True runs a Pallas kernel; backend must be "
-                f"'pallas_tpu' or 'pallas_gpu', got {backend!r}"
-            )
-        return backend
-    if backend is not None:
-        if backend == "cpu":
-            _ffi.require_cpu_kernels("grouped_matmul")
-        return backend
-    platform = current_platform()
-    if platform == "tpu":
-        return "pallas_tpu"
-    if platform == "gpu":
-        return "pallas_gpu"
-    if platform == "cpu":
-        return "cpu" if _ffi.cpu_kernels_available() else "reference"
-    raise NotImplementedError(
-        f"grouped_matmul: no kernel for platform {platform!r}; supported: cpu, gpu, tpu. "
-        "Pass backend='reference' to use jax.lax.ragged_dot."
-    )
+    return _platform.resolve_backend("grouped_matmul", backend, interpret, "jax.lax.ragged_dot")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

@@ -79,16 +79,21 @@ def _tokenize_fn(tokenizer: Tokenizer, add_eos: bool):
     return fn
 
 
-def _pad(cfg: Config):
+def _pad_sft(cfg: Config):
     def fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = cfg.seq_len + 1
-        t = x["tokens"][:n]
-        tokens = np.zeros(n, np.int32)
-        seg = np.zeros(n, np.int32)
-        tokens[: len(t)], seg[: len(t)] = t, 1
-        return _finish(tokens, seg)
+        t, m = x["tokens"][:n], x["mask"][:n]
+        tokens, seg, mask = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        tokens[: len(t)], seg[: len(t)], mask[: len(t)] = t, 1, m
+        return _finish(tokens, seg, mask)
 
     return fn
+
+
+def _pad(cfg: Config):
+    """A document -> one row cut / padded to seq_len + 1, every token trained."""
+    pad = _pad_sft(cfg)
+    return lambda x: pad({"tokens": x["tokens"], "mask": np.ones_like(x["tokens"])})
 
 
 def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bool):
@@ -118,17 +123,6 @@ def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bo
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data_workers))
     return it
-
-
-def _pad_sft(cfg: Config):
-    def fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = cfg.seq_len + 1
-        t, m = x["tokens"][:n], x["mask"][:n]
-        tokens, seg, mask = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
-        tokens[: len(t)], seg[: len(t)], mask[: len(t)] = t, 1, m
-        return _finish(tokens, seg, mask)
-
-    return fn
 
 
 def sft_dataset(cfg: Config, examples: list, seed: int, shuffle: bool):
