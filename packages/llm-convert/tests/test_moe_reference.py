@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tiny_hf import torch
 
-from llm_core.layers.moe import expert_counts, load_balancing_loss, route
+from llm_core.layers.moe import Routing, expert_counts, load_balancing_loss, route
 
 pytestmark = pytest.mark.convert
 
@@ -18,6 +18,6 @@ def test_load_balancing_loss_matches_transformers(tokens, experts, top_k):
 
     logits = np.random.default_rng(tokens).normal(size=(tokens, experts)).astype(np.float32)
     theirs = load_balancing_loss_func((torch.from_numpy(logits),), experts, top_k).item()
-    _, chosen, probs = route(jnp.asarray(logits), top_k, normalize=True)
+    _, chosen, probs = route(jnp.asarray(logits), Routing(top_k))
     ours = float(load_balancing_loss(probs, expert_counts(chosen, experts)))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)

@@ -18,6 +18,30 @@ COMMON = dict(
 )
 
 
+MLA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=24,
+    num_attention_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    max_position_embeddings=256,
+)
+DEEPSEEK_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+
+
 def tiny_hf_configs() -> dict:
     t = transformers
     llama3_rope = {
@@ -81,6 +105,45 @@ def tiny_hf_configs() -> dict:
             decoder_sparse_step=2,
             mlp_only_layers=[1, 5],
         ),
+        # MLA with a plain query projection, greedy softmax routing, 2 shared experts
+        "deepseek_v2-lite": t.DeepseekV2Config(
+            **MLA,
+            num_hidden_layers=3,
+            q_lora_rank=None,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            rope_parameters=DEEPSEEK_YARN,
+        ),
+        # group-limited greedy (group max), scaled weights
+        "deepseek_v2": t.DeepseekV2Config(
+            **MLA,
+            num_hidden_layers=3,
+            q_lora_rank=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=16.0,
+        ),
+        # sigmoid + bias + groups (top-2 sum), dense first layers, shared expert, YaRN mscale
+        "deepseek_v3": t.DeepseekV3Config(
+            **MLA,
+            num_key_value_heads=4,  # transformers' default (128) breaks its eager attention
+            num_hidden_layers=4,
+            q_lora_rank=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=2,
+            n_group=4,
+            topk_group=2,
+            rope_parameters={**DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        ),
         "gpt2": t.GPT2Config(
             vocab_size=256,
             n_embd=64,
@@ -103,6 +166,9 @@ def build_hf_model(name: str, folder, dtype=None):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's router bias starts at zero
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
     model.eval()
     model.save_pretrained(folder)
     return model

@@ -182,12 +182,12 @@ def _drop_rule_reference(moe, x, sources: int, shards: int):
     from llm_core.layers.moe import route
 
     tokens = x.reshape(-1, x.shape[-1])
-    weights, experts, _ = route(moe.router(tokens), moe.top_k, moe.normalize)
+    weights, experts, _ = route(moe.router(tokens), moe.routing)
     weights, experts = np.asarray(weights, np.float64), np.asarray(experts)
     gate, up, down = (np.asarray(m.kernel[...], np.float64) for m in (moe.gate, moe.up, moe.down))
     t_local = len(tokens) // sources
     e_local = moe.num_experts // shards
-    slots = math.ceil(LOW_CAPACITY * t_local * moe.top_k / shards)
+    slots = math.ceil(LOW_CAPACITY * t_local * moe.routing.k / shards)
     used = np.zeros((sources, shards), int)
     out, dropped = np.zeros(tokens.shape, np.float64), 0
     for t, row in enumerate(np.asarray(tokens, np.float64)):

@@ -30,6 +30,7 @@ EXACT = {
     "gemma2-27b": 27_227_128_320,
     "gemma3-1b": 999_885_952,
     "mixtral-8x7b": 46_702_792_704,
+    "deepseek-v3": 671_026_419_200,  # without the multi-token-prediction module
 }
 # Published non-embedding counts, rounded as published (model cards / Gemma 3 report, in billions).
 NON_EMBEDDING_ROUNDED = {
@@ -51,6 +52,10 @@ MOE_ROUNDED = {
     "mixtral-8x22b": ((141.0, 0.5), (39.0, 1.0)),
     "qwen3-30b-a3b": ((30.5, 0.05), (3.3, 0.1)),
     "qwen3-235b-a22b": ((235.0, 0.5), (22.0, 1.0)),
+    "deepseek-v2": ((236.0, 0.5), (21.0, 1.0)),
+    "deepseek-v3": ((671.0, 0.5), (37.0, 1.0)),
+    # 2.4B activated in the paper counts the output head but not the input embedding: checked below
+    "deepseek-v2-lite": ((15.7, 0.05), None),
 }
 
 
@@ -72,9 +77,18 @@ def test_published_non_embedding_count(name):
 @pytest.mark.parametrize("name", sorted(MOE_ROUNDED))
 def test_published_total_and_active_moe_counts(name):
     cfg = load_config(name)
-    (total, t_half), (active, a_unit) = MOE_ROUNDED[name]
+    (total, t_half), active_published = MOE_ROUNDED[name]
     assert abs(count_params(cfg) / 1e9 - total) <= t_half
+    if active_published is None:
+        return
+    active, a_unit = active_published
     assert 0 <= count_params(cfg, active=True) / 1e9 - active < a_unit
+
+
+def test_deepseek_v2_lite_active_count():
+    cfg = load_config("deepseek-v2-lite")
+    without_input_embedding = count_params(cfg, active=True) - cfg.vocab_size * cfg.emb_dim
+    assert 0 <= without_input_embedding / 1e9 - 2.4 < 0.1
 
 
 def test_gpt3_175b():

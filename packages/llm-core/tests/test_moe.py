@@ -41,8 +41,8 @@ def _loop_reference(moe: MoE, x, capacity=None):
     used = np.zeros(moe.num_experts, int)
     out = np.zeros_like(tokens)
     for t, row in enumerate(tokens):
-        top = np.argsort(-probs[t], kind="stable")[: moe.top_k]
-        w = probs[t, top] / (probs[t, top].sum() if moe.normalize else 1.0)
+        top = np.argsort(-probs[t], kind="stable")[: moe.routing.k]
+        w = probs[t, top] / (probs[t, top].sum() if moe.routing.normalize else 1.0)
         for weight, e in zip(w, top, strict=True):
             used[e] += 1
             if capacity is not None and used[e] > capacity:
@@ -96,7 +96,7 @@ def test_dropless_gradients_equal_dense_per_expert_computation(matmul, seq):
         tokens = x.reshape(-1, 32)
         from llm_core.layers.moe import route
 
-        weights, experts, _ = route(m.router(tokens), m.top_k, m.normalize)
+        weights, experts, _ = route(m.router(tokens), m.routing)
         combine = (
             jnp.zeros((tokens.shape[0], m.num_experts))
             .at[jnp.arange(tokens.shape[0])[:, None], experts]

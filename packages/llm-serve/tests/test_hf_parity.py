@@ -167,3 +167,47 @@ def test_moe_greedy_matches_transformers_generate(kind, tmp_path):
     got = engine_greedy(cfg, model, kind)
     for slot, prompt in enumerate(PROMPTS):
         assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"
+
+
+def hf_deepseek(version: str):
+    """Tiny DeepSeek-V2-Lite-like (plain query projection, greedy softmax routing) or DeepSeek-V3
+    (query bottleneck, sigmoid + bias + groups, YaRN) with MLA and shared experts."""
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=V, hidden_size=E, intermediate_size=M, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=H, num_key_value_heads=H, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256,
+        initializer_range=0.2, tie_word_embeddings=False,
+    )  # fmt: skip
+    if version == "v2-lite":
+        config = transformers.DeepseekV2Config(**common, q_lora_rank=None, n_shared_experts=2)
+        model = transformers.DeepseekV2ForCausalLM(config).eval()
+        # its EOS id (2) is a greedy choice here: min_new_tokens would forbid it in generate, while
+        # the engine (no stop tokens) takes it like any other token
+        model.generation_config.eos_token_id = None
+        return model
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 64}  # fmt: skip
+    config = transformers.DeepseekV3Config(
+        **common, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
+        rope_parameters=yarn,
+    )  # fmt: skip
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
+    return model
+
+
+@pytest.mark.parametrize("version", ["v2-lite", "v3"])
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_deepseek_greedy_matches_transformers_generate(version, kind, tmp_path):
+    """MLA decodes from the latent cache (absorbed form), contiguous and paged."""
+    hf = hf_deepseek(version)
+    cfg, model = via_llm_convert(hf, tmp_path / "hf")
+    assert cfg.attention_kind == "mla" and cfg.num_shared_experts > 0
+    got = engine_greedy(cfg, model, kind)
+    for slot, prompt in enumerate(PROMPTS):
+        assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"

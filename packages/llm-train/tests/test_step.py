@@ -171,3 +171,51 @@ def test_moe_grad_accumulation_matches_big_batch(tmp_path):
     _, m2 = s2.train_step(s2.init(), bt)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     assert "moe_lb_loss" in m2
+
+
+SIGMOID_MOE = {
+    "ffn_kind": "moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_mlp_dim": 16,
+    "router_kind": "sigmoid_topk", "warmup_steps": 0,
+}  # fmt: skip
+
+
+def _set_router_bias(state, value):
+    def put(path, leaf):
+        if any(getattr(p, "key", None) == "router_bias" for p in path):
+            return jnp.broadcast_to(jnp.asarray(value, leaf.dtype), leaf.shape)
+        return leaf
+
+    return dict(state, rest=jax.tree_util.tree_map_with_path(put, state["rest"]))
+
+
+def test_aux_loss_free_balancing_evens_out_an_imbalanced_router(tmp_path):
+    """Biases favouring experts 0 and 1 send them nearly every token (max load ~4x the even share);
+    with router_bias_update_rate the bias update (not the optimizer) spreads the load, without it
+    the imbalance stays. The bias is outside the trained parameters and only moves by the rule."""
+    favour = np.array([0.2, 0.2] + [0.0] * 6, np.float32)
+    final = {}
+    for rate in (0.0, 0.01):
+        cfg = tiny_config(tmp_path, router_bias_update_rate=rate, **SIGMOID_MOE)
+        steps = make_steps(cfg)
+        state = _set_router_bias(steps.init(), favour)
+        assert not any(
+            "router_bias" in jax.tree_util.keystr(p)
+            for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])
+        )
+        loads = []
+        for i in range(30):
+            state, metrics = steps.train_step(state, batch(cfg, seed=i))
+            loads.append(float(metrics["moe_max_load"]))
+        final[rate] = (loads, state)
+    still, balanced = final[0.0][0], final[0.01][0]
+    assert min(still[0], balanced[0]) > 3.5  # both start imbalanced
+    assert np.mean(still[-10:]) > 3.5
+    assert np.mean(balanced[-10:]) < 2.0
+    # each update moves every bias by exactly +-rate (or 0 for an expert at the mean load)
+    bias = [
+        np.asarray(leaf)
+        for p, leaf in jax.tree_util.tree_leaves_with_path(final[0.01][1]["rest"])
+        if "router_bias" in jax.tree_util.keystr(p)
+    ]
+    steps_moved = (favour - bias[0]) / 0.01
+    np.testing.assert_allclose(steps_moved, np.round(steps_moved), atol=1e-3)

@@ -39,6 +39,9 @@ class Entry:
     split_axis: int = -1  # of the HF tensor
     ffn: str | None = None  # only layers of this feed-forward kind ("dense" or "moe")
     layout: str | None = None  # only this tensor layout of the family
+    # only models with this attention feature (`attention_features` in layout.py): "q_plain",
+    # "q_lora", "bias", "q_lora_bias"
+    attn: str | None = None
 
     @property
     def per_expert(self) -> bool:
@@ -54,6 +57,8 @@ class Family:
     layer: tuple[Entry, ...]
     ignore_suffixes: tuple[str, ...] = ()
     layouts: tuple[str, ...] = (STANDARD,)
+    # DeepSeek-V3 checkpoints store the multi-token-prediction module as layers past num_layers
+    mtp_layers_after_decoder: bool = False
 
 
 def _per_expert(p: str, router: str, gate: str, up: str, down: str) -> list[Entry]:
@@ -142,6 +147,67 @@ def _llama_like(
     )
 
 
+def _deepseek(name: str, model_type: str, arch: str, v3: bool) -> Family:
+    """DeepSeek-V2/V3: MLA attention (q_proj, or q_a -> norm -> q_b when q_lora_rank is set; the
+    absent one is simply not in the checkpoint), dense first layers, routed + shared experts and,
+    for V3, the router's expert-choice bias."""
+    p, a = "model.layers.{i}.", "model.layers.{i}.self_attn."
+    layer = [
+        Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
+        Entry(p + "post_attention_layernorm.weight", ("pre_mlp_norm", "scale")),
+        Entry(a + "kv_a_proj_with_mqa.weight", ("attn", "kv_a", "kernel"), LINEAR_IN),
+        Entry(a + "kv_a_layernorm.weight", ("attn", "kv_a_norm", "scale")),
+        Entry(a + "kv_b_proj.weight", ("attn", "kv_b", "kernel"), LINEAR_IN),
+        Entry(a + "o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+        Entry(p + "mlp.gate_proj.weight", ("mlp", "gate", "kernel"), LINEAR_IN, ffn="dense"),
+        Entry(p + "mlp.up_proj.weight", ("mlp", "up", "kernel"), LINEAR_IN, ffn="dense"),
+        Entry(p + "mlp.down_proj.weight", ("mlp", "down", "kernel"), LINEAR_IN, ffn="dense"),
+    ]
+    layer += [Entry(a + "q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN, attn="q_plain")]
+    layer += [
+        Entry(a + "q_a_proj.weight", ("attn", "q_a", "kernel"), LINEAR_IN, attn="q_lora"),
+        Entry(a + "q_a_layernorm.weight", ("attn", "q_a_norm", "scale"), attn="q_lora"),
+        Entry(a + "q_b_proj.weight", ("attn", "q_b", "kernel"), LINEAR_IN, attn="q_lora"),
+    ]
+    layer += [  # attention_bias: on the projections out of the hidden state and on o
+        Entry(a + "q_a_proj.bias", ("attn", "q_a", "bias"), attn="q_lora_bias"),
+        Entry(a + "kv_a_proj_with_mqa.bias", ("attn", "kv_a", "bias"), attn="bias"),
+        Entry(a + "o_proj.bias", ("attn", "o", "bias"), attn="bias"),
+    ]
+    for part in ("gate", "up", "down"):
+        layer.append(
+            Entry(
+                p + f"mlp.shared_experts.{part}_proj.weight",
+                ("mlp", "shared", part, "kernel"),
+                LINEAR_IN,
+                ffn="moe",
+            )
+        )
+    if v3:
+        layer.append(
+            Entry(p + "mlp.gate.e_score_correction_bias", ("mlp", "router_bias"), ffn="moe")
+        )
+    layer += _per_expert(
+        p + "mlp.", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+    )
+    layer += _fused(p)
+    globals_ = (
+        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
+        Entry("model.norm.weight", ("final_norm", "scale")),
+        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
+    )
+    return Family(
+        name,
+        (model_type,),
+        arch,
+        globals_,
+        tuple(layer),
+        ignore_suffixes=("rotary_emb.inv_freq",),
+        layouts=(PER_EXPERT, FUSED),
+        mtp_layers_after_decoder=v3,
+    )
+
+
 def _gpt2() -> Family:
     p = "transformer.h.{i}."
     layer = (
@@ -193,6 +259,8 @@ FAMILIES: dict[str, Family] = {
         "gemma3", ("gemma3_text",), "Gemma3ForCausalLM", qk_norm=True, gemma_norms=True
     ),
     "gpt3": _gpt2(),
+    "deepseek_v2": _deepseek("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", v3=False),
+    "deepseek_v3": _deepseek("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", v3=True),
 }
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm_convert.deepseek_config import DEEPSEEK_FAMILIES, deepseek_from_hf, deepseek_to_hf
 from llm_convert.errors import ConversionError
 from llm_convert.families import FAMILIES, Family, family_for_model_type
 from llm_convert.moe_config import MOE_FAMILIES, moe_from_hf, moe_to_hf
@@ -50,8 +51,8 @@ def _rope(params: dict | None, prefix: str = "") -> dict[str, Any]:
             f"config.json: rope_type '{kind}' is not supported (default, linear, llama3, yarn)."
         )
     out["rope_kind"] = kind
-    if kind != "default":
-        out["rope_scaling_factor"] = float(params.get("factor", 1.0))
+    if kind != "default" and params.get("factor") is not None:
+        out["rope_scaling_factor"] = float(params["factor"])
     if kind == "llama3":
         out["rope_low_freq_factor"] = float(params["low_freq_factor"])
         out["rope_high_freq_factor"] = float(params["high_freq_factor"])
@@ -64,6 +65,14 @@ def _rope(params: dict | None, prefix: str = "") -> dict[str, Any]:
         out["rope_yarn_beta_slow"] = float(params.get("beta_slow", 1.0))
         if params.get("attention_factor") is not None:
             out["rope_yarn_attention_factor"] = float(params["attention_factor"])
+        if params.get("factor") is None:  # transformers: max_position / original (DeepSeek-V3)
+            out["rope_scaling_factor"] = None
+        if params.get("truncate", True) is False:
+            raise ConversionError("config.json: YaRN with truncate=false is not supported.")
+    if kind != "default":  # DeepSeek: also scales MLA's softmax (llm_core.layers.mla)
+        for key in ("mscale", "mscale_all_dim"):
+            if params.get(key) is not None:
+                out[f"rope_yarn_{key}"] = float(params[key])
     return out
 
 
@@ -138,8 +147,14 @@ def config_from_hf(
                 raise ConversionError(
                     f"{source}: Qwen3 with use_sliding_window=true is not supported yet."
                 )
+        if values.get("rope_scaling_factor", 1.0) is None:
+            values["rope_scaling_factor"] = values["max_position_embeddings"] / values.get(
+                "rope_original_max_position", 4096
+            )
         if family.name in MOE_FAMILIES:
             values.update(moe_from_hf(hf, family.name, source))
+        if family.name in DEEPSEEK_FAMILIES:
+            values.update(deepseek_from_hf(hf, family.name, source))
         if family.name in ("gemma2", "gemma3"):
             layer_types = hf.get("layer_types")
             if layer_types:
@@ -180,7 +195,10 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[
         cfg.mlp_activation
     ]
-    moe = moe_to_hf(cfg, family.name)  # {} for dense families (and refuses MoE configs there)
+    if family.name in DEEPSEEK_FAMILIES:
+        moe = deepseek_to_hf(cfg, family.name)
+    else:
+        moe = moe_to_hf(cfg, family.name)  # {} for dense families (refuses MoE configs there)
     if family.name == "gpt3":
         return {
             "architectures": [family.architecture],
@@ -215,6 +233,11 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
         )
         if cfg.rope_yarn_attention_factor is not None:
             rope["attention_factor"] = cfg.rope_yarn_attention_factor
+    if cfg.rope_kind != "default":
+        if cfg.rope_yarn_mscale is not None:
+            rope["mscale"] = cfg.rope_yarn_mscale
+        if cfg.rope_yarn_mscale_all_dim is not None:
+            rope["mscale_all_dim"] = cfg.rope_yarn_mscale_all_dim
     out: dict[str, Any] = {
         "architectures": [family.architecture],
         "model_type": family.model_types[0],

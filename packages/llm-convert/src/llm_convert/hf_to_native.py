@@ -80,6 +80,8 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
         if not n.endswith(family.ignore_suffixes)
         and not (n == "lm_head.weight" and cfg.tie_embeddings)
     )
+    if family.mtp_layers_after_decoder:
+        extra = _skip_mtp_layers(extra, cfg.num_layers)
     if extra:
         raise ConversionError(
             f"{folder}: unexpected tensor(s) {extra[:5]} not used by the {family.name} model."
@@ -118,6 +120,26 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
         seen.setdefault(path, set()).add((stacked, expert))
     _check_all_filled(folder, params, seen, cfg)
     return params
+
+
+def _skip_mtp_layers(names: list[str], num_layers: int) -> list[str]:
+    """Drop (with a warning) tensors of layers past the decoder: DeepSeek-V3's multi-token-prediction
+    module, which transformers also ignores and llm-core does not build yet."""
+    import re
+    import sys
+
+    mtp = [
+        n
+        for n in names
+        if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) >= num_layers
+    ]
+    if mtp:
+        print(
+            f"warning: skipping {len(mtp)} multi-token-prediction tensor(s) (layers >= {num_layers}, "
+            f"e.g. {mtp[0]}): the MTP module is not implemented yet, so they are not converted.",
+            file=sys.stderr,
+        )
+    return [n for n in names if n not in set(mtp)]
 
 
 def _split(tensor: np.ndarray, entry) -> np.ndarray | None:

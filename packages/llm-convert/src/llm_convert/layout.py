@@ -33,9 +33,19 @@ def stacked_segments(cfg: Config) -> set[str]:
     return {s.name for s in layer_placement(cfg).segments if s.stacked}
 
 
+def attention_features(cfg: Config) -> set[str]:
+    """Which optional attention tensors the model has (for `Entry.attn`)."""
+    mla_q = "q_lora" if cfg.q_lora_rank else "q_plain"
+    features = {mla_q}
+    if cfg.attention_bias:
+        features |= {"bias", f"{mla_q}_bias"}
+    return features
+
+
 def expected_tensors(cfg: Config, family: Family, layout: str) -> list[Item]:
     """Every tensor the model needs in the given tensor layout of the family."""
     out = []
+    features = attention_features(cfg)
     for entry in family.globals:
         if entry.native == ("lm_head", "kernel") and cfg.tie_embeddings:
             continue
@@ -46,6 +56,8 @@ def expected_tensors(cfg: Config, family: Family, layout: str) -> list[Item]:
         prefix, index, ffn = layer_location(cfg, i)
         for entry in family.layer:
             if entry.layout not in (None, layout) or entry.ffn not in (None, ffn):
+                continue
+            if entry.attn is not None and entry.attn not in features:
                 continue
             experts = range(cfg.num_experts) if entry.per_expert else [None]
             for j in experts:

@@ -9,6 +9,7 @@ from llm_core.config import (
 )
 from llm_core.io import CheckpointError, load, save
 from llm_core.layers.kv_cache import ContiguousKV, PagedKV, map_layer_caches
+from llm_core.layers.latent_cache import LatentKV, PagedLatentKV
 from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
 from llm_core.layers.lora import (
     Int8Linear,
@@ -19,6 +20,7 @@ from llm_core.layers.lora import (
     merged_params,
     strip_lora,
 )
+from llm_core.layers.moe import RouterBias
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
 from llm_core.models.counting import count_params, matmul_params
 from llm_core.sharding import create_mesh, logical_sharding, logical_to_mesh_spec, state_shardings
@@ -32,10 +34,13 @@ __all__ = [
     "ContiguousKV",
     "GroupedLinear",
     "Int8Linear",
+    "LatentKV",
     "Linear",
     "LoRALinear",
     "LoRAParam",
     "PagedKV",
+    "PagedLatentKV",
+    "RouterBias",
     "Transformer",
     "__version__",
     "apply_lora",

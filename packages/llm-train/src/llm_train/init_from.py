@@ -31,6 +31,10 @@ ARCH_KEYS = (
     "attn_logit_softcap", "final_logit_softcap", "qk_norm", "query_pre_attn_scalar", "ffn_kind",
     "first_num_dense_layers", "moe_layer_interval", "mlp_only_layers", "num_experts",
     "num_experts_per_tok", "resolved_moe_mlp_dim", "router_kind", "norm_topk_prob",
+    "attention_kind", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "rope_interleave", "rope_yarn_mscale", "rope_yarn_mscale_all_dim",
+    "moe_num_groups", "moe_topk_groups", "router_group_mask", "routed_scaling_factor",
+    "num_shared_experts",
 )  # fmt: skip
 
 

@@ -20,7 +20,10 @@ KNOWN_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "
 def flops_per_token(cfg: Config) -> float:
     """Training FLOPs per token: 6 x the weights a token multiplies by (active experts only, from
     llm-core's eval_shape counter) + attention scores and values (forward and backward)."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * cfg.seq_len
+    width = cfg.resolved_head_dim  # mean of the query/key and value head widths
+    if cfg.attention_kind == "mla":
+        width = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
+    attention = 12 * cfg.num_layers * cfg.num_heads * width * cfg.seq_len
     return 6.0 * matmul_params(cfg) + attention
 
 

@@ -38,6 +38,8 @@ def _activation_bytes(cfg: Config, mesh) -> dict[str, float]:
     s = cfg.seq_len / mesh.shape.get("sequence", 1)
     d, m, h = cfg.emb_dim, cfg.mlp_dim, cfg.num_heads
     hd, kv = cfg.resolved_head_dim, cfg.resolved_num_kv_heads
+    if cfg.attention_kind == "mla":  # the expanded form: per-head keys and values
+        hd, kv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, h
     act = jnp.dtype(cfg.dtype).itemsize
     # per token, per layer, every intermediate of a decoder layer (elements)
     matmul_outs = (h * hd + 2 * kv * hd) / tp + d + (3 * m if cfg.gated_mlp else 2 * m) / tp

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llm_core import Config, LoRAParam
+from llm_core import Config, LoRAParam, RouterBias
 from llm_train.dpo import dpo_loss
 from llm_train.grpo import policy_loss
 from llm_train.model import build_model
+from llm_train.router_balance import update_router_bias
 from llm_train.sharding import batch_sharding, state_shardings
 from llm_train.vocab_tiling import target_logprobs
 
@@ -57,8 +58,10 @@ def finish_moe_statistics(stats: dict, tokens) -> dict:
 
 def _split_model(model):
     """(graphdef, trained parameters, the rest). With LoRA (`lora_rank` > 0) only the adapters
-    train: the base weights go to the rest, so they get neither gradients nor optimizer state."""
-    trained = LoRAParam if model.cfg.lora_rank > 0 else nnx.Param
+    train: the base weights go to the rest, so they get neither gradients nor optimizer state.
+    MoE routers' expert-choice biases (`RouterBias`) are never trained: router_balance.py moves
+    them."""
+    trained = LoRAParam if model.cfg.lora_rank > 0 else nnx.All(nnx.Param, nnx.Not(RouterBias))
     return nnx.split(model, trained, ...)
 
 
@@ -201,6 +204,8 @@ class Steps:
                 + cfg.moe_z_loss_weight * aux["moe_z_loss"]
             )
             stats = moe_statistics(aux, count)
+            if "router_load" in aux:  # summed over micro-batches, then used by the bias update
+                stats["router_load"] = jax.lax.stop_gradient(aux["router_load"])
         return loss, (nll, count, stats)
 
     def _target_logprobs(self, params, rest, batch):
@@ -311,6 +316,10 @@ class Steps:
             opt_state=opt_state,
             step=state["step"] + 1,
         )
+        loads = stats.pop("router_load", None)
+        if loads is not None:  # aux-loss-free balancing (router_bias_update_rate > 0)
+            rate = self.cfg.router_bias_update_rate
+            new_state["rest"] = update_router_bias(state["rest"], loads, rate)
         tokens = jnp.sum(batch["weights"]) if self.cfg.objective != "lm" else count
         metrics = {"loss": nll / denom, "grad_norm": grad_norm, "tokens": tokens}
         metrics.update(finish_moe_statistics(stats, denom))
@@ -320,4 +329,5 @@ class Steps:
         _, (nll, count, stats) = self._loss(
             state["params"], state["rest"], batch, state.get("ref_params")
         )
+        stats.pop("router_load", None)
         return {"nll": nll, "tokens": count, **stats}

@@ -48,7 +48,17 @@ class ConfigError(ValueError):
 
 
 Family = Literal[
-    "llama", "mistral", "mixtral", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gpt3"
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gpt3",
+    "deepseek_v2",
+    "deepseek_v3",
 ]
 
 # Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
@@ -93,6 +103,13 @@ class Config:
     rope_yarn_beta_fast: float = 32.0
     rope_yarn_beta_slow: float = 1.0
     rope_yarn_attention_factor: float | None = None  # default 0.1 * ln(factor) + 1
+    # DeepSeek YaRN: with both set the cos/sin factor is mscale(factor, rope_yarn_mscale) /
+    # mscale(factor, rope_yarn_mscale_all_dim); MLA also multiplies its softmax scale by
+    # mscale(factor, rope_yarn_mscale_all_dim)^2 (mscale(f, m) = 0.1 m ln f + 1), as transformers does
+    rope_yarn_mscale: float | None = None
+    rope_yarn_mscale_all_dim: float | None = None
+    # rotate interleaved pairs (x0, x1), (x2, x3), ... instead of the two halves (DeepSeek)
+    rope_interleave: bool = False
     partial_rotary_factor: float = 1.0
 
     # --- attention
@@ -104,6 +121,15 @@ class Config:
     final_logit_softcap: float | None = None
     qk_norm: bool = False
     query_pre_attn_scalar: float | None = None  # default: head_dim
+    # gqa: multi-head / grouped-query attention; mla: DeepSeek multi-head latent attention (queries
+    # through an optional q_lora_rank bottleneck, keys and values from one kv_lora_rank latent per
+    # token plus a qk_rope_head_dim rotary key shared by the heads; caches hold only those)
+    attention_kind: Literal["gqa", "mla"] = "gqa"
+    q_lora_rank: int = 0  # mla: 0 = a plain query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     # --- layer kinds (see llm_core.models.placement) and mixture of experts
     ffn_kind: Literal["dense", "moe"] = "dense"  # feed-forward kind of the layers
@@ -113,9 +139,27 @@ class Config:
     num_experts: int = 0
     num_experts_per_tok: int = 2  # top-k
     moe_mlp_dim: int = 0  # hidden width of one expert; 0: mlp_dim
-    # softmax_topk: softmax over all experts, keep the top k (renormalised if norm_topk_prob)
-    router_kind: Literal["softmax_topk"] = "softmax_topk"
+    # softmax_topk: softmax over all experts, keep the top k (renormalised if norm_topk_prob);
+    # sigmoid_topk (DeepSeek-V3): sigmoid scores, a per-expert bias (not trained by the optimizer)
+    # added for choosing the k experts only, the weights from the unbiased scores
+    router_kind: Literal["softmax_topk", "sigmoid_topk"] = "softmax_topk"
     norm_topk_prob: bool = True
+    # group-limited routing: experts in moe_num_groups equal groups, only the best
+    # moe_topk_groups groups are eligible (group score: max score for softmax_topk, sum of the top
+    # two biased scores for sigmoid_topk); 1 = no groups
+    moe_num_groups: int = 1
+    moe_topk_groups: int = 1
+    # what experts of dropped groups score before the top-k: neg_inf (DeepSeek's code and
+    # transformers' DeepseekV3) or zero (transformers' DeepseekV2 and the Hub's remote DeepSeek-V3
+    # code; differs only where every eligible score is <= 0)
+    router_group_mask: Literal["neg_inf", "zero"] = "neg_inf"
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this
+    num_shared_experts: int = (
+        0  # an always-on MLP of num_shared_experts * moe_mlp_dim per MoE layer
+    )
+    # aux-loss-free balancing (sigmoid_topk): after every step llm-train moves each expert's bias
+    # by rate * sign(mean load - expert load); 0 = off
+    router_bias_update_rate: float = 0.0
     # null: dropless (every token reaches its k experts); else each expert takes at most
     # ceil(capacity_factor * tokens * k / num_experts) tokens and the rest skip that expert
     moe_capacity_factor: float | None = None

@@ -78,7 +78,9 @@ def validate(cfg: Config) -> Config:
                     f"Config key '{kind}_{axis}_parallelism' is {sizes[axis]}, but {axis} "
                     "parallelism is not implemented yet: set it to 1."
                 )
+    _validate_mla(cfg)
     _validate_moe(cfg)
+    _validate_routing(cfg)
     _validate_lora(cfg)
     if cfg.vocab_tiling_chunks < 1 or cfg.seq_len % cfg.vocab_tiling_chunks:
         raise ConfigError(
@@ -191,6 +193,72 @@ def _validate_lora(cfg: Config) -> None:
         raise ConfigError(
             f"lora_targets={cfg.lora_targets!r} is not a valid regex: {err}"
         ) from None
+
+
+def _validate_mla(cfg: Config) -> None:
+    dims = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    if cfg.attention_kind != "mla":
+        return
+    missing = [key for key in dims if getattr(cfg, key) <= 0]
+    if missing:
+        raise ConfigError(
+            f"attention_kind=mla needs positive {', '.join(missing)} (the latent attention "
+            "dimensions); set them in the model config."
+        )
+    if cfg.q_lora_rank < 0:
+        raise ConfigError(
+            f"q_lora_rank must be >= 0 (0: plain query projection), got {cfg.q_lora_rank}."
+        )
+    if cfg.qk_rope_head_dim % 2:
+        raise ConfigError(
+            f"qk_rope_head_dim must be even (rotary pairs), got {cfg.qk_rope_head_dim}."
+        )
+    if cfg.position_embedding != "rope":
+        raise ConfigError("attention_kind=mla needs position_embedding=rope (its rotary key part).")
+    if cfg.qk_norm:
+        raise ConfigError("qk_norm is not defined for attention_kind=mla: set qk_norm=false.")
+    if cfg.kv_cache_dtype == "int8":
+        raise ConfigError(
+            "kv_cache_dtype=int8 with attention_kind=mla is not implemented yet (the latent cache "
+            "is float): set kv_cache_dtype=auto."
+        )
+
+
+def _validate_routing(cfg: Config) -> None:
+    if cfg.num_shared_experts < 0:
+        raise ConfigError(f"num_shared_experts must be >= 0, got {cfg.num_shared_experts}.")
+    if cfg.router_bias_update_rate < 0:
+        raise ConfigError(
+            f"router_bias_update_rate must be >= 0 (0: off), got {cfg.router_bias_update_rate}."
+        )
+    if cfg.router_bias_update_rate > 0 and cfg.router_kind != "sigmoid_topk":
+        raise ConfigError(
+            "router_bias_update_rate > 0 moves the expert-choice bias of router_kind=sigmoid_topk; "
+            f"router_kind is {cfg.router_kind}."
+        )
+    groups, chosen = cfg.moe_num_groups, cfg.moe_topk_groups
+    if groups < 1 or not 1 <= chosen <= groups:
+        raise ConfigError(
+            f"moe_topk_groups ({chosen}) must be in [1, moe_num_groups ({groups})] (HF: "
+            "topk_group <= n_group)."
+        )
+    if cfg.ffn_kind != "moe" or groups == 1:
+        return
+    if cfg.num_experts % groups:
+        raise ConfigError(
+            f"num_experts ({cfg.num_experts}) must be divisible by moe_num_groups ({groups})."
+        )
+    size = cfg.num_experts // groups
+    if cfg.router_kind == "sigmoid_topk" and size < 2:
+        raise ConfigError(
+            f"router_kind=sigmoid_topk scores a group by its top two experts: moe_num_groups "
+            f"({groups}) must leave >= 2 experts per group (num_experts={cfg.num_experts})."
+        )
+    if cfg.num_experts_per_tok > chosen * size:
+        raise ConfigError(
+            f"num_experts_per_tok ({cfg.num_experts_per_tok}) exceeds the experts in the "
+            f"moe_topk_groups ({chosen}) eligible groups of {size}."
+        )
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -88,23 +88,19 @@ class Attention(nnx.Module):
                 q, positions, self.spec, cfg.attention_backend, cfg.attention_chunk_size
             )
         else:
-            out = self._self_attend(q, k, v, positions, segment_ids)
-        return self.o(out), cache
-
-    def _self_attend(self, q, k, v, positions, segment_ids):
-        cfg, spec = self.cfg, self.spec
-        if cfg.attention_backend == "flash":
-            return ops.flash_attention(q, k, v, spec, segment_ids)
-        if cfg.attention_backend == "chunked":
-            return ops.chunked_attention(
-                q, k, v, positions, positions, spec, segment_ids, segment_ids,
-                chunk=cfg.attention_chunk_size,
+            cfg = self.cfg
+            out = ops.self_attention(
+                q, k, v, positions, segment_ids, self.spec, cfg.attention_backend,
+                cfg.attention_chunk_size,
             )  # fmt: skip
-        return ops.dot_product_attention(
-            q, k, v, positions, positions, spec, segment_ids, segment_ids
-        )
+        return self.o(out), cache
 
 
 def attention_flops_per_token(cfg, seq_len: int) -> float:
-    """Forward matmul FLOPs of attention scores + values per token (causal halves it)."""
-    return 2 * 2 * cfg.num_heads * cfg.resolved_head_dim * seq_len / 2
+    """Forward matmul FLOPs of attention scores + values per token (causal halves it); MLA counted
+    in its expanded (training) form."""
+    if cfg.attention_kind == "mla":
+        width = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+    else:
+        width = 2 * cfg.resolved_head_dim
+    return 2 * cfg.num_heads * width * seq_len / 2

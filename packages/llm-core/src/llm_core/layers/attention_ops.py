@@ -130,3 +130,26 @@ def flash_attention(q, k, v, spec, segment_ids=None):
         logit_soft_cap=spec.logit_softcap,
         sm_scale=spec.scale,
     )
+
+
+def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: int):
+    """Attention of a sequence over itself with the configured backend. q, k [B,S,*,Dqk], v
+    [B,S,K,Dv]: the flash kernels need one head dim, so a narrower side is zero-padded (which leaves
+    scores and values unchanged) and the output cut back to Dv."""
+    if backend == "flash":
+        dqk, dv = q.shape[-1], v.shape[-1]
+        width = max(dqk, dv)
+
+        def pad(x):
+            return (
+                x
+                if x.shape[-1] == width
+                else jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
+            )
+
+        return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids)[..., :dv]
+    if backend == "chunked":
+        return chunked_attention(
+            q, k, v, positions, positions, spec, segment_ids, segment_ids, chunk=chunk
+        )
+    return dot_product_attention(q, k, v, positions, positions, spec, segment_ids, segment_ids)

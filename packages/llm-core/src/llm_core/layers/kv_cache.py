@@ -18,6 +18,7 @@ them to a whole model's cache with `map_layer_caches`, never looking inside):
   prompt, `with_table(table)` installs a new page table.
 
 - `Int8ContiguousKV` (`kv_cache_dtype: int8`): `ContiguousKV` in int8 with per-token, per-head scales.
+- `LatentKV` and `PagedLatentKV` (`latent_cache.py`): MLA's one latent row per token.
 
 Positions at or beyond a cache's capacity are dropped on write (use that for padding tokens).
 """
@@ -33,6 +34,10 @@ from llm_core.layers import attention_ops as ops
 NULL_PAGE = 0
 
 
+class LayerCache:
+    """Marker base of every per-layer cache class (what `map_layer_caches` treats as a leaf)."""
+
+
 def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int):
     kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
     k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -42,7 +47,7 @@ def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int):
 
 
 @struct.dataclass
-class ContiguousKV:
+class ContiguousKV(LayerCache):
     k: jax.Array  # [..., B, L, K, D]
     v: jax.Array
 
@@ -67,27 +72,15 @@ class ContiguousKV:
 
     # ------------------------------------------------------------------ serving
     def resize(self, length: int) -> ContiguousKV:
-        def fit(a):
-            if a.shape[-3] >= length:
-                return a[..., :length, :, :]
-            pad = [(0, 0)] * a.ndim
-            pad[-3] = (0, length - a.shape[-3])
-            return jnp.pad(a, pad)
-
-        return ContiguousKV(k=fit(self.k), v=fit(self.v))
+        return ContiguousKV(k=fit_length(self.k, length), v=fit_length(self.v, length))
 
     def insert(self, row: ContiguousKV, slot) -> ContiguousKV:
         """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
-        axis = self.k.ndim - 4
-        put = jax.lax.dynamic_update_slice_in_dim
-        return ContiguousKV(
-            k=put(self.k, row.k.astype(self.k.dtype), slot, axis),
-            v=put(self.v, row.v.astype(self.v.dtype), slot, axis),
-        )
+        return ContiguousKV(k=put_row(self.k, row.k, slot), v=put_row(self.v, row.v, slot))
 
 
 @struct.dataclass
-class PagedKV:
+class PagedKV(LayerCache):
     k: jax.Array  # [..., K, num_pages, page_size, D]
     v: jax.Array
     table: jax.Array  # [..., B, pages_per_slot] int32
@@ -120,40 +113,13 @@ class PagedKV:
         return self.table.shape[-1] * self.page_size
 
     def write(self, k, v, positions) -> PagedKV:
-        ps, n = self.page_size, self.table.shape[-1]
-        index = jnp.minimum(positions // ps, n - 1)
-        page = jnp.take_along_axis(self.table, index, axis=1)
-        page = jnp.where(positions < n * ps, page, NULL_PAGE)  # beyond the table: the null page
-        off = positions % ps
+        page, off = page_slots(self.table, positions, self.page_size)
         k = jnp.moveaxis(k, 2, 0).astype(self.k.dtype)  # [K, B, T, D]
         v = jnp.moveaxis(v, 2, 0).astype(self.v.dtype)
         return self.replace(k=self.k.at[:, page, off].set(k), v=self.v.at[:, page, off].set(v))
 
     def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
-        if q.shape[1] != 1:  # a prompt chunk: attend over a gathered view of the row's pages
-            k, v = self._gather(self.k), self._gather(self.v)
-            return _attend_contiguous(q, k, v, positions, spec, backend, chunk)
-        import llm_kernels
-
-        lengths = jnp.clip(positions[:, 0] + 1, 1, self.max_len).astype(jnp.int32)
-        out = llm_kernels.paged_attention(
-            q[:, 0],
-            self.k.astype(q.dtype),
-            self.v.astype(q.dtype),
-            lengths,
-            self.table,
-            sm_scale=spec.scale,
-            logit_soft_cap=spec.logit_softcap,
-            sliding_window=spec.sliding_window,
-        )
-        return out[:, None]
-
-    def _gather(self, pool):
-        """[K, P, ps, D] -> contiguous [B, n * ps, K, D] of every row's pages (prefill only)."""
-        kh, _, ps, d = pool.shape
-        b, n = self.table.shape
-        view = pool[:, self.table]  # [K, B, n, ps, D]
-        return jnp.moveaxis(view.reshape(kh, b, n * ps, d), 0, 2)
+        return attend_paged(q, self.k, self.v, self.table, positions, spec, backend, chunk)
 
     # ------------------------------------------------------------------ serving
     def with_table(self, table) -> PagedKV:
@@ -163,15 +129,9 @@ class PagedKV:
 
     def write_prefix(self, prefix: ContiguousKV, pages) -> PagedKV:
         """Store a batch-of-one contiguous cache of length len(pages) * page_size into `pages`."""
-        n = pages.shape[0]
-
-        def put(pool, src):  # src [..., 1, L, K, D] -> [..., K, n, ps, D]
-            src = src[..., 0, :, :, :]
-            src = src.reshape(*src.shape[:-3], n, self.page_size, *src.shape[-2:])
-            src = jnp.moveaxis(src, -2, -4).astype(pool.dtype)
-            return pool.at[..., pages, :, :].set(src)
-
-        return self.replace(k=put(self.k, prefix.k), v=put(self.v, prefix.v))
+        return self.replace(
+            k=prefix_to_pages(self.k, prefix.k, pages), v=prefix_to_pages(self.v, prefix.v, pages)
+        )
 
 
 def _quantize_rows(x):
@@ -183,7 +143,7 @@ def _quantize_rows(x):
 
 
 @struct.dataclass
-class Int8ContiguousKV:
+class Int8ContiguousKV(LayerCache):
     """`ContiguousKV` stored as int8 with a float32 scale per token and head (`kv_cache_dtype:
     int8`): D + 4 bytes per token, head and K/V instead of 4 D (float32) or 2 D (bfloat16).
     Attention dequantizes one layer's cache at a time."""
@@ -224,34 +184,89 @@ class Int8ContiguousKV:
 
     # ------------------------------------------------------------------ serving
     def resize(self, length: int) -> Int8ContiguousKV:
-        def fit(a, fill):
-            if a.shape[-3] >= length:
-                return a[..., :length, :, :]
-            pad = [(0, 0)] * a.ndim
-            pad[-3] = (0, length - a.shape[-3])
-            return jnp.pad(a, pad, constant_values=fill)
-
         return Int8ContiguousKV(
-            k=fit(self.k, 0), v=fit(self.v, 0),
-            k_scale=fit(self.k_scale, 1.0), v_scale=fit(self.v_scale, 1.0),
+            k=fit_length(self.k, length), v=fit_length(self.v, length),
+            k_scale=fit_length(self.k_scale, length, 1.0),
+            v_scale=fit_length(self.v_scale, length, 1.0),
         )  # fmt: skip
 
     def insert(self, row: Int8ContiguousKV, slot) -> Int8ContiguousKV:
         """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
-        axis = self.k.ndim - 4
-        put = jax.lax.dynamic_update_slice_in_dim
         return Int8ContiguousKV(
-            k=put(self.k, row.k, slot, axis), v=put(self.v, row.v, slot, axis),
-            k_scale=put(self.k_scale, row.k_scale, slot, axis),
-            v_scale=put(self.v_scale, row.v_scale, slot, axis),
+            k=put_row(self.k, row.k, slot), v=put_row(self.v, row.v, slot),
+            k_scale=put_row(self.k_scale, row.k_scale, slot),
+            v_scale=put_row(self.v_scale, row.v_scale, slot),
         )  # fmt: skip
 
 
-LAYER_CACHE_TYPES = (ContiguousKV, PagedKV, Int8ContiguousKV)
+# ---------------------------------------------------------------------- layout helpers
+# Shared by every cache class (and latent_cache.py). Contiguous arrays are [..., B, L, K, D]
+# (L at axis -3, B at axis -4); paged pools are [..., K, num_pages, page_size, D].
+
+
+def fit_length(a, length: int, fill=0):
+    """Cut or pad the length axis (-3) of a contiguous cache array to `length`."""
+    if a.shape[-3] >= length:
+        return a[..., :length, :, :]
+    pad = [(0, 0)] * a.ndim
+    pad[-3] = (0, length - a.shape[-3])
+    return jnp.pad(a, pad, constant_values=fill)
+
+
+def put_row(a, row, slot):
+    """Copy a batch-of-one contiguous array into batch row `slot` of `a`."""
+    return jax.lax.dynamic_update_slice_in_dim(a, row.astype(a.dtype), slot, a.ndim - 4)
+
+
+def page_slots(table, positions, page_size: int):
+    """(page, offset) of each position [B, T]; positions beyond the table go to the null page."""
+    n = table.shape[-1]
+    page = jnp.take_along_axis(table, jnp.minimum(positions // page_size, n - 1), axis=1)
+    return jnp.where(positions < n * page_size, page, NULL_PAGE), positions % page_size
+
+
+def gather_pages(pool, table):
+    """[K, P, ps, D] -> contiguous [B, n * ps, K, D] of every row's pages (prefill only)."""
+    kh, _, ps, d = pool.shape
+    b, n = table.shape
+    view = pool[:, table]  # [K, B, n, ps, D]
+    return jnp.moveaxis(view.reshape(kh, b, n * ps, d), 0, 2)
+
+
+def prefix_to_pages(pool, src, pages):
+    """Store a batch-of-one contiguous array [..., 1, L, K, D] (L = len(pages) * page_size) into
+    `pages` of the pool [..., K, P, ps, D]."""
+    src = src[..., 0, :, :, :]
+    src = src.reshape(*src.shape[:-3], pages.shape[0], pool.shape[-2], *src.shape[-2:])
+    src = jnp.moveaxis(src, -2, -4).astype(pool.dtype)
+    return pool.at[..., pages, :, :].set(src)
+
+
+def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk: int):
+    """Attention of q [B, T, H, D] over paged pools: a prompt chunk (T > 1) attends over a
+    gathered view of its rows' pages, a decode step (T = 1) is read in place by the paged kernel."""
+    if q.shape[1] != 1:
+        k, v = gather_pages(k_pool, table), gather_pages(v_pool, table)
+        return _attend_contiguous(q, k, v, positions, spec, backend, chunk)
+    import llm_kernels
+
+    max_len = table.shape[-1] * k_pool.shape[-2]
+    lengths = jnp.clip(positions[:, 0] + 1, 1, max_len).astype(jnp.int32)
+    out = llm_kernels.paged_attention(
+        q[:, 0],
+        k_pool.astype(q.dtype),
+        v_pool.astype(q.dtype),
+        lengths,
+        table,
+        sm_scale=spec.scale,
+        logit_soft_cap=spec.logit_softcap,
+        sliding_window=spec.sliding_window,
+    )
+    return out[:, None]
 
 
 def is_layer_cache(x) -> bool:
-    return isinstance(x, LAYER_CACHE_TYPES)
+    return isinstance(x, LayerCache)
 
 
 def map_layer_caches(fn, cache, *rest):

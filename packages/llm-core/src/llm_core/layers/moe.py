@@ -1,8 +1,15 @@
 """Mixture-of-experts feed-forward (`moe` layer kind): a router and gated experts stored stacked.
 
-Routing (`router_kind`):
-- `softmax_topk` (Mixtral, Qwen3-MoE): softmax over all experts in float32, keep the top k, and
+Routing (`router_kind`, all in float32):
+- `softmax_topk` (Mixtral, Qwen3-MoE, DeepSeek-V2): softmax over all experts, keep the top k, and
   renormalise them to sum to 1 when `norm_topk_prob`.
+- `sigmoid_topk` (DeepSeek-V3): sigmoid scores; a per-expert bias (`RouterBias`, moved by llm-train's
+  aux-loss-free balancing, never by the optimizer) is added to choose the k experts, whose weights
+  are their unbiased scores (renormalised when `norm_topk_prob`).
+With `moe_num_groups` > 1 only experts of the best `moe_topk_groups` groups are eligible (a group
+scores its best expert for softmax, the sum of its two best biased scores for sigmoid); the others
+score -inf or 0 (`router_group_mask`). The weights are then multiplied by `routed_scaling_factor`.
+`num_shared_experts` adds an always-on MLP (DeepSeek's shared experts) to the routed output.
 
 Two ways to run the experts, with the same parameters (the expert FFN itself is in `experts.py`):
 - dropless (`moe_capacity_factor: null`): the token-expert assignments are sorted by expert and every
@@ -23,6 +30,7 @@ assignments.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +39,7 @@ from flax import nnx
 from llm_core.layers import expert_parallel
 from llm_core.layers.experts import ExpertWeights, capacity_buffer_ffn, sorted_expert_ffn
 from llm_core.layers.linear import GroupedLinear, Linear
-from llm_core.layers.mlp import ACTIVATIONS
+from llm_core.layers.mlp import ACTIVATIONS, MLP
 from llm_core.layers.params import dtype_of
 
 
@@ -46,13 +54,60 @@ def empty_aux(cfg) -> dict[str, jax.Array]:
     }
 
 
-def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float32 router logits [T, E] -> (weights [T, k], expert ids [T, k], probabilities [T, E])."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdims=True)
-    return weights, experts, probs
+class RouterBias(nnx.Param):
+    """The sigmoid router's expert-choice bias (HF `e_score_correction_bias`): saved and converted
+    with the weights, but llm-train keeps it out of the optimizer and moves it by expert load."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    k: int
+    normalize: bool = True
+    kind: str = "softmax_topk"
+    groups: int = 1
+    topk_groups: int = 1
+    group_mask: str = "neg_inf"
+    scaling: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> Routing:
+        return cls(
+            cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_kind, cfg.moe_num_groups,
+            cfg.moe_topk_groups, cfg.router_group_mask, cfg.routed_scaling_factor,
+        )  # fmt: skip
+
+
+def route(
+    logits: jax.Array, routing: Routing, bias: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router logits [T, E] -> (weights [T, k], expert ids [T, k], scores [T, E]), float32."""
+    logits = logits.astype(jnp.float32)
+    if routing.kind == "sigmoid_topk":
+        scores = jax.nn.sigmoid(logits)
+        choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    else:
+        scores = choice = jax.nn.softmax(logits, axis=-1)
+    if routing.groups > 1:
+        choice = _limit_to_groups(choice, routing)
+    _, experts = jax.lax.top_k(choice, routing.k)
+    weights = jnp.take_along_axis(scores, experts, axis=1)
+    if routing.normalize:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * routing.scaling, experts, scores
+
+
+def _limit_to_groups(choice: jax.Array, routing: Routing) -> jax.Array:
+    """Experts outside the best `topk_groups` groups score -inf (or 0) for the top-k choice."""
+    t, e = choice.shape
+    grouped = choice.reshape(t, routing.groups, e // routing.groups)
+    if routing.kind == "sigmoid_topk":
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+        group_score = grouped.max(-1)
+    _, best = jax.lax.top_k(group_score, routing.topk_groups)
+    keep = jnp.zeros((t, routing.groups), bool).at[jnp.arange(t)[:, None], best].set(True)
+    fill = -jnp.inf if routing.group_mask == "neg_inf" else 0.0
+    return jnp.where(jnp.repeat(keep, e // routing.groups, axis=1), choice, fill)
 
 
 def expert_counts(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -68,8 +123,7 @@ def load_balancing_loss(probs: jax.Array, counts: jax.Array) -> jax.Array:
 
 class MoE(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
-        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
-        self.normalize = cfg.norm_topk_prob
+        self.num_experts, self.routing = cfg.num_experts, Routing.from_config(cfg)
         self.capacity_factor = cfg.moe_capacity_factor
         self.matmul = cfg.moe_matmul
         self.batch_axes = expert_parallel.batch_axes(cfg.logical_axis_rules)
@@ -86,12 +140,23 @@ class MoE(nnx.Module):
         self.up = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), weight_dtype=wd, rngs=rngs)
         self.down = GroupedLinear(n, m, e, ("exp", "mlp", "embed"), weight_dtype=wd, rngs=rngs)
         self.act = ACTIVATIONS[cfg.mlp_activation]
+        self.router_bias = (
+            RouterBias(jnp.zeros((n,), jnp.float32), out_sharding=(None,), eager_sharding=False)
+            if cfg.router_kind == "sigmoid_topk"
+            else None
+        )
+        self.shared = (
+            MLP(cfg, rngs=rngs, mlp_dim=m * cfg.num_shared_experts)
+            if cfg.num_shared_experts
+            else None
+        )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
-        weights, experts, probs = route(logits, self.top_k, self.normalize)
+        bias = None if self.router_bias is None else self.router_bias[...]
+        weights, experts, probs = route(logits, self.routing, bias)
         ep = expert_parallel.plan(tokens.shape[0], self.num_experts, self.batch_axes)
         if ep is not None:  # context mesh with an `expert` axis > 1: see expert_parallel.py
             w = self.expert_weights(tokens.dtype)
@@ -108,7 +173,10 @@ class MoE(nnx.Module):
             "moe_tokens_per_expert": counts,
             "moe_dropped": dropped,
         }
-        return y.reshape(shape).astype(x.dtype), aux
+        y = y.reshape(shape).astype(x.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y, aux
 
     def expert_weights(self, dtype) -> ExpertWeights:
         """The stacked expert kernels in the compute dtype (read through GroupedLinear.weight, the

@@ -1,7 +1,8 @@
 """Rotary position embeddings: default, linear, llama3 and YaRN frequency schedules, partial rotary.
 
 Uses the rotate-half layout (first half / second half of the rotated dims), as Hugging Face does for
-Llama, Mistral, Qwen and Gemma, so converted weights need no permutation.
+Llama, Mistral, Qwen and Gemma, so converted weights need no permutation; `rope_interleave` rotates
+interleaved pairs (x0, x1), (x2, x3), ... in place instead, as DeepSeek's weights expect.
 """
 
 from __future__ import annotations
@@ -25,14 +26,26 @@ class RopeSpec:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
     rotary_dim: int = 0  # dims rotated (head_dim * partial_rotary_factor)
+    interleave: bool = False
 
 
-def rope_spec(cfg, local: bool = False) -> RopeSpec:
-    """Gemma 3 local layers use their own base (`rope_local_theta`) and no scaling."""
-    rotary_dim = int(cfg.resolved_head_dim * cfg.partial_rotary_factor)
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_spec(cfg, local: bool = False, rotary_dim: int | None = None) -> RopeSpec:
+    """Gemma 3 local layers use their own base (`rope_local_theta`) and no scaling. `rotary_dim`:
+    dims rotated when not head_dim * partial_rotary_factor (MLA's rotary key part)."""
+    if rotary_dim is None:
+        rotary_dim = int(cfg.resolved_head_dim * cfg.partial_rotary_factor)
     if local and cfg.rope_local_theta is not None:
-        return RopeSpec(theta=cfg.rope_local_theta, rotary_dim=rotary_dim)
+        return RopeSpec(
+            theta=cfg.rope_local_theta, rotary_dim=rotary_dim, interleave=cfg.rope_interleave
+        )
     return RopeSpec(
         kind=cfg.rope_kind,
         theta=cfg.rope_theta,
@@ -43,7 +56,10 @@ def rope_spec(cfg, local: bool = False) -> RopeSpec:
         beta_fast=cfg.rope_yarn_beta_fast,
         beta_slow=cfg.rope_yarn_beta_slow,
         attention_factor=cfg.rope_yarn_attention_factor,
+        mscale=cfg.rope_yarn_mscale,
+        mscale_all_dim=cfg.rope_yarn_mscale_all_dim,
         rotary_dim=rotary_dim,
+        interleave=cfg.rope_interleave,
     )
 
 
@@ -80,11 +96,12 @@ def inverse_frequencies(spec: RopeSpec) -> tuple[np.ndarray, float]:
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp
         inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
-        scale = (
-            spec.attention_factor
-            if spec.attention_factor is not None
-            else (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
-        )
+        if spec.attention_factor is not None:
+            scale = spec.attention_factor
+        elif spec.mscale and spec.mscale_all_dim:
+            scale = yarn_mscale(factor, spec.mscale) / yarn_mscale(factor, spec.mscale_all_dim)
+        else:
+            scale = yarn_mscale(factor)
     return inv.astype(np.float32), scale
 
 
@@ -92,6 +109,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, spec: RopeSpec) -> jax.Array:
     """x: [B, S, H, D]; positions: [B, S]. Rotates the first `rotary_dim` dims of each head."""
     inv, scale = inverse_frequencies(spec)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)  # [B, S, dim/2]
+    if spec.interleave:
+        return _apply_interleaved(x, angles, scale, spec.rotary_dim)
     emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb) * scale, jnp.sin(emb) * scale
     rot, rest = x[..., : spec.rotary_dim], x[..., spec.rotary_dim :]
@@ -99,4 +118,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, spec: RopeSpec) -> jax.Array:
     half = spec.rotary_dim // 2
     rotated = jnp.concatenate([-rot32[..., half:], rot32[..., :half]], axis=-1)
     out = (rot32 * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def _apply_interleaved(x: jax.Array, angles: jax.Array, scale: float, dim: int) -> jax.Array:
+    """Rotate pairs (x[2i], x[2i+1]) by angle i, in place (the complex-number form of DeepSeek)."""
+    cos, sin = jnp.cos(angles)[:, :, None] * scale, jnp.sin(angles)[:, :, None] * scale
+    rot, rest = x[..., :dim].astype(jnp.float32), x[..., dim:]
+    even, odd = rot[..., 0::2], rot[..., 1::2]
+    out = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    out = out.reshape(rot.shape).astype(x.dtype)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out

@@ -1,6 +1,7 @@
 """Which kind each decoder layer is, and where it lives in the parameter tree.
 
-A layer's kind is the tuple of choices made for it by the config: attention kind (`gqa`), whether it
+A layer's kind is the tuple of choices made for it by the config: attention kind (`gqa` or `mla`,
+from `attention_kind`), whether it
 attends within a sliding window (`attention_pattern`), and its feed-forward kind (`dense` or `moe`,
 from `ffn_kind`, `first_num_dense_layers`, `moe_layer_interval` and `mlp_only_layers`).
 
@@ -62,7 +63,9 @@ def layer_kinds(cfg) -> tuple[LayerKind, ...]:
             and (i + 1) % cfg.moe_layer_interval == 0
         )
         local = pattern[i % len(pattern)] == "local"
-        kinds.append(LayerKind(attention="gqa", local=local, ffn="moe" if moe else "dense"))
+        kinds.append(
+            LayerKind(attention=cfg.attention_kind, local=local, ffn="moe" if moe else "dense")
+        )
     return tuple(kinds)
 
 

@@ -23,6 +23,7 @@ from llm_core.layers.attention import Attention
 from llm_core.layers.embeddings import Embedder
 from llm_core.layers.kv_cache import stack_cache
 from llm_core.layers.linear import Linear
+from llm_core.layers.mla import MLAttention
 from llm_core.layers.mlp import MLP
 from llm_core.layers.moe import MoE, empty_aux
 from llm_core.layers.norms import make_norm
@@ -37,7 +38,11 @@ REMAT_POLICIES = {
 }
 
 
+ATTENTION_KINDS = {"gqa": Attention, "mla": MLAttention}
+
+
 def _add(a: dict, b: dict) -> dict:
+    """Sum two aux dicts of summed statistics (per-layer `router_load` is collected separately)."""
     return b if not a else {key: a[key] + b[key] for key in a}
 
 
@@ -46,7 +51,7 @@ class DecoderLayer(nnx.Module):
         self.cfg = cfg
         self.moe = kind.ffn == "moe"
         self.pre_attn_norm = make_norm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, kind.local, rngs=rngs)
+        self.attn = ATTENTION_KINDS[kind.attention](cfg, kind.local, rngs=rngs)
         self.pre_mlp_norm = make_norm(cfg, rngs=rngs)
         self.mlp = MoE(cfg, rngs=rngs) if self.moe else MLP(cfg, rngs=rngs)
         if cfg.post_norms:
@@ -78,13 +83,20 @@ class LayerGroup(nnx.Module):
             setattr(self, f"layer_{j}", DecoderLayer(cfg, kind, rngs=rngs))
 
     def __call__(self, x, positions, segment_ids=None, caches=None):
-        """caches: a tuple of one cache per layer, or None. Returns (x, caches, summed aux)."""
-        new, aux = [], {}
+        """caches: a tuple of one cache per layer, or None. Returns (x, caches, summed aux); with
+        aux-loss-free balancing, aux["router_load"] = {layer_j: tokens per expert} of each MoE layer
+        (kept per layer: each has its own router bias)."""
+        new, aux, loads = [], {}, {}
         for j in range(self.size):
             cache = None if caches is None else caches[j]
-            x, cache, layer_aux = getattr(self, f"layer_{j}")(x, positions, segment_ids, cache)
+            layer = getattr(self, f"layer_{j}")
+            x, cache, layer_aux = layer(x, positions, segment_ids, cache)
             new.append(cache)
             aux = _add(aux, layer_aux)
+            if layer.moe and layer.cfg.router_bias_update_rate > 0:
+                loads[f"layer_{j}"] = layer_aux["moe_tokens_per_expert"]
+        if loads:
+            aux["router_load"] = loads
         return x, (None if caches is None else tuple(new)), aux
 
 
@@ -132,7 +144,9 @@ class Transformer(nnx.Module):
         """-> (float32 logits [B, S, V], updated cache or None, aux). With a cache, the new tokens'
         K/V are written at `positions` (positions beyond the cache are dropped: use them for padding)
         and attention reads the cache. aux (MoE models): `moe_lb_loss` and `moe_z_loss` averaged over
-        the MoE layers, `moe_tokens_per_expert` [experts] and `moe_dropped` summed over them."""
+        the MoE layers, `moe_tokens_per_expert` [experts] and `moe_dropped` summed over them, and
+        with `router_bias_update_rate` > 0 `router_load`: each MoE layer's tokens per expert, in a
+        tree shaped like the layers' `router_bias` parameters."""
         x, new_cache, aux = self.hidden(input_ids, positions, segment_ids, cache)
         return self.logits(x), new_cache, aux
 
@@ -144,13 +158,18 @@ class Transformer(nnx.Module):
                 jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
             )
         x = self.embedder.encode(input_ids, positions, dtype_of(self.cfg.dtype))
-        new_cache, aux = {}, {}
+        new_cache, aux, loads = {}, {}, {}
         for seg in self.placement.segments:
             seg_cache = None if cache is None else cache[seg.name]
             x, seg_cache, seg_aux = self._run_segment(seg, x, positions, segment_ids, seg_cache)
             new_cache[seg.name] = seg_cache
+            if "router_load" in seg_aux:
+                loads[seg.name] = seg_aux.pop("router_load")
             aux = _add(aux, seg_aux)
-        return x, (None if cache is None else new_cache), self._finish_aux(aux)
+        aux = self._finish_aux(aux)
+        if loads:  # {segment: {layer_j: [groups, experts] or [experts]}}, shaped like the biases
+            aux["router_load"] = loads
+        return x, (None if cache is None else new_cache), aux
 
     def forward_with_cache(self, input_ids, positions, cache):
         """Serving path: (logits, cache) of `forward` with a cache."""
@@ -174,7 +193,7 @@ class Transformer(nnx.Module):
 
             def one(seg=seg):
                 return tuple(
-                    Attention.init_cache(
+                    ATTENTION_KINDS[layer.attention].init_cache(
                         self.cfg,
                         batch_size,
                         max_len,
@@ -183,7 +202,7 @@ class Transformer(nnx.Module):
                         num_pages=num_pages,
                         page_size=page_size,
                     )
-                    for _ in seg.kinds
+                    for layer in seg.kinds
                 )
 
             module = getattr(self, seg.name)
@@ -223,6 +242,7 @@ class Transformer(nnx.Module):
             for i, group in enumerate(module):
                 x, c, a = group(x, positions, segment_ids, None if cache is None else cache[i])
                 new.append(c)
+                a.pop("router_load", None)  # decode view: serving has no use for it
                 aux = _add(aux, a)
             return x, (None if cache is None else new), aux
         if not seg.stacked:
@@ -248,7 +268,11 @@ class Transformer(nnx.Module):
                 x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, cache)))
                 outs.append(out)
             cache, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, cache, jax.tree.map(lambda a: a.sum(0), aux)
+        loads = aux.pop("router_load", None)
+        aux = jax.tree.map(lambda a: a.sum(0), aux)
+        if loads is not None:
+            aux["router_load"] = loads  # stacked [repeats, experts], like the stacked biases
+        return x, cache, aux
 
 
 def unstack_layers(model: Transformer) -> Transformer:

@@ -1,0 +1,100 @@
+"""Multi-head latent attention (MLA) caches: one latent row per token instead of K and V per head.
+
+A row is [c, k_rope]: the normalised `kv_lora_rank` latent and the `qk_rope_head_dim` rotary key
+shared by all heads, so a token costs kv_lora_rank + qk_rope_head_dim values per layer (DeepSeek-V3:
+576, where full per-head K/V would be 128 x (192 + 128) = 40960). MLA attends over the rows in its
+absorbed form (`llm_core.layers.mla`): the row serves as the single key head and as the value, so
+both caches below are read like a one-head K/V cache whose K and V are the same array, with the same
+attention backends and the same paged kernel, and never hold a second copy.
+
+- `LatentKV` [..., B, L, 1, W]: token p of row b at index p (W = kv_lora_rank + qk_rope_head_dim).
+- `PagedLatentKV`: a pool [..., 1, num_pages, page_size, W] and a page table, as `PagedKV`.
+
+Both have the serving methods of the K/V caches (`resize`, `insert`, `write_prefix`, `with_table`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from llm_core.layers.kv_cache import (
+    NULL_PAGE,
+    LayerCache,
+    _attend_contiguous,
+    attend_paged,
+    fit_length,
+    page_slots,
+    prefix_to_pages,
+    put_row,
+)
+
+
+@struct.dataclass
+class LatentKV(LayerCache):
+    rows: jax.Array  # [..., B, L, 1, W]
+
+    @classmethod
+    def create(cls, batch: int, max_len: int, width: int, dtype) -> LatentKV:
+        return cls(rows=jnp.zeros((batch, max_len, 1, width), dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.rows.shape[-3]
+
+    def write(self, rows, positions) -> LatentKV:
+        """rows [B, T, W] at positions [B, T] (beyond the cache: dropped)."""
+        batch = jnp.arange(rows.shape[0])[:, None]
+        new = self.rows.at[batch, positions, 0].set(rows.astype(self.rows.dtype), mode="drop")
+        return LatentKV(rows=new)
+
+    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+        """q [B, T, H, W] -> [B, T, H, W]: softmax(q . rows) . rows (callers keep the latent part)."""
+        return _attend_contiguous(q, self.rows, self.rows, positions, spec, backend, chunk)
+
+    def resize(self, length: int) -> LatentKV:
+        return LatentKV(rows=fit_length(self.rows, length))
+
+    def insert(self, row: LatentKV, slot) -> LatentKV:
+        """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
+        return LatentKV(rows=put_row(self.rows, row.rows, slot))
+
+
+@struct.dataclass
+class PagedLatentKV(LayerCache):
+    pool: jax.Array  # [..., 1, num_pages, page_size, W]
+    table: jax.Array  # [..., B, pages_per_slot] int32
+
+    @classmethod
+    def create(
+        cls, batch: int, width: int, num_pages: int, page_size: int, pages_per_slot: int, dtype
+    ) -> PagedLatentKV:
+        return cls(
+            pool=jnp.zeros((1, num_pages, page_size, width), dtype),
+            table=jnp.full((batch, pages_per_slot), NULL_PAGE, jnp.int32),
+        )
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.shape[-2]
+
+    @property
+    def max_len(self) -> int:
+        return self.table.shape[-1] * self.page_size
+
+    def write(self, rows, positions) -> PagedLatentKV:
+        page, off = page_slots(self.table, positions, self.page_size)
+        return self.replace(pool=self.pool.at[0, page, off].set(rows.astype(self.pool.dtype)))
+
+    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+        return attend_paged(q, self.pool, self.pool, self.table, positions, spec, backend, chunk)
+
+    def with_table(self, table) -> PagedLatentKV:
+        table = jnp.asarray(table, jnp.int32)
+        lead = self.table.shape[:-2]
+        return self.replace(table=jnp.broadcast_to(table, lead + table.shape))
+
+    def write_prefix(self, prefix: LatentKV, pages) -> PagedLatentKV:
+        """Store a batch-of-one `LatentKV` of length len(pages) * page_size into `pages`."""
+        return self.replace(pool=prefix_to_pages(self.pool, prefix.rows, pages))
