@@ -42,6 +42,17 @@ DEEPSEEK_YARN = {
 }
 
 
+GPT_OSS_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 4.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 64,
+}
+
+
 def tiny_hf_configs() -> dict:
     t = transformers
     llama3_rope = {
@@ -144,6 +155,17 @@ def tiny_hf_configs() -> dict:
             topk_group=2,
             rope_parameters={**DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
         ),
+        # sinks, alternating window (8) / full layers, biased router and experts, clamped SwiGLU
+        # (a low limit, so the clamps bite), YaRN without truncation
+        "gpt_oss": t.GptOssConfig(
+            **{**COMMON, "intermediate_size": 32},
+            num_hidden_layers=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            swiglu_limit=0.1,
+            rope_parameters=GPT_OSS_YARN,
+        ),
         "gpt2": t.GPT2Config(
             vocab_size=256,
             n_embd=64,
@@ -163,8 +185,8 @@ def build_hf_model(name: str, folder, dtype=None):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     with torch.no_grad():  # norms start at identity; perturb so a wrong norm mapping shows
-        for p in model.parameters():
-            if p.ndim == 1:
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith("_bias"):  # norms, biases, sinks; GPT-OSS expert biases
                 p.add_(0.1 * torch.randn_like(p))
         for name, buffer in model.named_buffers():  # DeepSeek-V3's router bias starts at zero
             if name.endswith("e_score_correction_bias"):

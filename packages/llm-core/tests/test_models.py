@@ -54,8 +54,15 @@ MOE_ROUNDED = {
     "qwen3-235b-a22b": ((235.0, 0.5), (22.0, 1.0)),
     "deepseek-v2": ((236.0, 0.5), (21.0, 1.0)),
     "deepseek-v3": ((671.0, 0.5), (37.0, 1.0)),
-    # 2.4B activated in the paper counts the output head but not the input embedding: checked below
+    # these publish active counts with the output head but not the input embedding: checked below
     "deepseek-v2-lite": ((15.7, 0.05), None),
+    "gpt-oss-20b": ((20.91, 0.005), None),  # OpenAI's model card: 20.91B total, 3.61B active
+    "gpt-oss-120b": ((116.83, 0.005), None),  # 116.83B total, 5.13B active
+}
+ACTIVE_WITHOUT_INPUT_EMBEDDING = {
+    "deepseek-v2-lite": (2.4, 0.1),  # "2.4B activated", truncated
+    "gpt-oss-20b": (3.61, 0.005),
+    "gpt-oss-120b": (5.13, 0.005),
 }
 
 
@@ -85,10 +92,12 @@ def test_published_total_and_active_moe_counts(name):
     assert 0 <= count_params(cfg, active=True) / 1e9 - active < a_unit
 
 
-def test_deepseek_v2_lite_active_count():
-    cfg = load_config("deepseek-v2-lite")
+@pytest.mark.parametrize("name", sorted(ACTIVE_WITHOUT_INPUT_EMBEDDING))
+def test_published_active_counts_without_the_input_embedding(name):
+    cfg = load_config(name)
+    published, unit = ACTIVE_WITHOUT_INPUT_EMBEDDING[name]
     without_input_embedding = count_params(cfg, active=True) - cfg.vocab_size * cfg.emb_dim
-    assert 0 <= without_input_embedding / 1e9 - 2.4 < 0.1
+    assert -unit < without_input_embedding / 1e9 - published < unit
 
 
 def test_gpt3_175b():

@@ -220,3 +220,41 @@ def test_auto_matmul_is_the_grouped_kernel_on_cpu_when_built():
     want = "grouped_matmul" if llm_kernels.cpu_kernels_available() else "tiled"
     assert resolve_matmul("auto") == want
     assert resolve_matmul("ragged_dot") == "ragged_dot"
+
+
+GPT_OSS_MOE = (
+    "router_kind=topk_softmax", "moe_router_bias=true", "moe_expert_bias=true",
+    "moe_gating=clamped_swiglu", "swiglu_limit=0.3",
+)  # fmt: skip
+
+
+def _gpt_oss_reference(moe: MoE, x):
+    """GPT-OSS's expert loop in numpy: top k biased logits, softmax over them, biased experts,
+    (clip(up) + 1) * g * sigmoid(1.702 g) with g = min(gate, limit)."""
+    tokens = np.asarray(x.reshape(-1, x.shape[-1]), np.float64)
+    p = {n: np.asarray(getattr(moe, n).kernel[...], np.float64) for n in ("gate", "up", "down")}
+    b = {n: np.asarray(getattr(moe, n).bias[...], np.float64) for n in ("gate", "up", "down")}
+    logits = tokens @ np.asarray(moe.router.kernel[...]) + np.asarray(moe.router.bias[...])
+    out = np.zeros_like(tokens)
+    for t, row in enumerate(tokens):
+        top = np.argsort(-logits[t], kind="stable")[: moe.routing.k]
+        w = np.exp(logits[t, top] - logits[t, top].max())
+        for weight, e in zip(w / w.sum(), top, strict=True):
+            g = np.minimum(row @ p["gate"][e] + b["gate"][e], 0.3)
+            u = np.clip(row @ p["up"][e] + b["up"][e], -0.3, 0.3)
+            h = (u + 1) * g / (1 + np.exp(-1.702 * g))
+            out[t] += weight * (h @ p["down"][e] + b["down"][e])
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    ("matmul", "seq"), [*DROPLESS_CASES, ("capacity", 9)], ids=lambda v: str(v)
+)
+def test_gpt_oss_experts_equal_their_loop(matmul, seq):
+    """Router bias, top-k-then-softmax, per-expert biases and the clamped SwiGLU on every path."""
+    extra = ("moe_capacity_factor=4.0",) if matmul == "capacity" else (f"moe_matmul={matmul}",)
+    moe = MoE(_cfg(*GPT_OSS_MOE, *extra), rngs=nnx.Rngs(0))
+    for lin in (moe.router, moe.gate, moe.up, moe.down):  # biases start at zero: perturb them
+        lin.bias[...] = 0.2 * jax.random.normal(jax.random.key(5), lin.bias.shape)
+    x = jax.random.normal(jax.random.key(1), (2, seq, 32))
+    np.testing.assert_allclose(moe(x)[0], _gpt_oss_reference(moe, x), atol=1e-5, rtol=1e-5)

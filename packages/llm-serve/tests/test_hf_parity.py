@@ -211,3 +211,33 @@ def test_deepseek_greedy_matches_transformers_generate(version, kind, tmp_path):
     got = engine_greedy(cfg, model, kind)
     for slot, prompt in enumerate(PROMPTS):
         assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"
+
+
+def hf_gpt_oss():
+    """Tiny GPT-OSS: sinks, a window (8) shorter than the prompts on alternate layers, biased
+    router and experts, clamped SwiGLU."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        vocab_size=V, hidden_size=E, intermediate_size=32, num_hidden_layers=L,
+        num_attention_heads=H, num_key_value_heads=K, head_dim=D, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+        initializer_range=0.2, swiglu_limit=2.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                         "truncate": False, "original_max_position_embeddings": 64},
+    )  # fmt: skip
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("_bias", "sinks")):
+                p.add_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_gpt_oss_greedy_matches_transformers_generate(kind, tmp_path):
+    hf = hf_gpt_oss()
+    cfg, model = via_llm_convert(hf, tmp_path / "hf")
+    assert cfg.attention_sinks and cfg.attention_pattern == ["local", "global"]
+    got = engine_greedy(cfg, model, kind)
+    for slot, prompt in enumerate(PROMPTS):
+        assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"

@@ -37,6 +37,8 @@ class Entry:
     transform: Transform = IDENTITY
     split: tuple[int, int] | None = None  # (part, parts): slice `part` of `parts` along split_axis
     split_axis: int = -1  # of the HF tensor
+    # the parts alternate along the last axis (GPT-OSS gate_up) instead of following each other
+    interleaved: bool = False
     ffn: str | None = None  # only layers of this feed-forward kind ("dense" or "moe")
     layout: str | None = None  # only this tensor layout of the family
     # only models with this attention feature (`attention_features` in layout.py): "q_plain",
@@ -114,9 +116,9 @@ def _llama_like(
         layer += _fused(p)
     if bias:
         layer += [
-            Entry(p + "self_attn.q_proj.bias", ("attn", "q", "bias")),
-            Entry(p + "self_attn.k_proj.bias", ("attn", "k", "bias")),
-            Entry(p + "self_attn.v_proj.bias", ("attn", "v", "bias")),
+            Entry(p + "self_attn.q_proj.bias", ("attn", "q", "bias"), FLAT),
+            Entry(p + "self_attn.k_proj.bias", ("attn", "k", "bias"), FLAT),
+            Entry(p + "self_attn.v_proj.bias", ("attn", "v", "bias"), FLAT),
         ]
     if gemma_norms:  # Gemma 2/3: norms after attention and MLP too
         layer += [
@@ -208,6 +210,44 @@ def _deepseek(name: str, model_type: str, arch: str, v3: bool) -> Family:
     )
 
 
+def _gpt_oss() -> Family:
+    """GPT-OSS: Llama-style attention with biases and sinks; every layer MoE with a biased router
+    and experts stored stacked as [experts, in, out] with gate and up interleaved in gate_up_proj."""
+    p, a, x = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp.experts."
+    layer = [
+        Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
+        Entry(p + "post_attention_layernorm.weight", ("pre_mlp_norm", "scale")),
+        Entry(a + "q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN),
+        Entry(a + "k_proj.weight", ("attn", "k", "kernel"), LINEAR_IN),
+        Entry(a + "v_proj.weight", ("attn", "v", "kernel"), LINEAR_IN),
+        Entry(a + "o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+        Entry(a + "q_proj.bias", ("attn", "q", "bias"), FLAT),
+        Entry(a + "k_proj.bias", ("attn", "k", "bias"), FLAT),
+        Entry(a + "v_proj.bias", ("attn", "v", "bias"), FLAT),
+        Entry(a + "o_proj.bias", ("attn", "o", "bias")),
+        Entry(a + "sinks", ("attn", "sinks")),
+        Entry(p + "mlp.router.weight", ("mlp", "router", "kernel"), LINEAR_IN),
+        Entry(p + "mlp.router.bias", ("mlp", "router", "bias")),
+        Entry(x + "down_proj", ("mlp", "down", "kernel")),
+        Entry(x + "down_proj_bias", ("mlp", "down", "bias")),
+    ]
+    for part, name in enumerate(("gate", "up")):
+        kw = dict(split=(part, 2), split_axis=-1, interleaved=True)
+        layer += [
+            Entry(x + "gate_up_proj", ("mlp", name, "kernel"), **kw),
+            Entry(x + "gate_up_proj_bias", ("mlp", name, "bias"), **kw),
+        ]
+    globals_ = (
+        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
+        Entry("model.norm.weight", ("final_norm", "scale")),
+        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
+    )
+    return Family(
+        "gpt_oss", ("gpt_oss",), "GptOssForCausalLM", globals_, tuple(layer),
+        ignore_suffixes=("rotary_emb.inv_freq",),
+    )  # fmt: skip
+
+
 def _gpt2() -> Family:
     p = "transformer.h.{i}."
     layer = (
@@ -261,6 +301,7 @@ FAMILIES: dict[str, Family] = {
     "gpt3": _gpt2(),
     "deepseek_v2": _deepseek("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", v3=False),
     "deepseek_v3": _deepseek("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", v3=True),
+    "gpt_oss": _gpt_oss(),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from llm_convert.deepseek_config import DEEPSEEK_FAMILIES, deepseek_from_hf, deepseek_to_hf
 from llm_convert.errors import ConversionError
 from llm_convert.families import FAMILIES, Family, family_for_model_type
+from llm_convert.gpt_oss_config import gpt_oss_from_hf, gpt_oss_to_hf
 from llm_convert.moe_config import MOE_FAMILIES, moe_from_hf, moe_to_hf
 from llm_core import Config, ConfigError, load_config
 
@@ -68,7 +69,7 @@ def _rope(params: dict | None, prefix: str = "") -> dict[str, Any]:
         if params.get("factor") is None:  # transformers: max_position / original (DeepSeek-V3)
             out["rope_scaling_factor"] = None
         if params.get("truncate", True) is False:
-            raise ConversionError("config.json: YaRN with truncate=false is not supported.")
+            out["rope_yarn_truncate"] = False
     if kind != "default":  # DeepSeek: also scales MLA's softmax (llm_core.layers.mla)
         for key in ("mscale", "mscale_all_dim"):
             if params.get(key) is not None:
@@ -155,6 +156,8 @@ def config_from_hf(
             values.update(moe_from_hf(hf, family.name, source))
         if family.name in DEEPSEEK_FAMILIES:
             values.update(deepseek_from_hf(hf, family.name, source))
+        if family.name == "gpt_oss":
+            values.update(gpt_oss_from_hf(hf, source))
         if family.name in ("gemma2", "gemma3"):
             layer_types = hf.get("layer_types")
             if layer_types:
@@ -197,6 +200,8 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
     ]
     if family.name in DEEPSEEK_FAMILIES:
         moe = deepseek_to_hf(cfg, family.name)
+    elif family.name == "gpt_oss":
+        moe = gpt_oss_to_hf(cfg)
     else:
         moe = moe_to_hf(cfg, family.name)  # {} for dense families (refuses MoE configs there)
     if family.name == "gpt3":
@@ -233,6 +238,8 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
         )
         if cfg.rope_yarn_attention_factor is not None:
             rope["attention_factor"] = cfg.rope_yarn_attention_factor
+        if not cfg.rope_yarn_truncate:
+            rope["truncate"] = False
     if cfg.rope_kind != "default":
         if cfg.rope_yarn_mscale is not None:
             rope["mscale"] = cfg.rope_yarn_mscale

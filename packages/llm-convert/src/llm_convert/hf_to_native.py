@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from llm_convert.errors import ConversionError
 from llm_convert.families import Family
 from llm_convert.layout import detect_layout, get_path, has_path, stacked_segments
+from llm_convert.quantized import quantized_tensors, read_quantized
 from llm_convert.transforms import EXPERTS_LINEAR, LINEAR_IN, LINEAR_OUT_HEADS
 from llm_core import Config
 from llm_core.io import abstract_model
@@ -66,6 +67,12 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
     params = jax.tree.map(lambda a: np.empty(a.shape, np_dtype), shapes)
     seen: dict[tuple[str, ...], set[tuple[int | None, int | None]]] = {}
     index = tensor_index(folder)
+    quantized = quantized_tensors(index)  # logical name -> how to dequantize it
+    index.update({name: index[parts[1]] for name, parts in quantized.items()})
+    for name, (_, *parts) in quantized.items():
+        for part in parts:  # blocks and scales are read as their logical tensor, not on their own
+            if part != name:
+                index.pop(part, None)
     _, expected = detect_layout(cfg, family, set(index))
     needed = {item.name for item in expected}
     missing = sorted(needed - set(index))
@@ -89,17 +96,21 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
 
     # File by file, closing each when done: memory-mapped pages of finished files leave RSS.
     expected.sort(key=lambda item: str(index[item.name]))
-    handle, current = None, None
+    handle, current, source_index = None, None, tensor_index(folder)
     for name, entry, path, stacked, expert in expected:
         file = index[name]
-        if file != current:
-            handle, current = _open(file), file
-        with_dtype = handle.get_slice(name).get_dtype()
-        if with_dtype not in SUPPORTED_DTYPES:
-            raise ConversionError(
-                f"{file}: tensor '{name}' has dtype {with_dtype}; supported: F32, BF16, F16."
-            )
-        tensor = handle.get_tensor(name)
+        if name in quantized:  # MXFP4 / FP8 blocks: dequantized to float32 here
+            tensor = read_quantized(quantized[name], source_index, _open)
+        else:
+            if file != current:
+                handle, current = _open(file), file
+            with_dtype = handle.get_slice(name).get_dtype()
+            if with_dtype not in SUPPORTED_DTYPES:
+                raise ConversionError(
+                    f"{file}: tensor '{name}' has dtype {with_dtype}; supported: F32, BF16, F16, "
+                    "and MXFP4 (_blocks + _scales) or FP8 with weight_scale_inv."
+                )
+            tensor = handle.get_tensor(name)
         if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
             tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
         if not has_path(params, path):
@@ -149,6 +160,8 @@ def _split(tensor: np.ndarray, entry) -> np.ndarray | None:
     size, rest = divmod(tensor.shape[axis], parts)
     if rest:
         return None
+    if entry.interleaved:
+        return tensor[(slice(None),) * axis + (slice(part, None, parts),)]
     return tensor[(slice(None),) * axis + (slice(part * size, (part + 1) * size),)]
 
 

@@ -30,7 +30,11 @@ def hf_tensors(params: dict, cfg: Config):
         part, parts = entry.split
         pending.setdefault(name, [None] * parts)[part] = value
         if all(p is not None for p in pending[name]):
-            joined = np.concatenate(pending.pop(name), axis=entry.split_axis)
+            parts_ = pending.pop(name)
+            if entry.interleaved:  # p0[0], p1[0], p0[1], p1[1], ... along the last axis
+                joined = np.stack(parts_, axis=-1).reshape(*parts_[0].shape[:-1], -1)
+            else:
+                joined = np.concatenate(parts_, axis=entry.split_axis)
             yield name, np.ascontiguousarray(joined)
 
 

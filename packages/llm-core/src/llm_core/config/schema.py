@@ -59,6 +59,7 @@ Family = Literal[
     "gpt3",
     "deepseek_v2",
     "deepseek_v3",
+    "gpt_oss",
 ]
 
 # Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
@@ -110,6 +111,7 @@ class Config:
     rope_yarn_mscale_all_dim: float | None = None
     # rotate interleaved pairs (x0, x1), (x2, x3), ... instead of the two halves (DeepSeek)
     rope_interleave: bool = False
+    rope_yarn_truncate: bool = True  # round YaRN's correction range to whole dims (GPT-OSS: false)
     partial_rotary_factor: float = 1.0
 
     # --- attention
@@ -121,6 +123,7 @@ class Config:
     final_logit_softcap: float | None = None
     qk_norm: bool = False
     query_pre_attn_scalar: float | None = None  # default: head_dim
+    attention_sinks: bool = False  # a learned logit per head in every softmax row (GPT-OSS)
     # gqa: multi-head / grouped-query attention; mla: DeepSeek multi-head latent attention (queries
     # through an optional q_lora_rank bottleneck, keys and values from one kv_lora_rank latent per
     # token plus a qk_rope_head_dim rotary key shared by the heads; caches hold only those)
@@ -142,7 +145,8 @@ class Config:
     # softmax_topk: softmax over all experts, keep the top k (renormalised if norm_topk_prob);
     # sigmoid_topk (DeepSeek-V3): sigmoid scores, a per-expert bias (not trained by the optimizer)
     # added for choosing the k experts only, the weights from the unbiased scores
-    router_kind: Literal["softmax_topk", "sigmoid_topk"] = "softmax_topk"
+    # topk_softmax (GPT-OSS): the top k logits, then a softmax over those k
+    router_kind: Literal["softmax_topk", "sigmoid_topk", "topk_softmax"] = "softmax_topk"
     norm_topk_prob: bool = True
     # group-limited routing: experts in moe_num_groups equal groups, only the best
     # moe_topk_groups groups are eligible (group score: max score for softmax_topk, sum of the top
@@ -154,9 +158,15 @@ class Config:
     # code; differs only where every eligible score is <= 0)
     router_group_mask: Literal["neg_inf", "zero"] = "neg_inf"
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this
-    num_shared_experts: int = (
-        0  # an always-on MLP of num_shared_experts * moe_mlp_dim per MoE layer
-    )
+    # an always-on MLP of num_shared_experts * moe_mlp_dim in every MoE layer (DeepSeek)
+    num_shared_experts: int = 0
+    moe_router_bias: bool = False  # a bias on the router logits (GPT-OSS)
+    moe_expert_bias: bool = False  # biases on every expert's gate, up and down products (GPT-OSS)
+    # the experts' gating: standard = act(gate) * up (mlp_activation); clamped_swiglu (GPT-OSS) =
+    # (clip(up, -limit, limit) + 1) * g * sigmoid(swiglu_alpha * g), g = min(gate, swiglu_limit)
+    moe_gating: Literal["standard", "clamped_swiglu"] = "standard"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # aux-loss-free balancing (sigmoid_topk): after every step llm-train moves each expert's bias
     # by rate * sign(mean load - expert load); 0 = off
     router_bias_update_rate: float = 0.0

@@ -217,6 +217,10 @@ def _validate_mla(cfg: Config) -> None:
         raise ConfigError("attention_kind=mla needs position_embedding=rope (its rotary key part).")
     if cfg.qk_norm:
         raise ConfigError("qk_norm is not defined for attention_kind=mla: set qk_norm=false.")
+    if cfg.attention_sinks:
+        raise ConfigError(
+            "attention_sinks with attention_kind=mla is not implemented: set attention_sinks=false."
+        )
     if cfg.kv_cache_dtype == "int8":
         raise ConfigError(
             "kv_cache_dtype=int8 with attention_kind=mla is not implemented yet (the latent cache "

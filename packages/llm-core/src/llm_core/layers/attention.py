@@ -1,4 +1,5 @@
-"""Multi-head / grouped-query attention with RoPE, QK-norm, soft-capping and sliding windows."""
+"""Multi-head / grouped-query attention with RoPE, QK-norm, soft-capping, sliding windows and
+attention sinks (`attention_sinks`: a learned logit per head in every softmax, GPT-OSS)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from llm_core.layers import attention_ops as ops
 from llm_core.layers.kv_cache import ContiguousKV, Int8ContiguousKV, PagedKV
 from llm_core.layers.linear import Linear
 from llm_core.layers.norms import RMSNorm
-from llm_core.layers.params import dtype_of
+from llm_core.layers.params import dtype_of, param
 from llm_core.layers.rope import apply_rope, rope_spec
 
 
@@ -45,6 +46,7 @@ class Attention(nnx.Module):
             logit_softcap=cfg.attn_logit_softcap,
         )
         self.rope = rope_spec(cfg, local=self.local) if cfg.position_embedding == "rope" else None
+        self.sinks = param(rngs, (h,), ("heads",), wd) if cfg.attention_sinks else None
 
     @staticmethod
     def init_cache(
@@ -81,17 +83,17 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
+        cfg = self.cfg
+        sinks = None if self.sinks is None else self.sinks[...]
         if cache is not None:
             cache = cache.write(k, v, positions)
-            cfg = self.cfg
             out = cache.attend(
-                q, positions, self.spec, cfg.attention_backend, cfg.attention_chunk_size
+                q, positions, self.spec, cfg.attention_backend, cfg.attention_chunk_size, sinks
             )
         else:
-            cfg = self.cfg
             out = ops.self_attention(
                 q, k, v, positions, segment_ids, self.spec, cfg.attention_backend,
-                cfg.attention_chunk_size,
+                cfg.attention_chunk_size, sinks,
             )  # fmt: skip
         return self.o(out), cache
 

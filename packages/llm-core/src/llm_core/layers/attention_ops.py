@@ -2,7 +2,8 @@
 
 key j is visible to query i iff kv_pos[j] <= q_pos[i] (causal), q_pos[i] - kv_pos[j] < window (local
 layers), the segment ids match (packed sequences) and the key is valid. A query that sees no key
-returns zeros. Softmax runs in float32; GQA never materialises repeated K/V heads.
+returns zeros. Softmax runs in float32; GQA never materialises repeated K/V heads. `sinks` [H]
+(GPT-OSS) add one learned logit per head to every softmax row, attending to nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def _scores(q, k, spec: AttentionSpec):
     return s
 
 
-def dot_product_attention(q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None):
+def _sink_logits(sinks, kh: int, shape):
+    """sinks [H] -> float32 [B, K, G, S, 1] for scores [B, K, G, S, T]."""
+    return jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kh, -1, 1, 1), (*shape[:-1], 1))
+
+
+def dot_product_attention(
+    q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None, sinks=None
+):
     """Reference backend. q [B,S,H,D]; k, v [B,T,K,D] -> [B,S,H,D]."""
     b, s, h, d = q.shape
     kh = k.shape[2]
@@ -54,7 +62,11 @@ def dot_product_attention(q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None,
     scores = _scores(qg, k, spec)
     mask = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec)[:, None, None]
     scores = jnp.where(mask, scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # the sink column joins the softmax, then is dropped
+        sink = _sink_logits(sinks, kh, scores.shape)
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
     probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
     out = jnp.einsum(
         "bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
@@ -63,7 +75,7 @@ def dot_product_attention(q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None,
 
 
 def chunked_attention(
-    q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None, chunk=512
+    q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None, chunk=512, sinks=None
 ):
     """Memory-efficient backend in plain JAX: online softmax over key chunks (O(S * chunk) memory)."""
     b, s, h, d = q.shape
@@ -106,13 +118,16 @@ def chunked_attention(
         jnp.zeros((b, kh, g, s), jnp.float32),
         jnp.zeros((b, kh, g, s, v.shape[-1]), jnp.float32),
     )
+    if sinks is not None:  # the sink starts the running softmax: max = sink, denominator = 1
+        sink = _sink_logits(sinks, kh, (b, kh, g, s, 1))[..., 0]
+        init = (sink, jnp.ones_like(sink), init[2])
     xs = (split(k), split(v), split(kv_pos), split(kv_seg), split(kv_valid))
     (_, denom, acc), _ = jax.lax.scan(step, init, xs)
     out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
     return jnp.einsum("bkgsd->bskgd", out).reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
 
-def flash_attention(q, k, v, spec, segment_ids=None):
+def flash_attention(q, k, v, spec, segment_ids=None, sinks=None):
     """The llm-kernels flash kernel (index-based causal masking: training / full-prefix path)."""
     try:
         import llm_kernels
@@ -129,10 +144,11 @@ def flash_attention(q, k, v, spec, segment_ids=None):
         segment_ids=segment_ids,
         logit_soft_cap=spec.logit_softcap,
         sm_scale=spec.scale,
+        sinks=sinks,
     )
 
 
-def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: int):
+def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: int, sinks=None):
     """Attention of a sequence over itself with the configured backend. q, k [B,S,*,Dqk], v
     [B,S,K,Dv]: the flash kernels need one head dim, so a narrower side is zero-padded (which leaves
     scores and values unchanged) and the output cut back to Dv."""
@@ -147,9 +163,11 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
                 else jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
             )
 
-        return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids)[..., :dv]
+        return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids, sinks)[..., :dv]
     if backend == "chunked":
         return chunked_attention(
-            q, k, v, positions, positions, spec, segment_ids, segment_ids, chunk=chunk
+            q, k, v, positions, positions, spec, segment_ids, segment_ids, chunk=chunk, sinks=sinks
         )
-    return dot_product_attention(q, k, v, positions, positions, spec, segment_ids, segment_ids)
+    return dot_product_attention(
+        q, k, v, positions, positions, spec, segment_ids, segment_ids, sinks=sinks
+    )

@@ -99,7 +99,7 @@ class ExpertParallel:
         run = jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(tok, tok, ExpertWeights(exp, exp, exp)),
+            in_specs=(tok, tok, jax.tree.map(lambda _: exp, weights)),
             out_specs=(tok, PartitionSpec()),
             # custom calls inside (the grouped_matmul FFI kernel's custom_vjp) carry no
             # varying-axis types; the boundary transpose still sums weight gradients over the

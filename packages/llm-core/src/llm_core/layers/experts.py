@@ -27,11 +27,32 @@ MIN_ROWS_FOR_TILES = 16  # fewer rows per expert (decoding): tiles would be most
 
 
 class ExpertWeights(NamedTuple):
-    """Stacked expert kernels, already in the compute dtype: gate, up [E, D, F]; down [E, F, D]."""
+    """Stacked expert kernels, already in the compute dtype: gate, up [E, D, F]; down [E, F, D];
+    optional biases gate_bias, up_bias [E, F] and down_bias [E, D] (GPT-OSS)."""
 
     gate: jax.Array
     up: jax.Array
     down: jax.Array
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
+
+
+def gated_activation(cfg) -> Callable:
+    """(gate, up) -> hidden of the experts: act(gate) * up, or GPT-OSS's clamped SwiGLU."""
+    if cfg.moe_gating == "clamped_swiglu":
+        alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
+
+        def clamped(gate, up):
+            gate = jnp.minimum(gate, limit)
+            up = jnp.clip(up, -limit, limit)
+            return (up + 1) * gate * jax.nn.sigmoid(gate * alpha)
+
+        return clamped
+    from llm_core.layers.mlp import ACTIVATIONS
+
+    act = ACTIVATIONS[cfg.mlp_activation]
+    return lambda gate, up: act(gate) * up
 
 
 def resolve_matmul(method: str) -> str:
@@ -49,9 +70,18 @@ def resolve_matmul(method: str) -> str:
     return "tiled"
 
 
-def gated_ffn(x: jax.Array, w: ExpertWeights, act: Callable, matmul: Callable) -> jax.Array:
-    """down(act(gate(x)) * up(x)), with `matmul(x, kernel)` doing each expert-weight product."""
-    return matmul(act(matmul(x, w.gate)) * matmul(x, w.up), w.down)
+def gated_ffn(
+    x: jax.Array, w: ExpertWeights, act: Callable, matmul: Callable, rows_bias: Callable
+) -> jax.Array:
+    """down(act(gate(x), up(x))), with `matmul(x, kernel)` doing each expert-weight product and
+    `rows_bias(bias [E, F])` giving each row its expert's bias, broadcastable to the product."""
+
+    def product(x, kernel, bias):
+        y = matmul(x, kernel)
+        return y if bias is None else y + rows_bias(bias).astype(y.dtype)
+
+    hidden = act(product(x, w.gate, w.gate_bias), product(x, w.up, w.up_bias))
+    return product(hidden, w.down, w.down_bias)
 
 
 def sorted_expert_ffn(
@@ -68,18 +98,28 @@ def sorted_expert_ffn(
     if method == "grouped_matmul":
         from llm_kernels import grouped_matmul
 
-        return gated_ffn(xs, w, act, lambda x, k: grouped_matmul(x, k, sizes))
+    e = w.gate.shape[0]
+    row_expert = jnp.minimum(expert_of_row, e - 1)
+
+    def by_row(b):
+        return b[row_expert]
+
+    if method == "grouped_matmul":
+        from llm_kernels import grouped_matmul
+
+        return gated_ffn(xs, w, act, lambda x, k: grouped_matmul(x, k, sizes), by_row)
     if method == "ragged_dot":
-        return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes))
+        return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes), by_row)
     if method == "dense":
-        e = w.gate.shape[0]
         x_all = jnp.broadcast_to(xs, (e, *xs.shape))
-        y = gated_ffn(x_all, w, act, lambda x, k: jnp.einsum("end,edf->enf", x, k))
-        return jnp.take_along_axis(y, jnp.minimum(expert_of_row, e - 1)[None, :, None], 0)[0]
+        y = gated_ffn(
+            x_all, w, act, lambda x, k: jnp.einsum("end,edf->enf", x, k), lambda b: b[:, None]
+        )
+        return jnp.take_along_axis(y, row_expert[None, :, None], 0)[0]
     if method == "tiled":
-        rows_per_expert = xs.shape[0] / w.gate.shape[0]
+        rows_per_expert = xs.shape[0] / e
         if rows_per_expert < MIN_ROWS_FOR_TILES:
-            return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes))
+            return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes), by_row)
         tile = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
         return _tiled_ffn(xs, expert_of_row, sizes, w, act, tile)
     raise ValueError(f"moe_matmul: unknown method {method!r}")
@@ -98,10 +138,15 @@ def _tiled_ffn(xs, expert_of_row, sizes, w: ExpertWeights, act, tile: int):
     x = x.reshape(num_tiles, tile, -1)
     starts = jnp.arange(num_tiles) * tile
     tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), starts, side="right"), e - 1)
-    y = gated_ffn(x, w, act, lambda x, k: jnp.einsum("tri,tio->tro", x, k[tile_expert]))
+    y = gated_ffn(
+        x, w, act, lambda x, k: jnp.einsum("tri,tio->tro", x, k[tile_expert]),
+        lambda b: b[tile_expert][:, None],
+    )  # fmt: skip
     return y.reshape(num_tiles * tile, -1)[dest]
 
 
 def capacity_buffer_ffn(buf: jax.Array, w: ExpertWeights, act: Callable) -> jax.Array:
     """Dense buffer [E, capacity, D] -> [E, capacity, D], expert e on its own rows."""
-    return gated_ffn(buf, w, act, lambda x, k: jnp.einsum("gri,gio->gro", x, k))
+    return gated_ffn(
+        buf, w, act, lambda x, k: jnp.einsum("gri,gio->gro", x, k), lambda b: b[:, None]
+    )

@@ -5,6 +5,7 @@ Every cache class is a pytree with two methods used by attention on one layer:
 
     cache = cache.write(k, v, positions)        # new tokens' K/V [B, T, K, D] at positions [B, T]
     out = cache.attend(q, positions, spec, ...)  # causal attention of q [B, T, H, D] over the cache
+                                                 # (backend, chunk, sinks [H] as the layer's)
 
 and serving operations that work with or without leading stacked-layer axes (so llm-serve can apply
 them to a whole model's cache with `map_layer_caches`, never looking inside):
@@ -38,12 +39,12 @@ class LayerCache:
     """Marker base of every per-layer cache class (what `map_layer_caches` treats as a leaf)."""
 
 
-def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int):
+def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int, sinks=None):
     kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if backend == "chunked":
-        return ops.chunked_attention(q, k, v, positions, kv_pos, spec, chunk=chunk)
-    return ops.dot_product_attention(q, k, v, positions, kv_pos, spec)
+        return ops.chunked_attention(q, k, v, positions, kv_pos, spec, chunk=chunk, sinks=sinks)
+    return ops.dot_product_attention(q, k, v, positions, kv_pos, spec, sinks=sinks)
 
 
 @struct.dataclass
@@ -67,8 +68,8 @@ class ContiguousKV(LayerCache):
             v=self.v.at[batch, positions].set(v.astype(self.v.dtype), mode="drop"),
         )
 
-    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
-        return _attend_contiguous(q, self.k, self.v, positions, spec, backend, chunk)
+    def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
+        return _attend_contiguous(q, self.k, self.v, positions, spec, backend, chunk, sinks)
 
     # ------------------------------------------------------------------ serving
     def resize(self, length: int) -> ContiguousKV:
@@ -118,8 +119,8 @@ class PagedKV(LayerCache):
         v = jnp.moveaxis(v, 2, 0).astype(self.v.dtype)
         return self.replace(k=self.k.at[:, page, off].set(k), v=self.v.at[:, page, off].set(v))
 
-    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
-        return attend_paged(q, self.k, self.v, self.table, positions, spec, backend, chunk)
+    def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
+        return attend_paged(q, self.k, self.v, self.table, positions, spec, backend, chunk, sinks)
 
     # ------------------------------------------------------------------ serving
     def with_table(self, table) -> PagedKV:
@@ -177,10 +178,10 @@ class Int8ContiguousKV(LayerCache):
             k_scale=put(self.k_scale, ks), v_scale=put(self.v_scale, vs),
         )  # fmt: skip
 
-    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+    def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
         k = (self.k.astype(jnp.float32) * self.k_scale).astype(q.dtype)
         v = (self.v.astype(jnp.float32) * self.v_scale).astype(q.dtype)
-        return _attend_contiguous(q, k, v, positions, spec, backend, chunk)
+        return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
 
     # ------------------------------------------------------------------ serving
     def resize(self, length: int) -> Int8ContiguousKV:
@@ -242,12 +243,12 @@ def prefix_to_pages(pool, src, pages):
     return pool.at[..., pages, :, :].set(src)
 
 
-def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk: int):
+def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk: int, sinks=None):
     """Attention of q [B, T, H, D] over paged pools: a prompt chunk (T > 1) attends over a
     gathered view of its rows' pages, a decode step (T = 1) is read in place by the paged kernel."""
     if q.shape[1] != 1:
         k, v = gather_pages(k_pool, table), gather_pages(v_pool, table)
-        return _attend_contiguous(q, k, v, positions, spec, backend, chunk)
+        return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
     import llm_kernels
 
     max_len = table.shape[-1] * k_pool.shape[-2]
@@ -261,6 +262,7 @@ def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk:
         sm_scale=spec.scale,
         logit_soft_cap=spec.logit_softcap,
         sliding_window=spec.sliding_window,
+        sinks=sinks,
     )
     return out[:, None]
 

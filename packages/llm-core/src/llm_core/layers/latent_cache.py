@@ -49,9 +49,9 @@ class LatentKV(LayerCache):
         new = self.rows.at[batch, positions, 0].set(rows.astype(self.rows.dtype), mode="drop")
         return LatentKV(rows=new)
 
-    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
+    def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
         """q [B, T, H, W] -> [B, T, H, W]: softmax(q . rows) . rows (callers keep the latent part)."""
-        return _attend_contiguous(q, self.rows, self.rows, positions, spec, backend, chunk)
+        return _attend_contiguous(q, self.rows, self.rows, positions, spec, backend, chunk, sinks)
 
     def resize(self, length: int) -> LatentKV:
         return LatentKV(rows=fit_length(self.rows, length))
@@ -87,8 +87,9 @@ class PagedLatentKV(LayerCache):
         page, off = page_slots(self.table, positions, self.page_size)
         return self.replace(pool=self.pool.at[0, page, off].set(rows.astype(self.pool.dtype)))
 
-    def attend(self, q, positions, spec, backend: str = "dot_product", chunk: int = 512):
-        return attend_paged(q, self.pool, self.pool, self.table, positions, spec, backend, chunk)
+    def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
+        pool, table = self.pool, self.table
+        return attend_paged(q, pool, pool, table, positions, spec, backend, chunk, sinks)
 
     def with_table(self, table) -> PagedLatentKV:
         table = jnp.asarray(table, jnp.int32)

@@ -83,15 +83,25 @@ class GroupedLinear(nnx.Module):
         axes: Sequence[str | None],
         *,
         weight_dtype,
+        use_bias: bool = False,
         rngs: nnx.Rngs | None,
         scale: float = 0.02,
     ):
         self.kernel = param(
             rngs, (num_groups, in_dim, out_dim), tuple(axes), weight_dtype, scale=scale
         )
+        self.bias = (
+            param(rngs, (num_groups, out_dim), (axes[0], axes[2]), weight_dtype, init="zeros")
+            if use_bias
+            else None
+        )
 
     def weight(self, dtype) -> jax.Array:
         return self.kernel[...].astype(dtype)
+
+    def bias_of(self, dtype) -> jax.Array | None:
+        """Per-group biases [groups, out] in `dtype`, or None."""
+        return None if self.bias is None else self.bias[...].astype(dtype)
 
 
 def iter_linears(module: nnx.Module) -> Iterator[tuple[tuple, Linear | GroupedLinear]]:

@@ -6,6 +6,8 @@ Routing (`router_kind`, all in float32):
 - `sigmoid_topk` (DeepSeek-V3): sigmoid scores; a per-expert bias (`RouterBias`, moved by llm-train's
   aux-loss-free balancing, never by the optimizer) is added to choose the k experts, whose weights
   are their unbiased scores (renormalised when `norm_topk_prob`).
+- `topk_softmax` (GPT-OSS): the top k logits (the router may have a bias), then a softmax over
+  those k.
 With `moe_num_groups` > 1 only experts of the best `moe_topk_groups` groups are eligible (a group
 scores its best expert for softmax, the sum of its two best biased scores for sigmoid); the others
 score -inf or 0 (`router_group_mask`). The weights are then multiplied by `routed_scaling_factor`.
@@ -37,9 +39,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_core.layers import expert_parallel
-from llm_core.layers.experts import ExpertWeights, capacity_buffer_ffn, sorted_expert_ffn
+from llm_core.layers.experts import (
+    ExpertWeights,
+    capacity_buffer_ffn,
+    gated_activation,
+    sorted_expert_ffn,
+)
 from llm_core.layers.linear import GroupedLinear, Linear
-from llm_core.layers.mlp import ACTIVATIONS, MLP
+from llm_core.layers.mlp import MLP
 from llm_core.layers.params import dtype_of
 
 
@@ -82,6 +89,9 @@ def route(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Router logits [T, E] -> (weights [T, k], expert ids [T, k], scores [T, E]), float32."""
     logits = logits.astype(jnp.float32)
+    if routing.kind == "topk_softmax":
+        top, experts = jax.lax.top_k(logits, routing.k)
+        return jax.nn.softmax(top, axis=-1) * routing.scaling, experts, jax.nn.softmax(logits, -1)
     if routing.kind == "sigmoid_topk":
         scores = jax.nn.sigmoid(logits)
         choice = scores if bias is None else scores + bias.astype(jnp.float32)
@@ -134,12 +144,14 @@ class MoE(nnx.Module):
             dtype_of(cfg.weight_dtype),
         )
         self.router = Linear(
-            e, n, ("embed", None), weight_dtype=wd, out_dtype=jnp.float32, rngs=rngs
-        )
-        self.gate = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), weight_dtype=wd, rngs=rngs)
-        self.up = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), weight_dtype=wd, rngs=rngs)
-        self.down = GroupedLinear(n, m, e, ("exp", "mlp", "embed"), weight_dtype=wd, rngs=rngs)
-        self.act = ACTIVATIONS[cfg.mlp_activation]
+            e, n, ("embed", None), weight_dtype=wd, out_dtype=jnp.float32,
+            use_bias=cfg.moe_router_bias, rngs=rngs,
+        )  # fmt: skip
+        kw = dict(weight_dtype=wd, use_bias=cfg.moe_expert_bias, rngs=rngs)
+        self.gate = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), **kw)
+        self.up = GroupedLinear(n, e, m, ("exp", "embed", "mlp"), **kw)
+        self.down = GroupedLinear(n, m, e, ("exp", "mlp", "embed"), **kw)
+        self.act = gated_activation(cfg)
         self.router_bias = (
             RouterBias(jnp.zeros((n,), jnp.float32), out_sharding=(None,), eager_sharding=False)
             if cfg.router_kind == "sigmoid_topk"
@@ -182,8 +194,9 @@ class MoE(nnx.Module):
         """The stacked expert kernels in the compute dtype (read through GroupedLinear.weight, the
         LoRA / quantization hook)."""
         return ExpertWeights(
-            self.gate.weight(dtype), self.up.weight(dtype), self.down.weight(dtype)
-        )
+            self.gate.weight(dtype), self.up.weight(dtype), self.down.weight(dtype),
+            self.gate.bias_of(dtype), self.up.bias_of(dtype), self.down.bias_of(dtype),
+        )  # fmt: skip
 
     def _dropless(self, tokens, experts):
         """Sort assignments by expert, grouped matmuls, unsort -> [T, k, D]."""

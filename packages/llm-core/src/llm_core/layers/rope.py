@@ -30,6 +30,7 @@ class RopeSpec:
     mscale_all_dim: float | None = None
     rotary_dim: int = 0  # dims rotated (head_dim * partial_rotary_factor)
     interleave: bool = False
+    truncate: bool = True  # YaRN: round the correction range to whole dims (GPT-OSS: false)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -58,6 +59,7 @@ def rope_spec(cfg, local: bool = False, rotary_dim: int | None = None) -> RopeSp
         attention_factor=cfg.rope_yarn_attention_factor,
         mscale=cfg.rope_yarn_mscale,
         mscale_all_dim=cfg.rope_yarn_mscale_all_dim,
+        truncate=cfg.rope_yarn_truncate,
         rotary_dim=rotary_dim,
         interleave=cfg.rope_interleave,
     )
@@ -89,8 +91,10 @@ def inverse_frequencies(spec: RopeSpec) -> tuple[np.ndarray, float]:
                 2 * math.log(base)
             )
 
-        low = max(math.floor(correction_dim(spec.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(spec.beta_slow)), dim - 1)
+        low, high = correction_dim(spec.beta_fast), correction_dim(spec.beta_slow)
+        if spec.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)

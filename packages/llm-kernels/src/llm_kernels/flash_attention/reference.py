@@ -48,8 +48,10 @@ def mha_reference(
     segment_ids: jax.Array | None = None,
     logit_soft_cap: float | None = None,
     sm_scale: float | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-    """Reference attention. q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] -> [B, Lq, H, D]."""
+    """Reference attention. q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] -> [B, Lq, H, D]. sinks [H]:
+    one more logit per head in every row's softmax, attending to nothing."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -66,9 +68,14 @@ def mha_reference(
     s = jnp.where(mask, s, -jnp.inf)
     # Safe softmax: rows with no visible key give zeros and finite gradients.
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)
+        m = jnp.maximum(m, jax.lax.stop_gradient(sink))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)

@@ -27,8 +27,14 @@ def validate_attention_args(
     block_q: int | None,
     block_k: int | None,
     backend: str | None,
+    sinks: jax.Array | None = None,
 ) -> None:
     """Raise ValueError for inputs no backend can handle."""
+    if sinks is not None and (sinks.ndim != 1 or sinks.shape[0] != q.shape[2]):
+        raise ValueError(
+            f"flash_attention: sinks must be [num_heads] = [{q.shape[2]}], got "
+            f"sinks.shape={tuple(sinks.shape)} ({_shapes(q, k, v)})"
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(

@@ -65,15 +65,27 @@ def paged_attention(
     logit_soft_cap: float | None = None,
     sliding_window: int | None = None,
     interpret: bool = False,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """One decode step against a paged KV cache. q: [B, H, D] -> [B, H, D].
 
     Sequence b's keys are pages page_indices[b] of k_pages/v_pages, of which the first
     lengths[b] tokens are valid; the query sits at position lengths[b] - 1.
+    sinks: [H] learned logits in every softmax (GPT-OSS; the jax.numpy path only).
     """
     _validate(q, k_pages, v_pages, lengths, page_indices, sliding_window)
+    if sinks is not None and (sinks.ndim != 1 or sinks.shape[0] != q.shape[1]):
+        raise ValueError(
+            f"paged_attention: sinks must be [num_heads] = [{q.shape[1]}], got "
+            f"sinks.shape={tuple(sinks.shape)}"
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if interpret or current_platform() == "tpu":
+        if sinks is not None:
+            raise ValueError(
+                "paged_attention: sinks are not implemented in the Pallas (TPU) paged kernel yet; "
+                "run without interpret=True off TPU (the jax.numpy path applies them)."
+            )
         cfg = AttentionConfig(
             causal=False,
             sliding_window=sliding_window,
@@ -86,5 +98,5 @@ def paged_attention(
         return paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg)
     return paged_attention_reference(
         q, k_pages, v_pages, lengths, page_indices,
-        sm_scale=scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window,
+        sm_scale=scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, sinks=sinks,
     )  # fmt: skip

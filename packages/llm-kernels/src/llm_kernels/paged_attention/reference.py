@@ -18,11 +18,13 @@ def paged_attention_reference(
     sm_scale: float | None = None,
     logit_soft_cap: float | None = None,
     sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """q: [B, H, D]; k/v_pages: [Hkv, P, page, D]; lengths: [B]; page_indices: [B, n] -> [B, H, D].
 
     The query is the last token of its sequence (position lengths[b] - 1); it sees cached keys
     j < lengths[b], and with a sliding window only those with (lengths[b] - 1) - j < window.
+    sinks [H]: one more logit per head in the softmax, attending to nothing (GPT-OSS).
     """
     batch, heads, dim = q.shape
     kv_heads = k_pages.shape[0]
@@ -42,9 +44,14 @@ def paged_attention_reference(
         visible &= (length - 1) - key < sliding_window
     s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)
+        m = jnp.maximum(m, sink)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     out = jnp.einsum("bhgk,bhkd->bhgd", p, v.astype(jnp.float32))
     return out.reshape(batch, heads, dim).astype(q.dtype)
