@@ -42,6 +42,14 @@ DEEPSEEK_YARN = {
 }
 
 
+LLAMA4_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 GPT_OSS_YARN = {
     "rope_type": "yarn",
     "rope_theta": 150000.0,
@@ -165,6 +173,19 @@ def tiny_hf_configs() -> dict:
             sliding_window=8,
             swiglu_limit=0.1,
             rope_parameters=GPT_OSS_YARN,
+        ),
+        # NoPE layer 3 (with temperature tuning: floor_scale 4 so it bites), chunked attention (8)
+        # on RoPE layers with the weightless QK norm, MoE every 2nd layer (top-1 sigmoid scaling
+        # the expert input, shared expert), dense layers of another width
+        "llama4": t.Llama4TextConfig(
+            **{**COMMON, "intermediate_size": 32},
+            intermediate_size_mlp=96,
+            num_hidden_layers=4,
+            num_local_experts=4,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=8,
+            floor_scale=4,
+            rope_parameters=LLAMA4_ROPE,
         ),
         "gpt2": t.GPT2Config(
             vocab_size=256,

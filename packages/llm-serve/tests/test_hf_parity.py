@@ -241,3 +241,28 @@ def test_gpt_oss_greedy_matches_transformers_generate(kind, tmp_path):
     got = engine_greedy(cfg, model, kind)
     for slot, prompt in enumerate(PROMPTS):
         assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"
+
+
+def hf_llama4():
+    """Tiny Llama 4 text: a NoPE layer with temperature tuning, chunked attention (8) shorter than
+    the prompts on RoPE layers, MoE every 2nd layer with top-1 input scaling and a shared expert."""
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=V, hidden_size=E, intermediate_size=32, intermediate_size_mlp=M,
+        num_hidden_layers=4, num_attention_heads=H, num_key_value_heads=K, head_dim=D,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
+        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.Llama4ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # the engine has no stop tokens here
+    return model
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_llama4_greedy_matches_transformers_generate(kind, tmp_path):
+    hf = hf_llama4()
+    cfg, model = via_llm_convert(hf, tmp_path / "hf")
+    assert cfg.nope_layer_interval == 4 and cfg.attention_local_chunk == 8
+    got = engine_greedy(cfg, model, kind)
+    for slot, prompt in enumerate(PROMPTS):
+        assert got[slot] == hf_greedy(hf, prompt), f"prompt {slot}"

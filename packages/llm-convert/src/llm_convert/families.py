@@ -248,6 +248,44 @@ def _gpt_oss() -> Family:
     )  # fmt: skip
 
 
+def _llama4() -> Family:
+    """Llama 4 text: Llama attention; dense layers `feed_forward.*_proj`; MoE layers a router,
+    stacked experts ([experts, in, out], gate_up_proj with the gate half first) and a shared
+    expert."""
+    p, a, f = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.feed_forward."
+    layer = [
+        Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
+        Entry(p + "post_attention_layernorm.weight", ("pre_mlp_norm", "scale")),
+        Entry(a + "q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN),
+        Entry(a + "k_proj.weight", ("attn", "k", "kernel"), LINEAR_IN),
+        Entry(a + "v_proj.weight", ("attn", "v", "kernel"), LINEAR_IN),
+        Entry(a + "o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+        Entry(f + "router.weight", ("mlp", "router", "kernel"), LINEAR_IN, ffn="moe"),
+        Entry(f + "experts.gate_up_proj", ("mlp", "gate", "kernel"), split=(0, 2), ffn="moe"),
+        Entry(f + "experts.gate_up_proj", ("mlp", "up", "kernel"), split=(1, 2), ffn="moe"),
+        Entry(f + "experts.down_proj", ("mlp", "down", "kernel"), ffn="moe"),
+    ]
+    for part in ("gate", "up", "down"):
+        layer += [
+            Entry(f + f"{part}_proj.weight", ("mlp", part, "kernel"), LINEAR_IN, ffn="dense"),
+            Entry(
+                f + f"shared_expert.{part}_proj.weight",
+                ("mlp", "shared", part, "kernel"),
+                LINEAR_IN,
+                ffn="moe",
+            ),
+        ]
+    globals_ = (
+        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
+        Entry("model.norm.weight", ("final_norm", "scale")),
+        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
+    )
+    return Family(
+        "llama4", ("llama4_text",), "Llama4ForCausalLM", globals_, tuple(layer),
+        ignore_suffixes=("rotary_emb.inv_freq",),
+    )  # fmt: skip
+
+
 def _gpt2() -> Family:
     p = "transformer.h.{i}."
     layer = (
@@ -302,6 +340,7 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v2": _deepseek("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", v3=False),
     "deepseek_v3": _deepseek("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", v3=True),
     "gpt_oss": _gpt_oss(),
+    "llama4": _llama4(),
 }
 
 

@@ -10,6 +10,7 @@ from llm_convert.deepseek_config import DEEPSEEK_FAMILIES, deepseek_from_hf, dee
 from llm_convert.errors import ConversionError
 from llm_convert.families import FAMILIES, Family, family_for_model_type
 from llm_convert.gpt_oss_config import gpt_oss_from_hf, gpt_oss_to_hf
+from llm_convert.llama4_config import llama4_from_hf, llama4_to_hf
 from llm_convert.moe_config import MOE_FAMILIES, moe_from_hf, moe_to_hf
 from llm_core import Config, ConfigError, load_config
 
@@ -158,6 +159,8 @@ def config_from_hf(
             values.update(deepseek_from_hf(hf, family.name, source))
         if family.name == "gpt_oss":
             values.update(gpt_oss_from_hf(hf, source))
+        if family.name == "llama4":
+            values.update(llama4_from_hf(hf, source))
         if family.name in ("gemma2", "gemma3"):
             layer_types = hf.get("layer_types")
             if layer_types:
@@ -202,6 +205,8 @@ def config_to_hf(cfg: Config, dtype: str) -> dict[str, Any]:
         moe = deepseek_to_hf(cfg, family.name)
     elif family.name == "gpt_oss":
         moe = gpt_oss_to_hf(cfg)
+    elif family.name == "llama4":
+        moe = llama4_to_hf(cfg)
     else:
         moe = moe_to_hf(cfg, family.name)  # {} for dense families (refuses MoE configs there)
     if family.name == "gpt3":

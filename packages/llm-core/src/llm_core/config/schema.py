@@ -60,6 +60,7 @@ Family = Literal[
     "deepseek_v2",
     "deepseek_v3",
     "gpt_oss",
+    "llama4",
 ]
 
 # Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
@@ -124,6 +125,17 @@ class Config:
     qk_norm: bool = False
     query_pre_attn_scalar: float | None = None  # default: head_dim
     attention_sinks: bool = False  # a learned logit per head in every softmax row (GPT-OSS)
+    # Llama 4: layer i has no RoPE when (i + 1) % nope_layer_interval == 0 (0: RoPE everywhere);
+    # on RoPE layers tokens attend only within aligned chunks of attention_local_chunk positions
+    # (HF attention_chunk_size) and q, k get a weightless RMS ("L2") norm after RoPE (qk_l2_norm);
+    # on NoPE layers attn_temperature_tuning scales queries by
+    # log(floor((position + 1) / attn_floor_scale) + 1) * attn_temperature_scale + 1
+    nope_layer_interval: int = 0
+    attention_local_chunk: int | None = None
+    qk_l2_norm: bool = False
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: float = 8192.0
+    attn_temperature_scale: float = 0.1
     # gqa: multi-head / grouped-query attention; mla: DeepSeek multi-head latent attention (queries
     # through an optional q_lora_rank bottleneck, keys and values from one kv_lora_rank latent per
     # token plus a qk_rope_head_dim rotary key shared by the heads; caches hold only those)
@@ -145,8 +157,11 @@ class Config:
     # softmax_topk: softmax over all experts, keep the top k (renormalised if norm_topk_prob);
     # sigmoid_topk (DeepSeek-V3): sigmoid scores, a per-expert bias (not trained by the optimizer)
     # added for choosing the k experts only, the weights from the unbiased scores
-    # topk_softmax (GPT-OSS): the top k logits, then a softmax over those k
-    router_kind: Literal["softmax_topk", "sigmoid_topk", "topk_softmax"] = "softmax_topk"
+    # topk_softmax (GPT-OSS): the top k logits, then a softmax over those k; topk_sigmoid_input
+    # (Llama 4, k = 1): the expert's input is scaled by the sigmoid of its logit, its output added
+    router_kind: Literal["softmax_topk", "sigmoid_topk", "topk_softmax", "topk_sigmoid_input"] = (
+        "softmax_topk"
+    )
     norm_topk_prob: bool = True
     # group-limited routing: experts in moe_num_groups equal groups, only the best
     # moe_topk_groups groups are eligible (group score: max score for softmax_topk, sum of the top

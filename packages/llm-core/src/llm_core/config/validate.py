@@ -79,6 +79,7 @@ def validate(cfg: Config) -> Config:
                     "parallelism is not implemented yet: set it to 1."
                 )
     _validate_mla(cfg)
+    _validate_llama4_attention(cfg)
     _validate_moe(cfg)
     _validate_routing(cfg)
     _validate_lora(cfg)
@@ -228,7 +229,28 @@ def _validate_mla(cfg: Config) -> None:
         )
 
 
+def _validate_llama4_attention(cfg: Config) -> None:
+    if cfg.nope_layer_interval < 0:
+        raise ConfigError(f"nope_layer_interval must be >= 0, got {cfg.nope_layer_interval}.")
+    chunk = cfg.attention_local_chunk
+    if chunk is not None and chunk <= 0:
+        raise ConfigError(f"attention_local_chunk must be positive or null, got {chunk}.")
+    if chunk is not None and cfg.attention_backend == "flash":
+        raise ConfigError(
+            "attention_local_chunk (chunked attention) is not implemented in the flash kernels: "
+            "use attention_backend=dot_product or chunked."
+        )
+    if cfg.attn_floor_scale <= 0:
+        raise ConfigError(f"attn_floor_scale must be positive, got {cfg.attn_floor_scale}.")
+
+
 def _validate_routing(cfg: Config) -> None:
+    llama4 = cfg.router_kind == "topk_sigmoid_input" and cfg.ffn_kind == "moe"
+    if llama4 and cfg.num_experts_per_tok != 1:
+        raise ConfigError(
+            "router_kind=topk_sigmoid_input (Llama 4) is implemented for num_experts_per_tok=1 "
+            f"only, got {cfg.num_experts_per_tok}."
+        )
     if cfg.num_shared_experts < 0:
         raise ConfigError(f"num_shared_experts must be >= 0, got {cfg.num_shared_experts}.")
     if cfg.router_bias_update_rate < 0:

@@ -1,8 +1,11 @@
-"""Multi-head / grouped-query attention with RoPE, QK-norm, soft-capping, sliding windows and
-attention sinks (`attention_sinks`: a learned logit per head in every softmax, GPT-OSS)."""
+"""Multi-head / grouped-query attention with RoPE, QK-norm, soft-capping, sliding windows,
+attention sinks (`attention_sinks`: a learned logit per head in every softmax, GPT-OSS) and Llama 4's
+NoPE layers, chunked attention, weightless QK norm and query temperature tuning."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from llm_core.layers import attention_ops as ops
@@ -16,9 +19,11 @@ from llm_core.layers.rope import apply_rope, rope_spec
 class Attention(nnx.Module):
     """Grouped-query attention (`gqa` layer kind); owns its cache (`init_cache`, then pass it in)."""
 
-    def __init__(self, cfg, local: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, kind, rngs: nnx.Rngs):
+        """kind: the layer's `LayerKind` (sliding window, RoPE or not)."""
         self.cfg = cfg
-        self.local = local
+        self.local = kind.local
+        self.use_rope = kind.rope and cfg.position_embedding == "rope"
         e, h, k, d = cfg.emb_dim, cfg.num_heads, cfg.resolved_num_kv_heads, cfg.resolved_head_dim
         wd = dtype_of(cfg.weight_dtype)
         bias = cfg.attention_bias
@@ -44,8 +49,9 @@ class Attention(nnx.Module):
             if (self.local or cfg.attention_pattern is None)
             else None,
             logit_softcap=cfg.attn_logit_softcap,
+            chunk=cfg.attention_local_chunk if self.use_rope else None,
         )
-        self.rope = rope_spec(cfg, local=self.local) if cfg.position_embedding == "rope" else None
+        self.rope = rope_spec(cfg, local=self.local) if self.use_rope else None
         self.sinks = param(rngs, (h,), ("heads",), wd) if cfg.attention_sinks else None
 
     @staticmethod
@@ -83,6 +89,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
+            if self.cfg.qk_l2_norm:
+                q, k = _rms_normalize(q, self.cfg.norm_eps), _rms_normalize(k, self.cfg.norm_eps)
+        elif self.cfg.attn_temperature_tuning:
+            q = _temperature_tuned(q, positions, self.cfg)
         cfg = self.cfg
         sinks = None if self.sinks is None else self.sinks[...]
         if cache is not None:
@@ -96,6 +106,19 @@ class Attention(nnx.Module):
                 cfg.attention_chunk_size, sinks,
             )  # fmt: skip
         return self.o(out), cache
+
+
+def _rms_normalize(x, eps: float):
+    """Llama 4's weightless QK norm: x / rms(x), in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _temperature_tuned(q, positions, cfg):
+    """Llama 4's NoPE-layer query scaling: log(floor((p + 1) / floor_scale) + 1) * scale + 1."""
+    p = positions.astype(jnp.float32)
+    scale = jnp.log1p(jnp.floor((p + 1.0) / cfg.attn_floor_scale)) * cfg.attn_temperature_scale
+    return (q.astype(jnp.float32) * (scale + 1.0)[:, :, None, None]).astype(q.dtype)
 
 
 def attention_flops_per_token(cfg, seq_len: int) -> float:

@@ -1,7 +1,8 @@
 """Attention backends behind one function. All share one masking rule:
 
 key j is visible to query i iff kv_pos[j] <= q_pos[i] (causal), q_pos[i] - kv_pos[j] < window (local
-layers), the segment ids match (packed sequences) and the key is valid. A query that sees no key
+layers), both positions lie in the same aligned chunk of `chunk` positions (Llama 4's chunked
+attention), the segment ids match (packed sequences) and the key is valid. A query that sees no key
 returns zeros. Softmax runs in float32; GQA never materialises repeated K/V heads. `sinks` [H]
 (GPT-OSS) add one learned logit per head to every softmax row, attending to nothing.
 """
@@ -22,6 +23,7 @@ class AttentionSpec:
     sliding_window: int | None = None
     logit_softcap: float | None = None
     causal: bool = True
+    chunk: int | None = None  # attend only within aligned chunks of this many positions
 
 
 def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec: AttentionSpec):
@@ -32,6 +34,8 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec: AttentionSpec):
         mask &= kp <= qp
     if spec.sliding_window is not None:
         mask &= qp - kp < spec.sliding_window
+    if spec.chunk is not None:
+        mask &= qp // spec.chunk == kp // spec.chunk
     if q_seg is not None:
         mask &= q_seg[:, :, None] == kv_seg[:, None, :]
     if kv_valid is not None:

@@ -245,8 +245,9 @@ def prefix_to_pages(pool, src, pages):
 
 def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk: int, sinks=None):
     """Attention of q [B, T, H, D] over paged pools: a prompt chunk (T > 1) attends over a
-    gathered view of its rows' pages, a decode step (T = 1) is read in place by the paged kernel."""
-    if q.shape[1] != 1:
+    gathered view of its rows' pages, a decode step (T = 1) is read in place by the paged kernel
+    (except under Llama 4's chunk mask, which the kernel lacks: gathered too)."""
+    if q.shape[1] != 1 or spec.chunk is not None:  # the paged kernel has no chunk mask
         k, v = gather_pages(k_pool, table), gather_pages(v_pool, table)
         return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
     import llm_kernels

@@ -42,8 +42,10 @@ def mla_softmax_scale(cfg) -> float:
 class MLAttention(nnx.Module):
     """Owns its latent cache (`init_cache`, then pass it in), like `Attention`."""
 
-    def __init__(self, cfg, local: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, kind, rngs: nnx.Rngs):
+        """kind: the layer's `LayerKind` (its sliding window)."""
         self.cfg = cfg
+        local = kind.local
         e, h, wd, bias = cfg.emb_dim, cfg.num_heads, dtype_of(cfg.weight_dtype), cfg.attention_bias
         self.nope, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.rank, qk = cfg.kv_lora_rank, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim

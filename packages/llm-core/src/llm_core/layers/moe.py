@@ -8,6 +8,8 @@ Routing (`router_kind`, all in float32):
   are their unbiased scores (renormalised when `norm_topk_prob`).
 - `topk_softmax` (GPT-OSS): the top k logits (the router may have a bias), then a softmax over
   those k.
+- `topk_sigmoid_input` (Llama 4, k = 1): the top logit's sigmoid scales the token on its way *into*
+  the expert; the expert's output is added unweighted.
 With `moe_num_groups` > 1 only experts of the best `moe_topk_groups` groups are eligible (a group
 scores its best expert for softmax, the sum of its two best biased scores for sigmoid); the others
 score -inf or 0 (`router_group_mask`). The weights are then multiplied by `routed_scaling_factor`.
@@ -89,6 +91,9 @@ def route(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Router logits [T, E] -> (weights [T, k], expert ids [T, k], scores [T, E]), float32."""
     logits = logits.astype(jnp.float32)
+    if routing.kind == "topk_sigmoid_input":  # weights scale the expert input (see MoE)
+        top, experts = jax.lax.top_k(logits, routing.k)
+        return jax.nn.sigmoid(top), experts, jax.nn.sigmoid(logits)
     if routing.kind == "topk_softmax":
         top, experts = jax.lax.top_k(logits, routing.k)
         return jax.nn.softmax(top, axis=-1) * routing.scaling, experts, jax.nn.softmax(logits, -1)
@@ -169,6 +174,9 @@ class MoE(nnx.Module):
         logits = self.router(tokens)
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, experts, probs = route(logits, self.routing, bias)
+        if self.routing.kind == "topk_sigmoid_input":  # k = 1: scale the input, add the output
+            tokens = tokens * weights.astype(tokens.dtype)
+            weights = jnp.ones_like(weights)
         ep = expert_parallel.plan(tokens.shape[0], self.num_experts, self.batch_axes)
         if ep is not None:  # context mesh with an `expert` axis > 1: see expert_parallel.py
             w = self.expert_weights(tokens.dtype)

@@ -22,6 +22,7 @@ class LayerKind:
     attention: str = "gqa"
     local: bool = False  # sliding-window attention
     ffn: str = "dense"  # "dense" | "moe"
+    rope: bool = True  # False: a NoPE layer (Llama 4's every `nope_layer_interval`-th)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def layer_kinds(cfg) -> tuple[LayerKind, ...]:
             and (i + 1) % cfg.moe_layer_interval == 0
         )
         local = pattern[i % len(pattern)] == "local"
+        nope = cfg.nope_layer_interval > 0 and (i + 1) % cfg.nope_layer_interval == 0
         kinds.append(
-            LayerKind(attention=cfg.attention_kind, local=local, ffn="moe" if moe else "dense")
+            LayerKind(cfg.attention_kind, local=local, ffn="moe" if moe else "dense", rope=not nope)
         )
     return tuple(kinds)
 

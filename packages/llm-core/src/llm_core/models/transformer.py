@@ -51,7 +51,7 @@ class DecoderLayer(nnx.Module):
         self.cfg = cfg
         self.moe = kind.ffn == "moe"
         self.pre_attn_norm = make_norm(cfg, rngs=rngs)
-        self.attn = ATTENTION_KINDS[kind.attention](cfg, kind.local, rngs=rngs)
+        self.attn = ATTENTION_KINDS[kind.attention](cfg, kind, rngs=rngs)
         self.pre_mlp_norm = make_norm(cfg, rngs=rngs)
         self.mlp = MoE(cfg, rngs=rngs) if self.moe else MLP(cfg, rngs=rngs)
         if cfg.post_norms:
