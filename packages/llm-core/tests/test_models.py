@@ -230,3 +230,35 @@ def test_bfloat16_compute_close_to_float32():
     assert out.dtype == jnp.float32
     # bf16 has an 8-bit mantissa: logits of O(0.1) agree to ~2e-2 absolute.
     np.testing.assert_allclose(out, ref, atol=2e-2)
+
+
+def test_deepseek_v3_with_its_multi_token_prediction_module():
+    """The release's 685B: 671B + one MTP module (a MoE decoder layer, two norms, eh_proj and the
+    head norm) + the checkpoint's copies of the embedding and output head (684.49B; the Hub's
+    684.53B also counts FP8 scale tensors)."""
+    cfg = load_config("deepseek-v3", ["mtp_num_layers=1"])
+    with_copies = count_params(cfg) + 2 * cfg.vocab_size * cfg.emb_dim
+    assert abs(with_copies / 1e9 - 684.49) < 0.005
+    assert count_params(cfg) - EXACT["deepseek-v3"] > 11e9  # one MoE layer's worth
+
+
+def test_mtp_modules_follow_the_main_model():
+    import jax.numpy as jnp
+
+    cfg = load_config(
+        None,
+        ["num_layers=2", "emb_dim=32", "num_heads=4", "mlp_dim=48", "vocab_size=64",
+         "mtp_num_layers=2"],
+    )  # fmt: skip
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    x, _, _ = model.hidden(ids)
+    depths = model.mtp_hidden(x, ids, jnp.broadcast_to(jnp.arange(9), (2, 9)))
+    assert len(depths) == 2 and all(h.shape == x.shape for h in depths)
+    # causal: depth 0 at position i sees tokens up to i + 1 only
+    other = ids.at[:, 6].set((ids[:, 6] + 1) % 64)
+    x2, _, _ = model.hidden(other)
+    d2 = model.mtp_hidden(x2, other, jnp.broadcast_to(jnp.arange(9), (2, 9)))
+    np.testing.assert_allclose(np.asarray(depths[0][:, :5]), np.asarray(d2[0][:, :5]), atol=1e-6)
+    assert np.abs(np.asarray(depths[0][:, 5]) - np.asarray(d2[0][:, 5])).max() > 1e-6
+    assert model.mtp_logits(1, depths[1]).shape == (2, 9, 64)

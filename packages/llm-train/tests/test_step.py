@@ -219,3 +219,41 @@ def test_aux_loss_free_balancing_evens_out_an_imbalanced_router(tmp_path):
     ]
     steps_moved = (favour - bias[0]) / 0.01
     np.testing.assert_allclose(steps_moved, np.round(steps_moved), atol=1e-3)
+
+
+MTP = {"mtp_num_layers": 2, "warmup_steps": 0}
+
+
+def test_multi_token_prediction_loss_is_trained_and_logged(tmp_path):
+    """mtp_loss (logged) is the mean over depths of each depth's cross-entropy on the tokens 2 and
+    3 ahead, never across a packed-sequence boundary; it enters the gradient with its factor."""
+    cfg = tiny_config(tmp_path, mtp_loss_scaling_factor=0.5, **MTP)
+    seg = np.repeat(np.array([[1] * 10 + [2] * 6]), cfg.global_batch_size, 0)[:, : cfg.seq_len]
+    seg = np.pad(seg, ((0, 0), (0, cfg.seq_len - seg.shape[1])), constant_values=3)
+    bt = batch(cfg, seed=4, seg=seg)
+    steps = make_steps(cfg)
+    state = steps.init()
+    _, metrics = steps.train_step(jax.tree.map(jnp.copy, state), bt)
+
+    from flax import nnx
+
+    model = nnx.merge(steps.graphdef, state["params"], state["rest"])
+    x, _, _ = model.hidden(bt["inputs"], bt["positions"], bt["segment_ids"])
+    depths = model.mtp_hidden(x, bt["inputs"], bt["positions"], bt["segment_ids"])
+    want = []
+    for k, h in enumerate(depths):
+        logp = np.asarray(jax.nn.log_softmax(model.mtp_logits(k, h), -1))
+        total, n = 0.0, 0
+        for b in range(bt["inputs"].shape[0]):
+            for i in range(cfg.seq_len - k - 1):
+                same = bt["segment_ids"][b, i] == bt["segment_ids"][b, i + k + 2 - 1]
+                if same and all(bt["weights"][b, i : i + k + 2]):
+                    total -= logp[b, i, bt["targets"][b, i + k + 1]]
+                    n += 1
+        want.append(total / n)
+    np.testing.assert_allclose(float(metrics["mtp_loss"]), np.mean(want), rtol=1e-4)
+
+    off = make_steps(tiny_config(tmp_path, mtp_loss_scaling_factor=0.0, **MTP))
+    _, m0 = off.train_step(jax.tree.map(jnp.copy, state), bt)
+    np.testing.assert_allclose(float(m0["loss"]), float(metrics["loss"]), rtol=1e-6)
+    assert abs(float(m0["grad_norm"]) - float(metrics["grad_norm"])) > 1e-5

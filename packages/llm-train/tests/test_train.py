@@ -171,3 +171,9 @@ def test_compilation_cache_is_written_and_reused(tmp_path):
             assert any("train_step" in e for e in entries), entries
         losses.append([m["loss"] for m in read_metrics(tmp_path / "runs" / name)])
     assert losses[0] == losses[1]
+
+
+def test_multi_token_prediction_is_logged_in_metrics(tmp_path):
+    result = train(tiny_config(tmp_path, run_name="mtp", steps=3, mtp_num_layers=1))
+    rows = [r for r in read_metrics(result.out_dir) if "loss" in r]
+    assert len(rows) == 3 and all(np.isfinite(r["mtp_loss"]) for r in rows)

@@ -15,7 +15,7 @@ from llm_convert.errors import ConversionError
 from llm_convert.hf_config import config_from_hf, read_hf_config
 from llm_convert.hf_to_native import convert_hf_params
 from llm_convert.native_to_hf import write_hf_folder
-from llm_core import Config, Transformer
+from llm_core import Config, Transformer, load_config
 from llm_core.io import load as load_native
 from llm_core.io import model_from_params, save_params
 
@@ -41,7 +41,18 @@ def read_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> tu
         str(folder / "config.json"),
         {"weight_dtype": dtype, "dtype": dtype, **_as_dict(overrides)},
     )
+    depth = int(hf.get("num_nextn_predict_layers") or 0)
+    if family.mtp_layers_after_decoder and depth and _has_layer(folder, cfg.num_layers):
+        # DeepSeek-V3's multi-token-prediction modules, when the checkpoint holds them (the Hub's
+        # does; transformers' save_pretrained does not write them)
+        cfg = load_config(None, {**cfg.to_dict(), "mtp_num_layers": depth})
     return cfg, convert_hf_params(folder, cfg, family, dtype)
+
+
+def _has_layer(folder: Path, layer: int) -> bool:
+    from llm_convert.hf_to_native import tensor_index
+
+    return any(name.startswith(f"model.layers.{layer}.") for name in tensor_index(folder))
 
 
 def _as_dict(overrides) -> dict:

@@ -76,6 +76,8 @@ def deepseek_from_hf(hf: dict[str, Any], family: str, source: str) -> dict[str, 
 
 def deepseek_to_hf(cfg: Config, family: str) -> dict[str, Any]:
     v3 = family == "deepseek_v3"
+    if cfg.mtp_num_layers and not v3:
+        raise ConversionError("transformers' deepseek_v2 has no multi-token prediction modules.")
     if cfg.attention_kind != "mla" or cfg.ffn_kind != "moe":
         raise ConversionError(
             f"model_family '{family}' needs attention_kind 'mla' and ffn_kind 'moe' for export."
@@ -118,7 +120,7 @@ def deepseek_to_hf(cfg: Config, family: str) -> dict[str, Any]:
             n_group=cfg.moe_num_groups,
             topk_group=cfg.moe_topk_groups,
             rope_interleave=cfg.rope_interleave,
-            num_nextn_predict_layers=0,
+            num_nextn_predict_layers=cfg.mtp_num_layers,
         )
     else:
         if not cfg.rope_interleave:

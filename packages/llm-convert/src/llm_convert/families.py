@@ -59,8 +59,12 @@ class Family:
     layer: tuple[Entry, ...]
     ignore_suffixes: tuple[str, ...] = ()
     layouts: tuple[str, ...] = (STANDARD,)
-    # DeepSeek-V3 checkpoints store the multi-token-prediction module as layers past num_layers
+    # DeepSeek-V3 checkpoints store the multi-token-prediction modules as layers past num_layers:
+    # the decoder-layer entries plus `mtp` (relative to the module) and `mtp_copies` (copies of
+    # global tensors: read into, and written from, the global parameter)
     mtp_layers_after_decoder: bool = False
+    mtp: tuple[Entry, ...] = ()
+    mtp_copies: tuple[Entry, ...] = ()
 
 
 def _per_expert(p: str, router: str, gate: str, up: str, down: str) -> list[Entry]:
@@ -207,6 +211,16 @@ def _deepseek(name: str, model_type: str, arch: str, v3: bool) -> Family:
         ignore_suffixes=("rotary_emb.inv_freq",),
         layouts=(PER_EXPERT, FUSED),
         mtp_layers_after_decoder=v3,
+        mtp=(
+            Entry(p + "enorm.weight", ("enorm", "scale")),
+            Entry(p + "hnorm.weight", ("hnorm", "scale")),
+            Entry(p + "eh_proj.weight", ("eh_proj", "kernel"), LINEAR_IN),
+            Entry(p + "shared_head.norm.weight", ("norm", "scale")),
+        ),
+        mtp_copies=(
+            Entry(p + "embed_tokens.weight", ("embedder", "embedding")),
+            Entry(p + "shared_head.head.weight", ("lm_head", "kernel"), LINEAR_IN),
+        ),
     )
 
 

@@ -88,7 +88,7 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
         and not (n == "lm_head.weight" and cfg.tie_embeddings)
     )
     if family.mtp_layers_after_decoder:
-        extra = _skip_mtp_layers(extra, cfg.num_layers)
+        extra = _skip_mtp_layers(extra, cfg.num_layers + cfg.mtp_num_layers)
     if extra:
         raise ConversionError(
             f"{folder}: unexpected tensor(s) {extra[:5]} not used by the {family.name} model."
@@ -134,8 +134,9 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
 
 
 def _skip_mtp_layers(names: list[str], num_layers: int) -> list[str]:
-    """Drop (with a warning) tensors of layers past the decoder: DeepSeek-V3's multi-token-prediction
-    module, which transformers also ignores and llm-core does not build yet."""
+    """Drop (with a warning) tensors of layers past the decoder and its configured multi-token-
+    prediction modules (a config.json whose num_nextn_predict_layers is lower than the
+    checkpoint's): transformers ignores them too."""
     import re
     import sys
 
@@ -147,7 +148,7 @@ def _skip_mtp_layers(names: list[str], num_layers: int) -> list[str]:
     if mtp:
         print(
             f"warning: skipping {len(mtp)} multi-token-prediction tensor(s) (layers >= {num_layers}, "
-            f"e.g. {mtp[0]}): the MTP module is not implemented yet, so they are not converted.",
+            f"e.g. {mtp[0]}): config.json's num_nextn_predict_layers does not cover them.",
             file=sys.stderr,
         )
     return [n for n in names if n not in set(mtp)]

@@ -7,10 +7,13 @@ stacked axis when the segment is stacked.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 from llm_convert.families import Entry, Family
+from llm_convert.transforms import IDENTITY
 from llm_core import Config, layer_placement
+from llm_core.models import layer_kinds
 
 
 class Item(NamedTuple):
@@ -52,8 +55,8 @@ def expected_tensors(cfg: Config, family: Family, layout: str) -> list[Item]:
         if entry.native == ("embedder", "positions") and cfg.position_embedding != "learned":
             continue
         out.append(Item(entry.hf, entry, entry.native, None, None))
-    for i in range(cfg.num_layers):
-        prefix, index, ffn = layer_location(cfg, i)
+
+    def layer_items(i: int, prefix: tuple[str, ...], index: int | None, ffn: str) -> None:
         for entry in family.layer:
             if entry.layout not in (None, layout) or entry.ffn not in (None, ffn):
                 continue
@@ -63,6 +66,19 @@ def expected_tensors(cfg: Config, family: Family, layout: str) -> list[Item]:
             for j in experts:
                 name = entry.hf.format(i=i, j=j)
                 out.append(Item(name, entry, prefix + entry.native, index, j))
+
+    for i in range(cfg.num_layers):
+        prefix, index, ffn = layer_location(cfg, i)
+        layer_items(i, prefix, index, ffn)
+    for k in range(cfg.mtp_num_layers if family.mtp_layers_after_decoder else 0):
+        i, module = cfg.num_layers + k, f"mtp_{k}"  # after the decoder, of its last layer's kind
+        layer_items(i, (module, "layer"), None, layer_kinds(cfg)[-1].ffn)
+        for entry in family.mtp:
+            out.append(Item(entry.hf.format(i=i), entry, (module, *entry.native), None, None))
+        for entry in family.mtp_copies:
+            if entry.native == ("lm_head", "kernel") and cfg.tie_embeddings:
+                entry = replace(entry, native=("embedder", "embedding"), transform=IDENTITY)
+            out.append(Item(entry.hf.format(i=i), entry, entry.native, None, None))
     return out
 
 

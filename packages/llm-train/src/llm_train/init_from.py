@@ -34,7 +34,10 @@ ARCH_KEYS = (
     "attention_kind", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
     "v_head_dim", "rope_interleave", "rope_yarn_mscale", "rope_yarn_mscale_all_dim",
     "moe_num_groups", "moe_topk_groups", "router_group_mask", "routed_scaling_factor",
-    "num_shared_experts",
+    "num_shared_experts", "attention_sinks", "rope_yarn_truncate", "nope_layer_interval",
+    "attention_local_chunk", "qk_l2_norm", "attn_temperature_tuning", "attn_floor_scale",
+    "attn_temperature_scale", "moe_router_bias", "moe_expert_bias", "moe_gating", "swiglu_alpha",
+    "swiglu_limit",
 )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import jax
@@ -50,6 +51,22 @@ def moe_statistics(aux: dict, count) -> dict:
         "moe_max_load": load.max() / jnp.maximum(load.mean(), 1e-9) * count,
         "moe_dropped_fraction": aux["moe_dropped"] / jnp.maximum(load.sum(), 1.0) * count,
     }
+
+
+def shift_left(x, k: int):
+    """x[:, i + k] at position i (zeros past the end)."""
+    return jnp.pad(x[:, k:], ((0, 0), (0, k)))
+
+
+def mtp_loss(logps: list, weights):
+    """Mean over depths of each depth's mean cross-entropy. Depth k (0-based) at position i
+    predicts targets[:, i + k + 1]: it counts only where that target and every one before it from
+    position i on are real next tokens of the same sequence (weights of positions i .. i + k + 1)."""
+    losses, valid = [], weights
+    for k, logp in enumerate(logps):
+        valid = valid * shift_left(weights, k + 1)
+        losses.append(-jnp.sum(logp * valid) / jnp.maximum(jnp.sum(valid), 1.0))
+    return jnp.mean(jnp.stack(losses))
 
 
 def finish_moe_statistics(stats: dict, tokens) -> dict:
@@ -198,6 +215,10 @@ class Steps:
         nll, count = -jnp.sum(logp * weights), jnp.sum(weights)
         loss = nll + cfg.z_loss * jnp.sum(jnp.square(log_z) * weights)
         stats = {}
+        if "mtp_logps" in aux:  # multi-token prediction: weighted like the router losses
+            mtp = mtp_loss(aux.pop("mtp_logps"), weights)
+            loss += count * cfg.mtp_loss_scaling_factor * mtp
+            stats["mtp_loss"] = mtp * count
         if aux:
             loss += count * (
                 cfg.moe_aux_loss_weight * aux["moe_lb_loss"]
@@ -212,11 +233,23 @@ class Steps:
         """(log p(target) [B, S], logsumexp [B, S], aux) under `params`; the head runs in
         `vocab_tiling_chunks` sequence chunks (vocab_tiling.py), traced under the run's mesh."""
         model = nnx.merge(self.graphdef, params, rest)
+        cfg = self.cfg
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
             x, _, aux = model.hidden(
                 batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
             )
-            logp, log_z = target_logprobs(model, x, batch["targets"], self.cfg.vocab_tiling_chunks)
+            logp, log_z = target_logprobs(model, x, batch["targets"], cfg.vocab_tiling_chunks)
+            if cfg.mtp_num_layers and cfg.objective == "lm":
+                depths = model.mtp_hidden(
+                    x, batch["inputs"], batch["positions"], batch["segment_ids"]
+                )
+                aux["mtp_logps"] = [
+                    target_logprobs(
+                        model, h, shift_left(batch["targets"], k + 1), cfg.vocab_tiling_chunks,
+                        logits_fn=partial(model.mtp_logits, k),
+                    )[0]
+                    for k, h in enumerate(depths)
+                ]  # fmt: skip
         return logp, log_z, aux
 
     def token_logps(self, params, rest, batch):

@@ -188,7 +188,7 @@ def train(
                         **{
                             k: float(v)
                             for k, v in metrics.items()
-                            if k.startswith(("moe_", "dpo_", "grpo_"))
+                            if k.startswith(("moe_", "dpo_", "grpo_", "mtp_"))
                         },
                     }
                     writer.write(record)

@@ -17,11 +17,13 @@ def _target_stats(logits, targets):
     return target - log_z, log_z
 
 
-def target_logprobs(model, hidden, targets, chunks: int = 1):
+def target_logprobs(model, hidden, targets, chunks: int = 1, logits_fn=None):
     """hidden [B, S, E] (`model.hidden`), targets [B, S] -> (log p(target) [B, S], logsumexp of
-    the logits [B, S]), float32. chunks > 1 splits S into that many pieces (S % chunks == 0)."""
+    the logits [B, S]), float32. chunks > 1 splits S into that many pieces (S % chunks == 0).
+    logits_fn: hidden -> logits (default `model.logits`; a multi-token-prediction depth's head)."""
+    logits_fn = logits_fn or model.logits
     if chunks <= 1:
-        return _target_stats(model.logits(hidden), targets)
+        return _target_stats(logits_fn(hidden), targets)
     b, s, e = hidden.shape
     c = s // chunks
     xs = hidden.reshape(b, chunks, c, e).swapaxes(0, 1)
@@ -29,7 +31,7 @@ def target_logprobs(model, hidden, targets, chunks: int = 1):
 
     @jax.checkpoint
     def one(x, t):
-        return _target_stats(model.logits(x), t)
+        return _target_stats(logits_fn(x), t)
 
     def body(carry, inputs):
         return carry, one(*inputs)

@@ -182,6 +182,11 @@ class Config:
     moe_gating: Literal["standard", "clamped_swiglu"] = "standard"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # DeepSeek-V3 multi-token prediction: mtp_num_layers extra modules, module k predicting the
+    # token k + 2 ahead from module k - 1's output (the main model's for k = 1) and the embedding of
+    # token k + 1 ahead; llm-train adds mtp_loss_scaling_factor x their mean loss (training only)
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
     # aux-loss-free balancing (sigmoid_topk): after every step llm-train moves each expert's bias
     # by rate * sign(mean load - expert load); 0 = off
     router_bias_update_rate: float = 0.0

@@ -80,6 +80,7 @@ def validate(cfg: Config) -> Config:
                 )
     _validate_mla(cfg)
     _validate_llama4_attention(cfg)
+    _validate_mtp(cfg)
     _validate_moe(cfg)
     _validate_routing(cfg)
     _validate_lora(cfg)
@@ -226,6 +227,15 @@ def _validate_mla(cfg: Config) -> None:
         raise ConfigError(
             "kv_cache_dtype=int8 with attention_kind=mla is not implemented yet (the latent cache "
             "is float): set kv_cache_dtype=auto."
+        )
+
+
+def _validate_mtp(cfg: Config) -> None:
+    if cfg.mtp_num_layers < 0:
+        raise ConfigError(f"mtp_num_layers must be >= 0, got {cfg.mtp_num_layers}.")
+    if cfg.mtp_num_layers >= cfg.seq_len:
+        raise ConfigError(
+            f"mtp_num_layers ({cfg.mtp_num_layers}) must be below seq_len ({cfg.seq_len})."
         )
 
 

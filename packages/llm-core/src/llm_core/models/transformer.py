@@ -28,7 +28,7 @@ from llm_core.layers.mlp import MLP
 from llm_core.layers.moe import MoE, empty_aux
 from llm_core.layers.norms import make_norm
 from llm_core.layers.params import dtype_of
-from llm_core.models.placement import LayerKind, Segment, layer_placement
+from llm_core.models.placement import LayerKind, Segment, layer_kinds, layer_placement
 
 REMAT_POLICIES = {
     "full": None,
@@ -100,6 +100,28 @@ class LayerGroup(nnx.Module):
         return x, (None if caches is None else tuple(new)), aux
 
 
+class MTPBlock(nnx.Module):
+    """One multi-token-prediction module (DeepSeek-V3): the previous depth's hidden state and the
+    embedding of the next input token, each normalised, concatenated and projected (`eh_proj`),
+    then one decoder layer; its output, normalised by `norm`, goes to the shared output head.
+    (HF: model.layers.{num_layers + k}.{enorm, hnorm, eh_proj, shared_head.norm, <layer>}.)"""
+
+    def __init__(self, cfg, kind: LayerKind, rngs: nnx.Rngs):
+        e = cfg.emb_dim
+        self.enorm = make_norm(cfg, rngs=rngs)
+        self.hnorm = make_norm(cfg, rngs=rngs)
+        self.eh_proj = Linear(
+            2 * e, e, (None, "embed"), weight_dtype=dtype_of(cfg.weight_dtype), rngs=rngs
+        )
+        self.layer = DecoderLayer(cfg, kind, rngs=rngs)
+        self.norm = make_norm(cfg, rngs=rngs)
+
+    def __call__(self, previous, next_embedded, positions, segment_ids=None):
+        x = jnp.concatenate([self.enorm(next_embedded), self.hnorm(previous)], axis=-1)
+        x, _, _ = self.layer(self.eh_proj(x), positions, segment_ids)
+        return x
+
+
 def _build_segment(cfg, seg: Segment, rngs: nnx.Rngs) -> LayerGroup:
     if not seg.stacked:
         return LayerGroup(cfg, seg.kinds, rngs=rngs)
@@ -120,6 +142,8 @@ class Transformer(nnx.Module):
         for seg in self.placement.segments:
             setattr(self, seg.name, _build_segment(cfg, seg, rngs))
         self.final_norm = make_norm(cfg, rngs=rngs)
+        for k in range(cfg.mtp_num_layers):  # the kind of the last decoder layer
+            setattr(self, f"mtp_{k}", MTPBlock(cfg, layer_kinds(cfg)[-1], rngs=rngs))
         wd = dtype_of(cfg.weight_dtype)
         self.lm_head = (
             None
@@ -216,7 +240,27 @@ class Transformer(nnx.Module):
 
     def logits(self, x):
         """Hidden states [B,S,E] after the last layer -> final norm, head, soft-cap: float32 logits."""
-        x = self.final_norm(x)
+        return self._head(self.final_norm(x))
+
+    def mtp_hidden(self, hidden, input_ids, positions, segment_ids=None) -> list:
+        """The multi-token-prediction modules' outputs [B, S, E] (before their norms), one per
+        depth: at position i, depth k (0-based) predicts input token i + k + 2, i.e.
+        targets[:, i + k + 1]. `hidden` is `self.hidden(...)`'s output for the same inputs."""
+        h, outs = self.final_norm(hidden), []
+        dtype = dtype_of(self.cfg.dtype)
+        for k in range(self.cfg.mtp_num_layers):
+            ahead = jnp.pad(input_ids[:, k + 1 :], ((0, 0), (0, k + 1)))  # token i + k + 1
+            h = getattr(self, f"mtp_{k}")(
+                h, self.embedder.encode(ahead, positions, dtype), positions, segment_ids
+            )
+            outs.append(h)
+        return outs
+
+    def mtp_logits(self, depth: int, h):
+        """float32 logits of depth `depth`'s output (its own norm, the shared head)."""
+        return self._head(getattr(self, f"mtp_{depth}").norm(h))
+
+    def _head(self, x):
         logits = self.embedder.attend(x) if self.lm_head is None else self.lm_head(x)
         cap = self.cfg.final_logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
