@@ -98,7 +98,9 @@ def llama4_to_hf(cfg: Config) -> dict[str, Any]:
         ],
         use_qk_norm=cfg.qk_l2_norm,
         attn_temperature_tuning=cfg.attn_temperature_tuning,
-        floor_scale=cfg.attn_floor_scale,
+        floor_scale=int(cfg.attn_floor_scale)
+        if cfg.attn_floor_scale.is_integer()
+        else cfg.attn_floor_scale,
         attn_scale=cfg.attn_temperature_scale,
         intermediate_size_mlp=cfg.mlp_dim,
         intermediate_size=cfg.resolved_moe_mlp_dim,
