@@ -18,6 +18,8 @@ COMMON = dict(
 )
 
 
+# 4 layers of 4 stacked experts 32 wide (GPT-OSS, Llama 4: intermediate_size is the expert width)
+SMALL_EXPERTS = dict(COMMON, intermediate_size=32, num_hidden_layers=4, num_local_experts=4)
 MLA = dict(
     vocab_size=256,
     hidden_size=64,
@@ -166,9 +168,7 @@ def tiny_hf_configs() -> dict:
         # sinks, alternating window (8) / full layers, biased router and experts, clamped SwiGLU
         # (a low limit, so the clamps bite), YaRN without truncation
         "gpt_oss": t.GptOssConfig(
-            **{**COMMON, "intermediate_size": 32},
-            num_hidden_layers=4,
-            num_local_experts=4,
+            **SMALL_EXPERTS,
             num_experts_per_tok=2,
             sliding_window=8,
             swiglu_limit=0.1,
@@ -178,10 +178,8 @@ def tiny_hf_configs() -> dict:
         # on RoPE layers with the weightless QK norm, MoE every 2nd layer (top-1 sigmoid scaling
         # the expert input, shared expert), dense layers of another width
         "llama4": t.Llama4TextConfig(
-            **{**COMMON, "intermediate_size": 32},
+            **SMALL_EXPERTS,
             intermediate_size_mlp=96,
-            num_hidden_layers=4,
-            num_local_experts=4,
             interleave_moe_layer_step=2,
             attention_chunk_size=8,
             floor_scale=4,

@@ -5,9 +5,10 @@ boundaries. HF parity is in llm-convert's tests."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testutil import decode_all, paged_cache
 from flax import nnx
 
-from llm_core import ConfigError, build_model, layer_placement, load_config, map_layer_caches
+from llm_core import ConfigError, build_model, layer_placement, load_config
 
 TINY = dict(
     vocab_size=97, emb_dim=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -48,17 +49,8 @@ def test_cache_decode_equals_full_forward_across_chunks(kind):
     model = _model()
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 15)), jnp.int32)
     full = np.asarray(model(ids))
-    if kind == "paged":
-        cache = model.init_cache(2, 16, kind="paged", num_pages=5, page_size=8)
-        cache = map_layer_caches(lambda c: c.with_table(jnp.array([[3, 1], [2, 4]])), cache)
-    else:
-        cache = model.init_cache(2, 16)
-    logits, cache, _ = model.forward(ids[:, :4], None, None, cache)
-    out = [logits]
-    for t in range(4, 15):
-        step, cache, _ = model.forward(ids[:, t : t + 1], jnp.full((2, 1), t), None, cache)
-        out.append(step)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(out, 1)), full, atol=2e-5, rtol=0)
+    cache = paged_cache(model, [[3, 1], [2, 4]]) if kind == "paged" else model.init_cache(2, 16)
+    np.testing.assert_allclose(decode_all(model, ids, cache, prompt=4), full, atol=2e-5, rtol=0)
 
 
 def test_bad_llama4_configs_name_the_key():

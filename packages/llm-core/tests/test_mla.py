@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testutil import decode_all, paged_cache
 from flax import nnx
 
-from llm_core import ConfigError, build_model, load_config, map_layer_caches
+from llm_core import ConfigError, build_model, load_config
 
 MLA = dict(
     vocab_size=97, emb_dim=64, num_layers=3, num_heads=4, mlp_dim=96, seq_len=32,
@@ -23,30 +24,15 @@ def _model(**over):
     return build_model(load_config(None, {**MLA, **over}), rngs=nnx.Rngs(0))
 
 
-def _decode(model, ids, cache, prompt: int):
-    """Prefill `prompt` tokens, then one token at a time: logits of every position."""
-    b, s = ids.shape
-    logits, cache, _ = model.forward(ids[:, :prompt], None, None, cache)
-    out = [logits]
-    for t in range(prompt, s):
-        step, cache, _ = model.forward(
-            ids[:, t : t + 1], jnp.full((b, 1), t, jnp.int32), None, cache
-        )
-        out.append(step)
-    return np.asarray(jnp.concatenate(out, 1))
-
-
 @pytest.mark.parametrize("q_lora_rank", [0, 24])
 def test_latent_cache_decode_equals_full_forward(q_lora_rank):
     model = _model(q_lora_rank=q_lora_rank)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 14)), jnp.int32)
     full = np.asarray(model(ids))
-    contiguous = _decode(model, ids, model.init_cache(2, 16), prompt=9)
+    contiguous = decode_all(model, ids, model.init_cache(2, 16), prompt=9)
     np.testing.assert_allclose(contiguous, full, atol=2e-5, rtol=0)
-    paged = model.init_cache(2, 16, kind="paged", num_pages=5, page_size=8)
-    table = jnp.array([[3, 1], [2, 4]], jnp.int32)
-    paged = map_layer_caches(lambda c: c.with_table(table), paged)
-    np.testing.assert_allclose(_decode(model, ids, paged, prompt=9), contiguous, atol=2e-6, rtol=0)
+    paged = paged_cache(model, [[3, 1], [2, 4]])
+    np.testing.assert_allclose(decode_all(model, ids, paged, 9), contiguous, atol=2e-6, rtol=0)
 
 
 def test_latent_cache_holds_only_latent_rows():
@@ -87,7 +73,7 @@ def test_scan_equals_loop_and_decode_view():
     np.testing.assert_allclose(np.asarray(looped(ids)), np.asarray(scanned(ids)), atol=1e-6)
     view = unstack_layers(scanned)
     np.testing.assert_allclose(
-        _decode(view, ids, view.init_cache(1, 16), 6), np.asarray(scanned(ids)), atol=2e-5
+        decode_all(view, ids, view.init_cache(1, 16), 6), np.asarray(scanned(ids)), atol=2e-5
     )
 
 

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testutil import decode_all, paged_cache
 from flax import nnx
 
-from llm_core import build_model, load_config, map_layer_caches
+from llm_core import build_model, load_config
 
 TINY = dict(
     vocab_size=97, emb_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -59,15 +60,7 @@ def test_cache_decode_with_sinks_equals_full_forward(kind):
     model = _model(kv_cache_dtype="int8") if kind == "int8" else _model()
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 97, (2, 14)), jnp.int32)
     full = np.asarray(model(ids))
-    if kind == "paged":
-        cache = model.init_cache(2, 16, kind="paged", num_pages=5, page_size=8)
-        cache = map_layer_caches(lambda c: c.with_table(jnp.array([[3, 1], [2, 4]])), cache)
-    else:
-        cache = model.init_cache(2, 16)
-    logits, cache, _ = model.forward(ids[:, :9], None, None, cache)
-    out = [logits]
-    for t in range(9, 14):
-        step, cache, _ = model.forward(ids[:, t : t + 1], jnp.full((2, 1), t), None, cache)
-        out.append(step)
+    cache = paged_cache(model, [[3, 1], [2, 4]]) if kind == "paged" else model.init_cache(2, 16)
+    got = decode_all(model, ids, cache, prompt=9)
     tol = 5e-2 if kind == "int8" else 2e-5
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(out, 1)), full, atol=tol, rtol=0)
+    np.testing.assert_allclose(got, full, atol=tol, rtol=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_convert.errors import ConversionError
+from llm_convert.errors import ConversionError, require_values
 from llm_core import Config
 
 DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
@@ -93,12 +93,7 @@ def deepseek_to_hf(cfg: Config, family: str) -> dict[str, Any]:
             expected["router_group_mask"] = "zero"
     else:
         expected["router_group_mask"] = "neg_inf"
-    for key, needed in expected.items():
-        if getattr(cfg, key) != needed:
-            raise ConversionError(
-                f"transformers' {family} cannot express {key}={getattr(cfg, key)!r}: it needs "
-                f"{needed!r}."
-            )
+    require_values(cfg, expected, family)
     out: dict[str, Any] = dict(
         q_lora_rank=cfg.q_lora_rank or None,
         kv_lora_rank=cfg.kv_lora_rank,

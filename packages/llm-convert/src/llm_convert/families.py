@@ -67,6 +67,26 @@ class Family:
     mtp_copies: tuple[Entry, ...] = ()
 
 
+LLAMA_GLOBALS = (
+    Entry("model.embed_tokens.weight", ("embedder", "embedding")),
+    Entry("model.norm.weight", ("final_norm", "scale")),
+    Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),  # absent when tied
+)
+
+
+def _norms_and_attention(p: str) -> list[Entry]:
+    """A Llama-style layer's two norms and its q, k, v, o projections."""
+    a = p + "self_attn."
+    return [
+        Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
+        Entry(p + "post_attention_layernorm.weight", ("pre_mlp_norm", "scale")),
+        Entry(a + "q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN),
+        Entry(a + "k_proj.weight", ("attn", "k", "kernel"), LINEAR_IN),
+        Entry(a + "v_proj.weight", ("attn", "v", "kernel"), LINEAR_IN),
+        Entry(a + "o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+    ]
+
+
 def _per_expert(p: str, router: str, gate: str, up: str, down: str) -> list[Entry]:
     """Hub layout: a router [experts, embed] and one [out, in] Linear weight per expert."""
     e = p + "experts.{j}."
@@ -137,16 +157,11 @@ def _llama_like(
             Entry(p + "self_attn.q_norm.weight", ("attn", "q_norm", "scale")),
             Entry(p + "self_attn.k_norm.weight", ("attn", "k_norm", "scale")),
         ]
-    globals_ = (
-        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
-        Entry("model.norm.weight", ("final_norm", "scale")),
-        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),  # absent when tied
-    )
     return Family(
         name,
         model_types,
         arch,
-        globals_,
+        LLAMA_GLOBALS,
         tuple(layer),
         ignore_suffixes=("rotary_emb.inv_freq",),
         layouts=(PER_EXPERT, FUSED) if experts else (STANDARD,),
@@ -197,16 +212,11 @@ def _deepseek(name: str, model_type: str, arch: str, v3: bool) -> Family:
         p + "mlp.", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
     )
     layer += _fused(p)
-    globals_ = (
-        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
-        Entry("model.norm.weight", ("final_norm", "scale")),
-        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
-    )
     return Family(
         name,
         (model_type,),
         arch,
-        globals_,
+        LLAMA_GLOBALS,
         tuple(layer),
         ignore_suffixes=("rotary_emb.inv_freq",),
         layouts=(PER_EXPERT, FUSED),
@@ -229,12 +239,7 @@ def _gpt_oss() -> Family:
     and experts stored stacked as [experts, in, out] with gate and up interleaved in gate_up_proj."""
     p, a, x = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp.experts."
     layer = [
-        Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
-        Entry(p + "post_attention_layernorm.weight", ("pre_mlp_norm", "scale")),
-        Entry(a + "q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN),
-        Entry(a + "k_proj.weight", ("attn", "k", "kernel"), LINEAR_IN),
-        Entry(a + "v_proj.weight", ("attn", "v", "kernel"), LINEAR_IN),
-        Entry(a + "o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+        *_norms_and_attention(p),
         Entry(a + "q_proj.bias", ("attn", "q", "bias"), FLAT),
         Entry(a + "k_proj.bias", ("attn", "k", "bias"), FLAT),
         Entry(a + "v_proj.bias", ("attn", "v", "bias"), FLAT),
@@ -251,13 +256,8 @@ def _gpt_oss() -> Family:
             Entry(x + "gate_up_proj", ("mlp", name, "kernel"), **kw),
             Entry(x + "gate_up_proj_bias", ("mlp", name, "bias"), **kw),
         ]
-    globals_ = (
-        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
-        Entry("model.norm.weight", ("final_norm", "scale")),
-        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
-    )
     return Family(
-        "gpt_oss", ("gpt_oss",), "GptOssForCausalLM", globals_, tuple(layer),
+        "gpt_oss", ("gpt_oss",), "GptOssForCausalLM", LLAMA_GLOBALS, tuple(layer),
         ignore_suffixes=("rotary_emb.inv_freq",),
     )  # fmt: skip
 
@@ -266,14 +266,9 @@ def _llama4() -> Family:
     """Llama 4 text: Llama attention; dense layers `feed_forward.*_proj`; MoE layers a router,
     stacked experts ([experts, in, out], gate_up_proj with the gate half first) and a shared
     expert."""
-    p, a, f = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.feed_forward."
+    p, f = "model.layers.{i}.", "model.layers.{i}.feed_forward."
     layer = [
-        Entry(p + "input_layernorm.weight", ("pre_attn_norm", "scale")),
-        Entry(p + "post_attention_layernorm.weight", ("pre_mlp_norm", "scale")),
-        Entry(a + "q_proj.weight", ("attn", "q", "kernel"), LINEAR_IN),
-        Entry(a + "k_proj.weight", ("attn", "k", "kernel"), LINEAR_IN),
-        Entry(a + "v_proj.weight", ("attn", "v", "kernel"), LINEAR_IN),
-        Entry(a + "o_proj.weight", ("attn", "o", "kernel"), LINEAR_OUT_HEADS),
+        *_norms_and_attention(p),
         Entry(f + "router.weight", ("mlp", "router", "kernel"), LINEAR_IN, ffn="moe"),
         Entry(f + "experts.gate_up_proj", ("mlp", "gate", "kernel"), split=(0, 2), ffn="moe"),
         Entry(f + "experts.gate_up_proj", ("mlp", "up", "kernel"), split=(1, 2), ffn="moe"),
@@ -289,13 +284,8 @@ def _llama4() -> Family:
                 ffn="moe",
             ),
         ]
-    globals_ = (
-        Entry("model.embed_tokens.weight", ("embedder", "embedding")),
-        Entry("model.norm.weight", ("final_norm", "scale")),
-        Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR_IN),
-    )
     return Family(
-        "llama4", ("llama4_text",), "Llama4ForCausalLM", globals_, tuple(layer),
+        "llama4", ("llama4_text",), "Llama4ForCausalLM", LLAMA_GLOBALS, tuple(layer),
         ignore_suffixes=("rotary_emb.inv_freq",),
     )  # fmt: skip
 

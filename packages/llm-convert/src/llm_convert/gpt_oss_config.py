@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_convert.errors import ConversionError
+from llm_convert.errors import ConversionError, require_values
 from llm_core import Config
 
 
@@ -47,12 +47,7 @@ def gpt_oss_to_hf(cfg: Config) -> dict[str, Any]:
         "first_num_dense_layers": 0, "moe_layer_interval": 1, "mlp_only_layers": [],
         "num_shared_experts": 0, "routed_scaling_factor": 1.0, "attention_kind": "gqa",
     }  # fmt: skip
-    for key, needed in expected.items():
-        if getattr(cfg, key) != needed:
-            raise ConversionError(
-                f"transformers' gpt_oss cannot express {key}={getattr(cfg, key)!r}: it needs "
-                f"{needed!r}."
-            )
+    require_values(cfg, expected, "gpt_oss")
     kinds = cfg.layer_attention_kinds
     return dict(
         layer_types=["sliding_attention" if k == "local" else "full_attention" for k in kinds],

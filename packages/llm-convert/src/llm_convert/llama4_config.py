@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_convert.errors import ConversionError
+from llm_convert.errors import ConversionError, require_values
 from llm_core import Config
 
 
@@ -80,12 +80,7 @@ def llama4_to_hf(cfg: Config) -> dict[str, Any]:
         "first_num_dense_layers": 0, "mlp_only_layers": [], "rope_interleave": True,
         "attention_kind": "gqa",
     }  # fmt: skip
-    for key, needed in expected.items():
-        if getattr(cfg, key) != needed:
-            raise ConversionError(
-                f"transformers' llama4_text cannot express {key}={getattr(cfg, key)!r}: it needs "
-                f"{needed!r}."
-            )
+    require_values(cfg, expected, "llama4_text")
     n = cfg.nope_layer_interval
     rope = [int(n == 0 or (i + 1) % n != 0) for i in range(cfg.num_layers)]
     chunk = cfg.attention_local_chunk

@@ -124,9 +124,7 @@ class PagedKV(LayerCache):
 
     # ------------------------------------------------------------------ serving
     def with_table(self, table) -> PagedKV:
-        table = jnp.asarray(table, jnp.int32)
-        lead = self.table.shape[:-2]
-        return self.replace(table=jnp.broadcast_to(table, lead + table.shape))
+        return self.replace(table=broadcast_table(self.table, table))
 
     def write_prefix(self, prefix: ContiguousKV, pages) -> PagedKV:
         """Store a batch-of-one contiguous cache of length len(pages) * page_size into `pages`."""
@@ -224,6 +222,12 @@ def page_slots(table, positions, page_size: int):
     n = table.shape[-1]
     page = jnp.take_along_axis(table, jnp.minimum(positions // page_size, n - 1), axis=1)
     return jnp.where(positions < n * page_size, page, NULL_PAGE), positions % page_size
+
+
+def broadcast_table(current, table):
+    """A new page table [B, pages] broadcast over the leading stacked-layer axes of `current`."""
+    table = jnp.asarray(table, jnp.int32)
+    return jnp.broadcast_to(table, current.shape[:-2] + table.shape)
 
 
 def gather_pages(pool, table):

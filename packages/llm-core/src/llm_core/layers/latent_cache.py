@@ -24,6 +24,7 @@ from llm_core.layers.kv_cache import (
     LayerCache,
     _attend_contiguous,
     attend_paged,
+    broadcast_table,
     fit_length,
     page_slots,
     prefix_to_pages,
@@ -92,9 +93,7 @@ class PagedLatentKV(LayerCache):
         return attend_paged(q, pool, pool, table, positions, spec, backend, chunk, sinks)
 
     def with_table(self, table) -> PagedLatentKV:
-        table = jnp.asarray(table, jnp.int32)
-        lead = self.table.shape[:-2]
-        return self.replace(table=jnp.broadcast_to(table, lead + table.shape))
+        return self.replace(table=broadcast_table(self.table, table))
 
     def write_prefix(self, prefix: LatentKV, pages) -> PagedLatentKV:
         """Store a batch-of-one `LatentKV` of length len(pages) * page_size into `pages`."""
