@@ -279,10 +279,22 @@ def test_int8_kv_cache_decodes_like_the_float_cache(model):
     assert np.abs(np.asarray(out["int8"]) - ref).max() < 0.02 * (ref.max() - ref.min())
 
 
-def test_int8_kv_cache_with_paged_is_refused(model):
-    from llm_core import ConfigError
+def test_int8_paged_kv_cache_equals_int8_contiguous(model):
+    """kv_cache_dtype=int8 with the paged cache: the same greedy tokens as the int8 contiguous
+    cache (the same quantized values, stored in pages), at (D + 4) / (4 D) of the float bytes."""
+    cfg, m = model
+    int8_cfg = cfg.replace(kv_cache_dtype="int8")
+    int8_model = nnx.merge(nnx.graphdef(tiny_model("kv_cache_dtype=int8")[1]), nnx.state(m))
+    contiguous, c_params = Engine.from_model(int8_cfg, int8_model)
+    paged, p_params = Engine.from_model(int8_cfg, int8_model, kv_cache_kind="paged")
+    want, _ = decode_batch(contiguous, c_params, PROMPTS, STEPS)
+    got, state = decode_batch(paged, p_params, PROMPTS, STEPS)
+    assert got == want
+    float_paged, _ = Engine.from_model(cfg, m, kv_cache_kind="paged")
 
-    cfg, _ = model
-    _, int8_model = tiny_model("kv_cache_dtype=int8")
-    with pytest.raises(ConfigError, match="kv_cache_dtype=int8 with kv_cache_kind=paged"):
-        Engine.from_model(cfg.replace(kv_cache_dtype="int8"), int8_model, kv_cache_kind="paged")
+    def pool_bytes(cache):  # the pools, without the page tables
+        return sum(x.nbytes for x in jax.tree.leaves(cache) if x.dtype != jnp.int32)
+
+    d = cfg.resolved_head_dim
+    ratio = pool_bytes(state.cache) / pool_bytes(float_paged.init_decode_state().cache)
+    np.testing.assert_allclose(ratio, (d + 4) / (4 * d), rtol=1e-6)

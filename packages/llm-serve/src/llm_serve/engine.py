@@ -142,11 +142,6 @@ class Engine:
         self.cache_dtype = jnp.dtype(cfg.dtype)
         if self.kind not in ("contiguous", "paged"):
             raise ConfigError(f"kv_cache_kind must be 'contiguous' or 'paged', got {self.kind!r}.")
-        if self.kind == "paged" and cfg.kv_cache_dtype == "int8":
-            raise ConfigError(
-                "kv_cache_dtype=int8 with kv_cache_kind=paged is not implemented yet (the paged "
-                "kernel reads float pools): use kv_cache_kind=contiguous."
-            )
         if self.kind == "paged" and self.max_len % self.page_size:
             raise ConfigError(
                 f"kv_cache_max_length ({self.max_len}) must be a multiple of kv_page_size "

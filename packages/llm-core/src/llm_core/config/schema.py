@@ -335,7 +335,7 @@ class Config:
     max_prefill_length: int = 512
     max_decode_slots: int = 8
     kv_cache_kind: Literal["contiguous", "paged"] = "contiguous"
-    # auto: the compute dtype; int8: per-token, per-head scales (contiguous caches only): D + 4
+    # auto: the compute dtype; int8: per-token, per-head scales (contiguous and paged): D + 4
     # bytes per token, head and K/V instead of 2 D (bfloat16) or 4 D (float32)
     kv_cache_dtype: Literal["auto", "int8"] = "auto"
     kv_page_size: int = 16

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_core.layers import attention_ops as ops
-from llm_core.layers.kv_cache import ContiguousKV, Int8ContiguousKV, PagedKV
+from llm_core.layers.kv_cache import ContiguousKV, Int8ContiguousKV, Int8PagedKV, PagedKV
 from llm_core.layers.linear import Linear
 from llm_core.layers.norms import RMSNorm
 from llm_core.layers.params import dtype_of, param
@@ -70,12 +70,8 @@ class Attention(nnx.Module):
         kh, d = cfg.resolved_num_kv_heads, cfg.resolved_head_dim
         if cfg.kv_cache_dtype == "int8":
             if kind == "paged":
-                from llm_core.config import ConfigError
-
-                raise ConfigError(
-                    "kv_cache_dtype=int8 with kv_cache_kind=paged is not implemented yet (the "
-                    "paged kernel reads float pools): use kv_cache_kind=contiguous."
-                )
+                pages = max_len // page_size
+                return Int8PagedKV.create(batch, kh, d, num_pages, page_size, pages)
             return Int8ContiguousKV.create(batch, max_len, kh, d)
         if kind == "paged":
             return PagedKV.create(batch, kh, d, num_pages, page_size, max_len // page_size, dtype)

@@ -18,7 +18,9 @@ them to a whole model's cache with `map_layer_caches`, never looking inside):
   steps are read in place by the paged kernel; `write_prefix(contiguous, pages)` stores a prefilled
   prompt, `with_table(table)` installs a new page table.
 
-- `Int8ContiguousKV` (`kv_cache_dtype: int8`): `ContiguousKV` in int8 with per-token, per-head scales.
+- `Int8ContiguousKV` / `Int8PagedKV` (`kv_cache_dtype: int8`): the float caches in int8 with
+  per-token, per-head scales; the paged one dequantizes a row's pages on reading (the paged kernel
+  reads float pools), so its decode steps take the gathered path.
 - `LatentKV` and `PagedLatentKV` (`latent_cache.py`): MLA's one latent row per token.
 
 Positions at or beyond a cache's capacity are dropped on write (use that for padding tokens).
@@ -196,6 +198,73 @@ class Int8ContiguousKV(LayerCache):
             k_scale=put_row(self.k_scale, row.k_scale, slot),
             v_scale=put_row(self.v_scale, row.v_scale, slot),
         )  # fmt: skip
+
+
+@struct.dataclass
+class Int8PagedKV(LayerCache):
+    """`PagedKV` stored as int8 with a float32 scale per token and head: D + 4 bytes per token,
+    head and K/V. Attention gathers and dequantizes each row's pages (prefill and decode alike)."""
+
+    k: jax.Array  # [..., K, num_pages, page_size, D] int8
+    v: jax.Array
+    k_scale: jax.Array  # [..., K, num_pages, page_size, 1] float32
+    v_scale: jax.Array
+    table: jax.Array  # [..., B, pages_per_slot] int32
+
+    @classmethod
+    def create(
+        cls, batch: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
+        pages_per_slot: int,
+    ) -> Int8PagedKV:  # fmt: skip
+        shape, scales = (
+            (kv_heads, num_pages, page_size, head_dim),
+            (kv_heads, num_pages, page_size, 1),
+        )
+        return cls(
+            k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
+            k_scale=jnp.ones(scales, jnp.float32), v_scale=jnp.ones(scales, jnp.float32),
+            table=jnp.full((batch, pages_per_slot), NULL_PAGE, jnp.int32),
+        )  # fmt: skip
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[-2]
+
+    @property
+    def max_len(self) -> int:
+        return self.table.shape[-1] * self.page_size
+
+    def write(self, k, v, positions) -> Int8PagedKV:
+        page, off = page_slots(self.table, positions, self.page_size)
+        (kq, ks), (vq, vs) = _quantize_rows(k), _quantize_rows(v)
+
+        def put(pool, x):  # x [B, T, K, *] -> pool[:, page, off]
+            return pool.at[:, page, off].set(jnp.moveaxis(x, 2, 0).astype(pool.dtype))
+
+        return self.replace(
+            k=put(self.k, kq), v=put(self.v, vq),
+            k_scale=put(self.k_scale, ks), v_scale=put(self.v_scale, vs),
+        )  # fmt: skip
+
+    def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
+        def read(pool, scale):
+            values = gather_pages(pool, self.table).astype(jnp.float32)
+            return (values * gather_pages(scale, self.table)).astype(q.dtype)
+
+        k, v = read(self.k, self.k_scale), read(self.v, self.v_scale)
+        return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
+
+    def with_table(self, table) -> Int8PagedKV:
+        return self.replace(table=broadcast_table(self.table, table))
+
+    def write_prefix(self, prefix: Int8ContiguousKV, pages) -> Int8PagedKV:
+        """Store a batch-of-one `Int8ContiguousKV` of length len(pages) * page_size into `pages`."""
+        return self.replace(
+            k=prefix_to_pages(self.k, prefix.k, pages),
+            v=prefix_to_pages(self.v, prefix.v, pages),
+            k_scale=prefix_to_pages(self.k_scale, prefix.k_scale, pages),
+            v_scale=prefix_to_pages(self.v_scale, prefix.v_scale, pages),
+        )
 
 
 # ---------------------------------------------------------------------- layout helpers
