@@ -25,7 +25,7 @@ def hf_dir(tmp_path_factory):
 def test_cli_round_trip_and_verify(hf_dir, tmp_path, capsys):
     native = tmp_path / "native"
     assert main(["hf-to-native", str(hf_dir), str(native)]) == 0
-    assert (native / "config.yml").exists() and (native / "params").is_dir()
+    assert (native / "config.yml").exists() and (native / "tensors").is_dir()
     assert main(["verify", str(hf_dir), str(native), "--max-logit-diff", "1e-4"]) == 0
     assert "OK" in capsys.readouterr().out
     back = tmp_path / "back"

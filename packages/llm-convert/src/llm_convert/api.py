@@ -29,8 +29,12 @@ def _check_dtype(dtype: str) -> None:
         )
 
 
-def read_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> tuple[Config, dict]:
-    """Config and native parameters (nested dict of numpy arrays) of a Hugging Face folder."""
+def read_hf(
+    path: str | os.PathLike, dtype: str = "float32", overrides=(), writer_to=None
+) -> tuple[Config, dict | None]:
+    """Config and native parameters (nested dict of numpy arrays) of a Hugging Face folder; with
+    `writer_to` (a path), the parameters go straight into a streamed native checkpoint there
+    (`llm_core.streamed`) one slice at a time, and None is returned for them."""
     _check_dtype(dtype)
     folder = Path(path)
     if not folder.is_dir():
@@ -46,7 +50,14 @@ def read_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> tu
         # DeepSeek-V3's multi-token-prediction modules, when the checkpoint holds them (the Hub's
         # does; transformers' save_pretrained does not write them)
         cfg = load_config(None, {**cfg.to_dict(), "mtp_num_layers": depth})
-    return cfg, convert_hf_params(folder, cfg, family, dtype)
+    if writer_to is None:
+        return cfg, convert_hf_params(folder, cfg, family, dtype)
+    from llm_core.streamed import StreamingWriter
+
+    with StreamingWriter(cfg, writer_to) as writer:
+        convert_hf_params(folder, cfg, family, dtype, writer)
+        writer.close()
+    return cfg, None
 
 
 def _has_layer(folder: Path, layer: int) -> bool:
@@ -68,9 +79,11 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> Tr
 
 
 def hf_to_native(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32") -> Path:
-    """Convert a Hugging Face folder into a native checkpoint (config.yml + Orbax params/)."""
-    cfg, params = read_hf(src, dtype)
-    return save_params(params, cfg, dst)
+    """Convert a Hugging Face folder into a native checkpoint: config.yml + tensors/ (one
+    TensorStore array per parameter, `llm_core.streamed`), streamed one tensor at a time so that
+    memory stays near the largest tensor whatever the model size."""
+    read_hf(src, dtype, writer_to=dst)
+    return Path(dst).absolute()
 
 
 def native_to_hf(
@@ -79,11 +92,28 @@ def native_to_hf(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """Write a native checkpoint as a Hugging Face folder (config.json + safetensors)."""
-    model = load_native(src)
-    dtype = dtype or model.cfg.weight_dtype
+    """Write a native checkpoint as a Hugging Face folder (config.json + safetensors). A streamed
+    checkpoint (`hf-to-native`'s) is read one tensor slice at a time, so memory stays near one
+    shard; an Orbax one is loaded whole first."""
+    from llm_core.streamed import is_streamed, open_params
+
+    if not is_streamed(src):
+        model = load_native(src)
+        dtype = dtype or model.cfg.weight_dtype
+        _check_dtype(dtype)
+        return save_hf(model, dst, dtype, max_shard_bytes)
+    try:
+        cfg = load_config(Path(src) / "config.yml")
+        lazy = open_params(src, cfg)
+    except ValueError as err:  # ConfigError included
+        raise ConversionError(f"{src}: {err}") from None
+    dtype = dtype or cfg.weight_dtype
     _check_dtype(dtype)
-    return save_hf(model, dst, dtype, max_shard_bytes)
+    from llm_convert.hf_to_native import NP_DTYPES
+
+    return _write_atomically(dst, lambda tmp: write_hf_folder(
+        lazy, cfg, tmp, dtype, max_shard_bytes, NP_DTYPES[dtype]
+    ))  # fmt: skip
 
 
 def save_hf(
@@ -98,11 +128,18 @@ def save_hf(
         lambda a: np.asarray(a).astype(NP_DTYPES[dtype]),
         nnx.to_pure_dict(nnx.state(model, nnx.Param)),
     )
+    return _write_atomically(
+        dst, lambda tmp: write_hf_folder(params, model.cfg, tmp, dtype, max_shard_bytes)
+    )
+
+
+def _write_atomically(dst, write) -> Path:
+    """Run `write(tmp folder)`, then rename the folder to `dst`: a failure leaves no `dst`."""
     final = Path(dst).absolute()
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        write_hf_folder(params, model.cfg, tmp, dtype, max_shard_bytes)
+        write(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -59,12 +59,16 @@ def _open(file: Path):
         ) from None
 
 
-def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "float32") -> dict:
-    """Read every tensor of the HF checkpoint in `folder` into a native nested dict of numpy arrays."""
+def convert_hf_params(
+    folder: Path, cfg: Config, family: Family, dtype: str = "float32", writer=None
+) -> dict | None:
+    """Read every tensor of the HF checkpoint in `folder` into a native nested dict of numpy arrays,
+    or, with `writer` (`llm_core.streamed.StreamingWriter`), straight into its on-disk arrays one
+    slice at a time (returns None): then memory holds one tensor, never the model."""
     np_dtype = NP_DTYPES[dtype]
     _, state = nnx.split(abstract_model(cfg))
     shapes = nnx.to_pure_dict(state)
-    params = jax.tree.map(lambda a: np.empty(a.shape, np_dtype), shapes)
+    params = None if writer else jax.tree.map(lambda a: np.empty(a.shape, np_dtype), shapes)
     seen: dict[tuple[str, ...], set[tuple[int | None, int | None]]] = {}
     index = tensor_index(folder)
     quantized = quantized_tensors(index)  # logical name -> how to dequantize it
@@ -113,23 +117,29 @@ def convert_hf_params(folder: Path, cfg: Config, family: Family, dtype: str = "f
             tensor = handle.get_tensor(name)
         if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
             tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
-        if not has_path(params, path):
+        if not has_path(shapes, path):
             raise ConversionError(f"{file}: tensor '{name}' has no native place {'.'.join(path)}.")
-        slot = get_path(params, path)
+        at = tuple(i for i in (stacked, expert) if i is not None)  # layer group, expert
+        if writer is None:
+            slot = get_path(params, path)
+            for i in at:
+                slot = slot[i]  # a contiguous view of one layer / one expert
+        else:  # a buffer for the slice, written out below
+            slot = np.empty(writer.shape(path)[len(at) :], np_dtype)
+        buffer = slot
         if tensor.dtype == np.uint16:
             slot = slot.view(np.uint16)
-        for i in (stacked, expert):
-            if i is not None:
-                slot = slot[i]  # a contiguous view of one layer / one expert
         part = _split(tensor, entry) if entry.split is not None else tensor
         if part is None or not _place(slot, part, entry.transform, slot.shape):
             raise ConversionError(
                 f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, which does not fit the native "
                 f"shape {tuple(slot.shape)} implied by config.json."
             )
-        del tensor, part
+        if writer is not None:
+            writer.write(path, at, buffer)
+        del tensor, part, slot, buffer
         seen.setdefault(path, set()).add((stacked, expert))
-    _check_all_filled(folder, params, seen, cfg)
+    _check_all_filled(folder, shapes, seen, cfg)
     return params
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,19 @@ from llm_convert.layout import expected_tensors, get_path
 from llm_core import Config
 
 
-def hf_tensors(params: dict, cfg: Config):
+def hf_tensors(params: dict, cfg: Config, dtype=None):
     """Yield (hf name, numpy array) one tensor at a time in the family's first (export) layout;
-    fused tensors are re-joined, per-expert tensors sliced out of the expert axis."""
+    fused tensors are re-joined, per-expert tensors sliced out of the expert axis. Leaves may be
+    lazy (TensorStore handles of a streamed checkpoint): only the needed slice is read. `dtype`:
+    cast each tensor to it."""
     family = FAMILIES[cfg.model_family]
     pending: dict[str, list] = {}
     for name, entry, path, stacked, expert in expected_tensors(cfg, family, family.layouts[0]):
-        value = np.asarray(get_path(params, path))
-        for i in (stacked, expert):
-            value = value[i] if i is not None else value
+        leaf = get_path(params, path)
+        index = tuple(i for i in (stacked, expert) if i is not None)
+        value = np.asarray(leaf[index] if index else leaf)
+        if dtype is not None:
+            value = value.astype(dtype)
         value = entry.transform.to_hf(value)
         if entry.split is None:
             yield name, np.ascontiguousarray(value)
@@ -39,30 +44,39 @@ def hf_tensors(params: dict, cfg: Config):
 
 
 def write_hf_folder(
-    params: dict, cfg: Config, dst: Path, dtype: str, max_shard_bytes: int
+    params: dict, cfg: Config, dst: Path, dtype: str, max_shard_bytes: int, cast=None
 ) -> list[str]:
-    """Shards of at most `max_shard_bytes`; an index file when there is more than one."""
+    """Shards of at most `max_shard_bytes`, each written as soon as it is full (memory: one shard);
+    an index file when there is more than one. `cast`: numpy dtype to cast each tensor to."""
     hf_config = config_to_hf(cfg, dtype)  # first: it refuses configs the HF family cannot express
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    for name, tensor in hf_tensors(params, cfg):
-        if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = tensor
-        sizes[-1] += tensor.nbytes
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str], int]] = []  # (temporary file, names, bytes)
+
+    def flush() -> None:
+        file = f"shard-{len(written):05d}.tmp"
+        save_file(shard, str(dst / file), metadata={"format": "pt"})
+        written.append((file, list(shard), sum(t.nbytes for t in shard.values())))
+        shard.clear()
+
+    for name, tensor in hf_tensors(params, cfg, cast):
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+    flush()
+    count = len(written)
     names = (
         ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     )
     weight_map = {}
-    for file, shard in zip(names, shards):
-        save_file(shard, str(dst / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    if len(shards) > 1:
+    for final, (file, tensor_names, _) in zip(names, written):
+        os.replace(dst / file, dst / final)
+        weight_map.update({name: final for name in tensor_names})
+    if count > 1:
+        total = sum(size for _, _, size in written)
         (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2)
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
     (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
     return names

@@ -1,6 +1,7 @@
 """Native checkpoints: `config.yml` (the resolved config) + `params/` (an Orbax checkpoint of the
-model's parameters as a nested dict). Writes go to a temporary folder renamed into place at the end,
-so an interrupted save never leaves a folder that looks valid."""
+model's parameters as a nested dict), or + `tensors/` (one TensorStore array per parameter, written
+slice by slice by conversions: `llm_core.streamed`). Writes go to a temporary folder renamed into
+place at the end, so an interrupted save never leaves a folder that looks valid."""
 
 from __future__ import annotations
 
@@ -91,15 +92,26 @@ def load(path: str | os.PathLike, overrides=(), shardings=None) -> nnx.Module:
     """
     import orbax.checkpoint as ocp
 
+    from llm_core.streamed import is_streamed, read_params
+
     root = Path(path)
-    if not (root / "config.yml").exists() or not (root / "params").exists():
+    streamed = is_streamed(root)
+    if not (root / "config.yml").exists() or not ((root / "params").exists() or streamed):
         raise CheckpointError(
-            f"{root} is not a native checkpoint: expected config.yml and params/ inside it."
+            f"{root} is not a native checkpoint: expected config.yml and params/ (or tensors/) "
+            "inside it."
         )
     try:
         cfg = load_config(root / "config.yml", overrides)
     except ConfigError as err:
         raise CheckpointError(f"{root / 'config.yml'}: {err}") from None
+    if streamed:
+        try:
+            return model_from_params(cfg, read_params(root, cfg, shardings))
+        except ValueError as err:
+            raise CheckpointError(
+                f"{root / 'tensors'} does not match {root / 'config.yml'}: {err}"
+            ) from None
     _, abstract_state = nnx.split(abstract_model(cfg))
     target = nnx.to_pure_dict(abstract_state)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)

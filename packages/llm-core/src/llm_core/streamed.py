@@ -1,0 +1,123 @@
+"""Native checkpoints written one slice at a time, for conversions that cannot hold a model in memory.
+
+Layout: `config.yml` + `tensors/`, one TensorStore zarr3 array per parameter (named by its dotted
+path in the `nnx.to_pure_dict` tree, uncompressed, chunked one stacked layer group and one expert at
+a time) and `tensors/index.json` listing them. `llm-convert hf-to-native` writes it through
+`StreamingWriter`, so a conversion holds one Hugging Face tensor (and its native slice) at a time;
+`llm_core.load` reads it like the Orbax `params/` layout, one parameter at a time, and
+`open_params` gives lazy handles whose slices are read only when asked (streaming export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+TENSORS = "tensors"
+INDEX = "index.json"
+SLICED_AXES = ("layers", "exp")  # leading axes written (and chunked) one index at a time
+
+
+def _leaves(cfg) -> list[tuple[tuple[str, ...], tuple[int, ...], np.dtype, tuple]]:
+    """(path, shape, dtype, logical axes) of every parameter of the model `cfg` describes."""
+    from llm_core.io import abstract_model
+
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.shape))
+        out.append((tuple(str(p) for p in path), tuple(var.shape), np.dtype(var.dtype), axes))
+    return out
+
+
+def _spec(folder: Path, name: str) -> dict:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder / name)}}
+
+
+class StreamingWriter:
+    """Create every parameter array of `cfg` on disk, fill them slice by slice with `write`, then
+    `close` (atomic rename into `path`). An exception inside `with` leaves no folder at `path`."""
+
+    def __init__(self, cfg, path: str | os.PathLike):
+        import tensorstore as ts
+
+        from llm_core.io import save_config
+
+        self.final = Path(path).absolute()
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        (self.tmp / TENSORS).mkdir(parents=True)
+        save_config(cfg, self.tmp / "config.yml")
+        self.arrays, self.index = {}, {}
+        for path_, shape, dtype, axes in _leaves(cfg):
+            name = ".".join(path_)
+            chunk = [1 if a in SLICED_AXES else n for a, n in zip(axes, shape, strict=True)]
+            self.arrays[path_] = ts.open(
+                _spec(self.tmp / TENSORS, name),
+                create=True,
+                dtype=ts.dtype(dtype.name),
+                shape=list(shape),
+                chunk_layout=ts.ChunkLayout(chunk_shape=chunk),
+            ).result()
+            self.index[name] = {"shape": list(shape), "dtype": dtype.name}
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...] | None:
+        """The full shape of parameter `path`, or None if the model has no such parameter."""
+        array = self.arrays.get(tuple(path))
+        return None if array is None else tuple(array.shape)
+
+    def write(self, path: tuple[str, ...], index: tuple[int, ...], value: np.ndarray) -> None:
+        """Write `value` at `index` (leading indices: stacked group, expert) of parameter `path`."""
+        target = self.arrays[tuple(path)]
+        (target[index] if index else target).write(value).result()
+
+    def close(self) -> Path:
+        (self.tmp / TENSORS / INDEX).write_text(json.dumps(self.index, indent=1))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def is_streamed(root: str | os.PathLike) -> bool:
+    return (Path(root) / TENSORS / INDEX).exists()
+
+
+def open_params(root: str | os.PathLike, cfg) -> dict:
+    """Lazy handles (TensorStore arrays: slice, then `np.asarray` reads) in the parameter tree."""
+    import tensorstore as ts
+
+    folder = Path(root) / TENSORS
+    tree: dict = {}
+    for path, shape, _, _ in _leaves(cfg):
+        handle = ts.open(_spec(folder, ".".join(path))).result()
+        if tuple(handle.shape) != shape:
+            raise ValueError(
+                f"{folder / '.'.join(path)} has shape {tuple(handle.shape)}, the config wants {shape}"
+            )
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = handle
+    return tree
+
+
+def read_params(root: str | os.PathLike, cfg, shardings=None) -> dict:
+    """The parameters as jax arrays, read one at a time (placed with `shardings` when given)."""
+    lazy = open_params(root, cfg)
+    if shardings is None:
+        return jax.tree.map(lambda h: jax.device_put(np.asarray(h)), lazy)
+    return jax.tree.map(lambda h, s: jax.device_put(np.asarray(h), s), lazy, shardings)
