@@ -21,7 +21,8 @@ from llm_convert.errors import ConversionError
 from llm_convert.families import Family
 from llm_convert.layout import detect_layout, get_path, has_path, stacked_segments
 from llm_convert.quantized import quantized_tensors, read_quantized
-from llm_convert.transforms import EXPERTS_LINEAR, LINEAR_IN, LINEAR_OUT_HEADS
+from llm_convert.raw_reader import RawReader
+from llm_convert.transforms import EXPERTS_LINEAR, IDENTITY, LINEAR_IN, LINEAR_OUT_HEADS
 from llm_core import Config
 from llm_core.io import abstract_model
 
@@ -98,28 +99,35 @@ def convert_hf_params(
             f"{folder}: unexpected tensor(s) {extra[:5]} not used by the {family.name} model."
         )
 
-    # File by file, closing each when done: memory-mapped pages of finished files leave RSS.
+    # File by file (each validated by the safetensors library once), tensors read with plain
+    # file reads (raw_reader.py): memory holds what was read, not the mapped shard.
     expected.sort(key=lambda item: str(index[item.name]))
-    handle, current, source_index = None, None, tensor_index(folder)
+    current, source_index, reader = None, tensor_index(folder), RawReader()
     for name, entry, path, stacked, expert in expected:
         file = index[name]
+        if not has_path(shapes, path):
+            raise ConversionError(f"{file}: tensor '{name}' has no native place {'.'.join(path)}.")
+        at = tuple(i for i in (stacked, expert) if i is not None)  # layer group, expert
+        seen.setdefault(path, set()).add((stacked, expert))
         if name in quantized:  # MXFP4 / FP8 blocks: dequantized to float32 here
             tensor = read_quantized(quantized[name], source_index, _open)
         else:
-            if file != current:
-                handle, current = _open(file), file
-            with_dtype = handle.get_slice(name).get_dtype()
+            if file != current:  # validate each file once with the safetensors library
+                with _open(file):
+                    current = file
+            with_dtype, hf_shape = reader.info(file, name)
             if with_dtype not in SUPPORTED_DTYPES:
                 raise ConversionError(
                     f"{file}: tensor '{name}' has dtype {with_dtype}; supported: F32, BF16, F16, "
                     "and MXFP4 (_blocks + _scales) or FP8 with weight_scale_inv."
                 )
-            tensor = handle.get_tensor(name)
+            if writer is not None and _stream_in_slabs(
+                reader, file, name, hf_shape, entry, writer, path, at, np_dtype
+            ):
+                continue
+            tensor = reader.rows(file, name)
         if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
             tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
-        if not has_path(shapes, path):
-            raise ConversionError(f"{file}: tensor '{name}' has no native place {'.'.join(path)}.")
-        at = tuple(i for i in (stacked, expert) if i is not None)  # layer group, expert
         if writer is None:
             slot = get_path(params, path)
             for i in at:
@@ -138,9 +146,37 @@ def convert_hf_params(
         if writer is not None:
             writer.write(path, at, buffer)
         del tensor, part, slot, buffer
-        seen.setdefault(path, set()).add((stacked, expert))
     _check_all_filled(folder, shapes, seen, cfg)
     return params
+
+
+SLAB_BYTES = 64 << 20
+
+
+def _stream_in_slabs(reader, file, name, hf_shape, entry, writer, path, at, np_dtype) -> bool:
+    """Copy a large 2-D tensor that maps to a 2-D native slice (an embedding, or a Linear weight
+    [out, in] -> kernel [in, out]) through memory a slab of rows at a time; False if it does not
+    qualify (then it is read whole)."""
+    native = writer.shape(path)[len(at) :]
+    itemsize = np.dtype(np_dtype).itemsize
+    if len(hf_shape) != 2 or len(native) != 2 or entry.split is not None:
+        return False
+    if math.prod(hf_shape) * itemsize <= SLAB_BYTES:
+        return False
+    transposed = entry.transform is LINEAR_IN
+    if not (transposed or entry.transform is IDENTITY) or native != (
+        hf_shape[::-1] if transposed else hf_shape
+    ):
+        return False
+    step = writer.slab_rows(path, transposed)
+    for start in range(0, hf_shape[0], step):
+        stop = min(start + step, hf_shape[0])
+        rows = reader.rows(file, name, start, stop).astype(np_dtype, copy=False)
+        if transposed:  # HF rows start:stop are kernel columns start:stop
+            writer.write(path, (*at, slice(None), slice(start, stop)), np.ascontiguousarray(rows.T))
+        else:
+            writer.write(path, (*at, slice(start, stop)), rows)
+    return True
 
 
 def _skip_mtp_layers(names: list[str], num_layers: int) -> list[str]:

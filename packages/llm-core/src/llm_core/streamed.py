@@ -2,7 +2,8 @@
 
 Layout: `config.yml` + `tensors/`, one TensorStore zarr3 array per parameter (named by its dotted
 path in the `nnx.to_pure_dict` tree, uncompressed, chunked one stacked layer group and one expert at
-a time) and `tensors/index.json` listing them. `llm-convert hf-to-native` writes it through
+a time, and within that in chunks of at most 64 MB: along the last axis for Linear kernels, which
+conversions fill column slabs of, along the first otherwise) and `tensors/index.json` listing them. `llm-convert hf-to-native` writes it through
 `StreamingWriter`, so a conversion holds one Hugging Face tensor (and its native slice) at a time;
 `llm_core.load` reads it like the Orbax `params/` layout, one parameter at a time, and
 `open_params` gives lazy handles whose slices are read only when asked (streaming export).
@@ -23,6 +24,18 @@ from flax import nnx
 TENSORS = "tensors"
 INDEX = "index.json"
 SLICED_AXES = ("layers", "exp")  # leading axes written (and chunked) one index at a time
+CHUNK_BYTES = 64 << 20
+
+
+def _chunk_shape(path: tuple[str, ...], shape, axes, itemsize: int) -> list[int]:
+    chunk = [1 if a in SLICED_AXES else n for a, n in zip(axes, shape, strict=True)]
+    free = [i for i, a in enumerate(axes) if a not in SLICED_AXES]
+    if not free:
+        return chunk
+    axis = free[-1] if path[-1] == "kernel" else free[0]
+    others = itemsize * int(np.prod([chunk[i] for i in free if i != axis]))
+    chunk[axis] = max(1, min(shape[axis], CHUNK_BYTES // max(others, 1)))
+    return chunk
 
 
 def _leaves(cfg) -> list[tuple[tuple[str, ...], tuple[int, ...], np.dtype, tuple]]:
@@ -54,10 +67,11 @@ class StreamingWriter:
         self.tmp = self.final.with_name(f".{self.final.name}.tmp-{uuid.uuid4().hex[:8]}")
         (self.tmp / TENSORS).mkdir(parents=True)
         save_config(cfg, self.tmp / "config.yml")
-        self.arrays, self.index = {}, {}
+        self.arrays, self.index, self.chunks = {}, {}, {}
         for path_, shape, dtype, axes in _leaves(cfg):
             name = ".".join(path_)
-            chunk = [1 if a in SLICED_AXES else n for a, n in zip(axes, shape, strict=True)]
+            chunk = _chunk_shape(path_, shape, axes, dtype.itemsize)
+            self.chunks[path_] = chunk
             self.arrays[path_] = ts.open(
                 _spec(self.tmp / TENSORS, name),
                 create=True,
@@ -72,8 +86,15 @@ class StreamingWriter:
         array = self.arrays.get(tuple(path))
         return None if array is None else tuple(array.shape)
 
-    def write(self, path: tuple[str, ...], index: tuple[int, ...], value: np.ndarray) -> None:
-        """Write `value` at `index` (leading indices: stacked group, expert) of parameter `path`."""
+    def slab_rows(self, path: tuple[str, ...], along_last: bool) -> int:
+        """How many rows (or, `along_last`, columns) of a 2-D slice to write at a time so that each
+        write fills whole chunks."""
+        chunk = self.chunks[tuple(path)]
+        return chunk[-1] if along_last else chunk[-2]
+
+    def write(self, path: tuple[str, ...], index: tuple, value: np.ndarray) -> None:
+        """Write `value` at `index` (leading indices: stacked group, expert; then optional slices)
+        of parameter `path`."""
         target = self.arrays[tuple(path)]
         (target[index] if index else target).write(value).result()
 
