@@ -137,15 +137,18 @@ def main() -> None:
         size, largest = write_random_checkpoint(src, model)
         mb, largest_mb = size / 2**20, largest / 2**20
         print(f"\n{model}: {mb:,.0f} MB bf16 checkpoint, largest tensor {largest_mb:,.0f} MB")
-        results: dict[str, list[tuple[float, float]]] = {"ours": [], "export": [], "hf": []}
+        sides = ("ours", "export", "hf", "hf+")
+        results: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
         for _ in range(args.rounds):  # interleaved
             results["ours"].append(run("ours", src, work / f"{model}-native"))
             results["hf"].append(run("transformers", src, work))
             results["export"].append(
                 run("export", work / f"{model}-native", work / f"{model}-back")
             )
+            results["hf+"].append(run("transformers-paged-in", src, work))
         for side, label in (
             ("ours", "hf-to-native"), ("export", "native-to-hf"), ("hf", "from_pretrained"),
+            ("hf+", "+ paged in"),
         ):  # fmt: skip
             secs = statistics.median(s for s, _ in results[side])
             rss = statistics.median(r for _, r in results[side])
