@@ -41,6 +41,26 @@ class LayerCache:
     """Marker base of every per-layer cache class (what `map_layer_caches` treats as a leaf)."""
 
 
+class PagedTable:
+    """What the paged caches share: a page table [..., B, pages_per_slot] over pools whose
+    axis -2 is the page size (`first_pool` names one of them)."""
+
+    def first_pool(self):
+        return self.k
+
+    @property
+    def page_size(self) -> int:
+        return self.first_pool().shape[-2]
+
+    @property
+    def max_len(self) -> int:
+        """Positions the page table covers."""
+        return self.table.shape[-1] * self.page_size
+
+    def with_table(self, table):
+        return self.replace(table=broadcast_table(self.table, table))
+
+
 def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int, sinks=None):
     kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
     k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -83,7 +103,7 @@ class ContiguousKV(LayerCache):
 
 
 @struct.dataclass
-class PagedKV(LayerCache):
+class PagedKV(LayerCache, PagedTable):
     k: jax.Array  # [..., K, num_pages, page_size, D]
     v: jax.Array
     table: jax.Array  # [..., B, pages_per_slot] int32
@@ -106,15 +126,6 @@ class PagedKV(LayerCache):
             table=jnp.full((batch, pages_per_slot), NULL_PAGE, jnp.int32),
         )
 
-    @property
-    def page_size(self) -> int:
-        return self.k.shape[-2]
-
-    @property
-    def max_len(self) -> int:
-        """Positions the page table covers."""
-        return self.table.shape[-1] * self.page_size
-
     def write(self, k, v, positions) -> PagedKV:
         page, off = page_slots(self.table, positions, self.page_size)
         k = jnp.moveaxis(k, 2, 0).astype(self.k.dtype)  # [K, B, T, D]
@@ -125,9 +136,6 @@ class PagedKV(LayerCache):
         return attend_paged(q, self.k, self.v, self.table, positions, spec, backend, chunk, sinks)
 
     # ------------------------------------------------------------------ serving
-    def with_table(self, table) -> PagedKV:
-        return self.replace(table=broadcast_table(self.table, table))
-
     def write_prefix(self, prefix: ContiguousKV, pages) -> PagedKV:
         """Store a batch-of-one contiguous cache of length len(pages) * page_size into `pages`."""
         return self.replace(
@@ -201,7 +209,7 @@ class Int8ContiguousKV(LayerCache):
 
 
 @struct.dataclass
-class Int8PagedKV(LayerCache):
+class Int8PagedKV(LayerCache, PagedTable):
     """`PagedKV` stored as int8 with a float32 scale per token and head: D + 4 bytes per token,
     head and K/V. Attention gathers and dequantizes each row's pages (prefill and decode alike)."""
 
@@ -226,14 +234,6 @@ class Int8PagedKV(LayerCache):
             table=jnp.full((batch, pages_per_slot), NULL_PAGE, jnp.int32),
         )  # fmt: skip
 
-    @property
-    def page_size(self) -> int:
-        return self.k.shape[-2]
-
-    @property
-    def max_len(self) -> int:
-        return self.table.shape[-1] * self.page_size
-
     def write(self, k, v, positions) -> Int8PagedKV:
         page, off = page_slots(self.table, positions, self.page_size)
         (kq, ks), (vq, vs) = _quantize_rows(k), _quantize_rows(v)
@@ -253,9 +253,6 @@ class Int8PagedKV(LayerCache):
 
         k, v = read(self.k, self.k_scale), read(self.v, self.v_scale)
         return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
-
-    def with_table(self, table) -> Int8PagedKV:
-        return self.replace(table=broadcast_table(self.table, table))
 
     def write_prefix(self, prefix: Int8ContiguousKV, pages) -> Int8PagedKV:
         """Store a batch-of-one `Int8ContiguousKV` of length len(pages) * page_size into `pages`."""

@@ -22,9 +22,9 @@ from flax import struct
 from llm_core.layers.kv_cache import (
     NULL_PAGE,
     LayerCache,
+    PagedTable,
     _attend_contiguous,
     attend_paged,
-    broadcast_table,
     fit_length,
     page_slots,
     prefix_to_pages,
@@ -63,7 +63,7 @@ class LatentKV(LayerCache):
 
 
 @struct.dataclass
-class PagedLatentKV(LayerCache):
+class PagedLatentKV(LayerCache, PagedTable):
     pool: jax.Array  # [..., 1, num_pages, page_size, W]
     table: jax.Array  # [..., B, pages_per_slot] int32
 
@@ -76,13 +76,8 @@ class PagedLatentKV(LayerCache):
             table=jnp.full((batch, pages_per_slot), NULL_PAGE, jnp.int32),
         )
 
-    @property
-    def page_size(self) -> int:
-        return self.pool.shape[-2]
-
-    @property
-    def max_len(self) -> int:
-        return self.table.shape[-1] * self.page_size
+    def first_pool(self):
+        return self.pool
 
     def write(self, rows, positions) -> PagedLatentKV:
         page, off = page_slots(self.table, positions, self.page_size)
@@ -91,9 +86,6 @@ class PagedLatentKV(LayerCache):
     def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
         pool, table = self.pool, self.table
         return attend_paged(q, pool, pool, table, positions, spec, backend, chunk, sinks)
-
-    def with_table(self, table) -> PagedLatentKV:
-        return self.replace(table=broadcast_table(self.table, table))
 
     def write_prefix(self, prefix: LatentKV, pages) -> PagedLatentKV:
         """Store a batch-of-one `LatentKV` of length len(pages) * page_size into `pages`."""
