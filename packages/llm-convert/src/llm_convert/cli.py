@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-to-native", help="HF folder -> native checkpoint", epilog=EXAMPLES, formatter_class=fmt
     )
     to_native.add_argument("src", help="Hugging Face model folder (config.json + *.safetensors)")
-    to_native.add_argument("dst", help="output folder (config.yml + Orbax params/)")
+    to_native.add_argument(
+        "dst", help="output folder (config.yml + tensors/, written one tensor at a time)"
+    )
     to_native.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     to_hf = sub.add_parser(
         "native-to-hf", help="native checkpoint -> HF folder", epilog=EXAMPLES, formatter_class=fmt
