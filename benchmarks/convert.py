@@ -1,15 +1,18 @@
 """Conversion in bounded memory: our hf-to-native (and native-to-hf) vs transformers' from_pretrained.
 
-Two random bf16 checkpoints, written tensor by tensor with the names and shapes of transformers' own
+Random bf16 checkpoints, written tensor by tensor with the names and shapes of transformers' own
 model (built on the meta device): llama3.2-1b-shaped (2.5 GB) and DeepSeek-V3-shaped with one
-(dense) layer at full width (4.9 GB: the 129k x 7168 embedding and head dominate). Every side runs
-in its own subprocess (peak RSS is its own), interleaved, three rounds; the table shows medians.
+(dense) layer at full width (4.9 GB: the 129k x 7168 embedding and head dominate); and the latter
+with its decoder Linear weights in DeepSeek's FP8 format (float8 e4m3, 128 x 128 block scales),
+which only ours converts (dequantized while streaming; the export writes bf16). Every side runs
+in its own subprocess (peak RSS is its own), interleaved, three rounds, after an `os.sync()`; the
+table shows medians.
 An I/O benchmark: MB/s of checkpoint read, not FLOP/s. transformers 5 may leave weights memory-mapped
 (not read) after from_pretrained: it is timed as is and with every weight page touched.
 
 Target (issue): peak RSS under 1 GB + the largest tensor, and throughput at least transformers'.
 
-    python benchmarks/convert.py [--rounds 3] [--keep DIR] [--only llama|deepseek]
+    python benchmarks/convert.py [--rounds 3] [--keep DIR] [--only llama|deepseek|deepseek-fp8]
 """
 
 from __future__ import annotations
@@ -51,7 +54,24 @@ print(time.perf_counter() - start, int(hwm) / 1024)
 SHAPES = {
     "llama": ("llama3.2-1b", []),
     "deepseek": ("deepseek-v3", ["num_layers=1", "first_num_dense_layers=1"]),
+    # DeepSeek-V3's own format: the decoder's Linear weights float8 e4m3 with 128 x 128 block
+    # scales (weight_scale_inv); transformers cannot load it on the CPU, so only ours runs
+    "deepseek-fp8": ("deepseek-v3", ["num_layers=1", "first_num_dense_layers=1"]),
 }
+
+
+def fp8_blocks(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] float32 -> (float8 e4m3, float32 weight_scale_inv per 128 x 128 block)."""
+    import ml_dtypes
+
+    out, inp = value.shape
+    rows, cols = -(-out // 128), -(-inp // 128)
+    padded = np.zeros((rows * 128, cols * 128), np.float32)
+    padded[:out, :inp] = value
+    blocks = padded.reshape(rows, 128, cols, 128)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).reshape(rows * 128, cols * 128)[:out, :inp]
+    return q.astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)
 
 
 def write_random_checkpoint(folder: Path, model: str) -> tuple[int, int]:
@@ -87,7 +107,14 @@ def write_random_checkpoint(folder: Path, model: str) -> tuple[int, int]:
 
     for tensor_name, shape in shapes.items():
         value = rng.standard_normal(shape, np.float32) * (0.02 if len(shape) > 1 else 1.0)
-        shard[tensor_name] = value.astype(ml_dtypes.bfloat16)
+        quantize = (
+            model.endswith("fp8") and len(shape) == 2 and tensor_name.startswith("model.layers.")
+            and tensor_name.endswith("proj.weight")
+        )  # fmt: skip
+        if quantize:
+            shard[tensor_name], shard[tensor_name + "_scale_inv"] = fp8_blocks(value)
+        else:
+            shard[tensor_name] = value.astype(ml_dtypes.bfloat16)
         nbytes = shard[tensor_name].nbytes
         total, largest = total + nbytes, max(largest, nbytes)
         if sum(t.nbytes for t in shard.values()) > 1 << 30:
@@ -102,6 +129,7 @@ def write_random_checkpoint(folder: Path, model: str) -> tuple[int, int]:
 
 
 def run(side: str, src: Path, dst: Path) -> tuple[float, float]:
+    os.sync()  # flush the previous side's written data first: no side pays for another's writeback
     out = subprocess.run(
         [sys.executable, "-c", CHILD, side, str(src), str(dst)], capture_output=True, text=True
     )
@@ -136,25 +164,32 @@ def main() -> None:
         src = work / f"{model}-hf"
         size, largest = write_random_checkpoint(src, model)
         mb, largest_mb = size / 2**20, largest / 2**20
-        print(f"\n{model}: {mb:,.0f} MB bf16 checkpoint, largest tensor {largest_mb:,.0f} MB")
-        sides = ("ours", "export", "hf", "hf+")
+        print(f"\n{model}: {mb:,.0f} MB checkpoint on disk, largest tensor {largest_mb:,.0f} MB")
+        fp8 = model.endswith("fp8")
+        sides = ("ours", "export") if fp8 else ("ours", "export", "hf", "hf+")
         results: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
         for _ in range(args.rounds):  # interleaved
             results["ours"].append(run("ours", src, work / f"{model}-native"))
-            results["hf"].append(run("transformers", src, work))
+            if not fp8:
+                results["hf"].append(run("transformers", src, work))
             results["export"].append(
                 run("export", work / f"{model}-native", work / f"{model}-back")
             )
-            results["hf+"].append(run("transformers-paged-in", src, work))
+            if not fp8:
+                results["hf+"].append(run("transformers-paged-in", src, work))
         for side, label in (
             ("ours", "hf-to-native"), ("export", "native-to-hf"), ("hf", "from_pretrained"),
             ("hf+", "+ paged in"),
         ):  # fmt: skip
+            if side not in results:
+                continue
             secs = statistics.median(s for s, _ in results[side])
             rss = statistics.median(r for _, r in results[side])
             print(f"  {label:>16}: {secs:6.1f} s  {mb / secs:7.0f} MB/s  peak RSS {rss:7,.0f} MB")
         ours = results["ours"]
         for side, label in (("hf", "lazy from_pretrained"), ("hf+", "from_pretrained, paged in")):
+            if side not in results:
+                continue
             ratio = statistics.median(s for s, _ in results[side]) / statistics.median(
                 s for s, _ in ours
             )

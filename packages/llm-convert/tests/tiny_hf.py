@@ -52,6 +52,14 @@ LLAMA4_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+# NoPE layer 3, chunked attention (8) on RoPE layers, MoE every 2nd layer, dense layers 96 wide
+LLAMA4 = dict(
+    SMALL_EXPERTS,
+    intermediate_size_mlp=96,
+    interleave_moe_layer_step=2,
+    attention_chunk_size=8,
+    rope_parameters=LLAMA4_ROPE,
+)
 GPT_OSS_YARN = {
     "rope_type": "yarn",
     "rope_theta": 150000.0,
@@ -177,14 +185,9 @@ def tiny_hf_configs() -> dict:
         # NoPE layer 3 (with temperature tuning: floor_scale 4 so it bites), chunked attention (8)
         # on RoPE layers with the weightless QK norm, MoE every 2nd layer (top-1 sigmoid scaling
         # the expert input, shared expert), dense layers of another width
-        "llama4": t.Llama4TextConfig(
-            **SMALL_EXPERTS,
-            intermediate_size_mlp=96,
-            interleave_moe_layer_step=2,
-            attention_chunk_size=8,
-            floor_scale=4,
-            rope_parameters=LLAMA4_ROPE,
-        ),
+        "llama4": t.Llama4TextConfig(**LLAMA4, floor_scale=4),
+        # Llama 4 routing with k = 2 (the released models use 1): each expert's input is scaled
+        "llama4_top2": t.Llama4TextConfig(**LLAMA4, num_experts_per_tok=2),
         "gpt2": t.GPT2Config(
             vocab_size=256,
             n_embd=64,

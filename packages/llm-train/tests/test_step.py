@@ -221,6 +221,29 @@ def test_aux_loss_free_balancing_evens_out_an_imbalanced_router(tmp_path):
     np.testing.assert_allclose(steps_moved, np.round(steps_moved), atol=1e-3)
 
 
+def test_balancing_moves_the_multi_token_prediction_routers_too(tmp_path):
+    """A DeepSeek-V3-style MTP module on an MoE model has its own router bias: the load of the
+    tokens it routes moves it by +-rate per step, like the decoder's."""
+    cfg = tiny_config(tmp_path, router_bias_update_rate=0.01, **SIGMOID_MOE, mtp_num_layers=1)
+    steps = make_steps(cfg)
+    state = steps.init()
+
+    def biases(state) -> dict:
+        return {
+            jax.tree_util.keystr(p): np.asarray(leaf)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(state["rest"])
+            if "router_bias" in jax.tree_util.keystr(p)
+        }
+
+    before = biases(state)
+    mtp = [k for k in before if "mtp_0" in k]
+    assert len(mtp) == 1 and len(before) > 1
+    state, _ = steps.train_step(state, batch(cfg, seed=0))
+    moved = (biases(state)[mtp[0]] - before[mtp[0]]) / 0.01
+    assert abs(np.abs(moved).max() - 1.0) < 1e-3  # it moved, by exactly one step
+    np.testing.assert_allclose(moved, np.round(moved), atol=1e-3)
+
+
 MTP = {"mtp_num_layers": 2, "warmup_steps": 0}
 
 

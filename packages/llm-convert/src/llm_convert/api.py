@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from llm_convert.allocator import reuse_freed_buffers
 from llm_convert.errors import ConversionError
 from llm_convert.hf_config import config_from_hf, read_hf_config
 from llm_convert.hf_to_native import convert_hf_params
@@ -54,16 +55,18 @@ def read_hf(
         return cfg, convert_hf_params(folder, cfg, family, dtype)
     from llm_core.streamed import StreamingWriter
 
-    with StreamingWriter(cfg, writer_to) as writer:
+    with StreamingWriter(cfg, writer_to) as writer, reuse_freed_buffers():
         convert_hf_params(folder, cfg, family, dtype, writer)
         writer.close()
     return cfg, None
 
 
 def _has_layer(folder: Path, layer: int) -> bool:
+    from llm_convert.hf_config import tensor_prefix
     from llm_convert.hf_to_native import tensor_index
 
-    return any(name.startswith(f"model.layers.{layer}.") for name in tensor_index(folder))
+    names = tensor_index(folder, tensor_prefix(folder))
+    return any(name.startswith(f"model.layers.{layer}.") for name in names)
 
 
 def _as_dict(overrides) -> dict:
@@ -93,8 +96,9 @@ def native_to_hf(
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Write a native checkpoint as a Hugging Face folder (config.json + safetensors). A streamed
-    checkpoint (`hf-to-native`'s) is read one tensor slice at a time, so memory stays near one
-    shard; an Orbax one is loaded whole first."""
+    checkpoint (`hf-to-native`'s) is read one tensor (or 64 MB slab) at a time into shards written
+    header first, so memory stays near one tensor whatever the shard size; an Orbax one is loaded
+    whole first."""
     from llm_core.streamed import is_streamed, open_params
 
     if not is_streamed(src):
@@ -111,9 +115,10 @@ def native_to_hf(
     _check_dtype(dtype)
     from llm_convert.hf_to_native import NP_DTYPES
 
-    return _write_atomically(dst, lambda tmp: write_hf_folder(
-        lazy, cfg, tmp, dtype, max_shard_bytes, NP_DTYPES[dtype]
-    ))  # fmt: skip
+    with reuse_freed_buffers():
+        return _write_atomically(dst, lambda tmp: write_hf_folder(
+            lazy, cfg, tmp, dtype, max_shard_bytes, NP_DTYPES[dtype]
+        ))  # fmt: skip
 
 
 def save_hf(
@@ -148,18 +153,22 @@ def _write_atomically(dst, write) -> Path:
     return final
 
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "int4")
 
 
-def quantize_native(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "int8") -> Path:
+def quantize_native(
+    src: str | os.PathLike, dst: str | os.PathLike, mode: str = "int8", group_size: int = 128
+) -> Path:
     """Weight-only post-training quantization of a native checkpoint: every Linear except MoE
-    routers becomes int8 with a float32 scale per output channel (`weight_quantization: int8` in
-    the written config); llm-serve loads the result with the int8 weights as they are stored."""
+    routers becomes int8 with a float32 scale per output channel, or (mode int4) int4 packed two
+    per byte with a float32 scale per `group_size` inputs and output channel
+    (`weight_quantization` in the written config); llm-serve loads the result with the quantized
+    weights as they are stored."""
     if mode not in QUANT_MODES:
         raise ConversionError(
-            f"--mode {mode!r} is not supported; implemented: {', '.join(QUANT_MODES)} "
-            "(grouped int4 is not implemented yet)."
+            f"--mode {mode!r} is not supported; choose one of {', '.join(QUANT_MODES)}."
         )
+    from llm_core import ConfigError
     from llm_core.io import abstract_model
     from llm_core.layers.quantize import quantize_params
 
@@ -172,6 +181,9 @@ def quantize_native(src: str | os.PathLike, dst: str | os.PathLike, mode: str = 
         )
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     del model
-    qcfg = cfg.replace(weight_quantization=mode)
-    quantized = quantize_params(params, abstract_model(qcfg))
+    try:
+        qcfg = cfg.replace(weight_quantization=mode, weight_quantization_group_size=group_size)
+        quantized = quantize_params(params, abstract_model(qcfg), group_size)
+    except ConfigError as err:
+        raise ConversionError(f"--group-size {group_size}: {err}") from None
     return save_params(quantized, qcfg, dst)

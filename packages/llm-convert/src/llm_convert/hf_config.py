@@ -24,7 +24,12 @@ ACTIVATIONS = {
 }
 
 
-def read_hf_config(folder: Path) -> dict[str, Any]:
+# multimodal wrappers whose language model converts: model_type -> (its text model_type, the prefix
+# of the text model's tensors); the other tensors (vision encoder, projector) are left out
+MULTIMODAL_TEXT = {"llama4": ("llama4_text", "language_model.")}
+
+
+def _read_json(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.exists():
         raise ConversionError(
@@ -34,6 +39,25 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """config.json; for a multimodal wrapper in MULTIMODAL_TEXT (Llama 4's
+    Llama4ForConditionalGeneration), its language model's `text_config`."""
+    hf = _read_json(folder)
+    wrapped = MULTIMODAL_TEXT.get(hf.get("model_type"))
+    if wrapped is None or not isinstance(hf.get("text_config"), dict):
+        return hf
+    text = {**hf["text_config"], "model_type": wrapped[0]}
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    return text
+
+
+def tensor_prefix(folder: Path) -> str:
+    """The prefix of the language model's tensor names ('' unless a multimodal wrapper)."""
+    hf = _read_json(folder)
+    wrapped = MULTIMODAL_TEXT.get(hf.get("model_type"))
+    return wrapped[1] if wrapped and isinstance(hf.get("text_config"), dict) else ""
 
 
 def _require(hf: dict, key: str, path: str) -> Any:

@@ -1,8 +1,9 @@
 """Stream a Hugging Face checkpoint into native parameters, one tensor at a time.
 
-Safetensors files are memory-mapped; each tensor is read, transformed and copied into its place in a
-preallocated native array (per-expert tensors into their index of the stacked expert axis), so peak
-memory is the native parameters plus one tensor.
+Tensors are read with plain file reads (`raw_reader.py`), transformed and copied into their place:
+a preallocated native array (`load_hf`), or a streamed checkpoint on disk (`hf-to-native`, through
+`llm_core.streamed.StreamingWriter`), where large 2-D weights go in 64 MB slabs. Per-expert
+tensors land at their index of the stacked expert axis. Two worker threads share the work.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from safetensors import SafetensorError, safe_open
 
 from llm_convert.errors import ConversionError
 from llm_convert.families import Family
-from llm_convert.layout import detect_layout, get_path, has_path, stacked_segments
+from llm_convert.hf_config import tensor_prefix
+from llm_convert.layout import Item, detect_layout, get_path, has_path, stacked_segments
 from llm_convert.quantized import quantized_tensors, read_quantized
 from llm_convert.raw_reader import RawReader
-from llm_convert.transforms import EXPERTS_LINEAR, IDENTITY, LINEAR_IN, LINEAR_OUT_HEADS
+from llm_convert.transforms import (
+    EXPERTS_LINEAR,
+    IDENTITY,
+    LINEAR_IN,
+    LINEAR_OUT_HEADS,
+    transpose_into,
+)
 from llm_core import Config
 from llm_core.io import abstract_model
 
@@ -30,23 +38,30 @@ SUPPORTED_DTYPES = {"F32", "BF16", "F16"}
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-def tensor_index(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from model.safetensors.index.json or the files themselves."""
+def tensor_index(folder: Path, prefix: str = "") -> dict[str, Path]:
+    """Tensor name -> safetensors file, from model.safetensors.index.json or the files themselves.
+    With `prefix` (a multimodal wrapper's language model, `hf_config.tensor_prefix`): only the
+    tensors under it, named without it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
             raise ConversionError(f"{index} is not a valid safetensors index: {err}") from None
-        return {name: folder / file for name, file in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"No *.safetensors files in {folder}.")
-    out: dict[str, Path] = {}
-    for file in files:
-        with _open(file) as f:
-            out.update({name: file for name in f.keys()})  # noqa: SIM118
-    return out
+        out = {name: folder / file for name, file in weight_map.items()}
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"No *.safetensors files in {folder}.")
+        out = {}
+        for file in files:
+            with _open(file) as f:
+                out.update({name: file for name in f.keys()})  # noqa: SIM118
+    if not prefix:
+        return out
+    return {
+        name.removeprefix(prefix): file for name, file in out.items() if name.startswith(prefix)
+    }
 
 
 def _open(file: Path):
@@ -71,8 +86,14 @@ def convert_hf_params(
     shapes = nnx.to_pure_dict(state)
     params = None if writer else jax.tree.map(lambda a: np.empty(a.shape, np_dtype), shapes)
     seen: dict[tuple[str, ...], set[tuple[int | None, int | None]]] = {}
-    index = tensor_index(folder)
+    prefix = tensor_prefix(folder)
+    index = tensor_index(folder, prefix)
     quantized = quantized_tensors(index)  # logical name -> how to dequantize it
+    if quantized and prefix:
+        raise ConversionError(
+            f"{folder}: quantized tensors in a multimodal checkpoint are not supported; "
+            "dequantize it first."
+        )
     index.update({name: index[parts[1]] for name, parts in quantized.items()})
     for name, (_, *parts) in quantized.items():
         for part in parts:  # blocks and scales are read as their logical tensor, not on their own
@@ -100,31 +121,25 @@ def convert_hf_params(
         )
 
     # File by file (each validated by the safetensors library once), tensors read with plain
-    # file reads (raw_reader.py): memory holds what was read, not the mapped shard.
-    expected.sort(key=lambda item: str(index[item.name]))
-    current, source_index, reader = None, tensor_index(folder), RawReader()
-    for name, entry, path, stacked, expert in expected:
+    # file reads (raw_reader.py): memory holds what was read, not the mapped shard. Reads and
+    # transposes release the GIL, so two workers overlap them (and TensorStore's writes).
+    reader = RawReader(prefix)
+    for file in sorted({index[item.name] for item in expected if item.name not in quantized}):
+        with _open(file):  # validate each file once with the safetensors library
+            pass
+    source_index = tensor_index(folder)
+
+    def convert_one(job: tuple[Item, tuple[int, int] | None]) -> None:
+        item, rows = job
+        name, entry, path, stacked, expert = item
         file = index[name]
-        if not has_path(shapes, path):
-            raise ConversionError(f"{file}: tensor '{name}' has no native place {'.'.join(path)}.")
         at = tuple(i for i in (stacked, expert) if i is not None)  # layer group, expert
-        seen.setdefault(path, set()).add((stacked, expert))
-        if name in quantized:  # MXFP4 / FP8 blocks: dequantized to float32 here
-            tensor = read_quantized(quantized[name], source_index, _open)
+        if rows is not None:
+            _copy_slab(reader, file, item, writer, at, np_dtype, *rows)
+            return
+        if name in quantized:  # MXFP4 / FP8 blocks: dequantized (in float32) to np_dtype here
+            tensor = read_quantized(quantized[name], source_index, _open, np_dtype)
         else:
-            if file != current:  # validate each file once with the safetensors library
-                with _open(file):
-                    current = file
-            with_dtype, hf_shape = reader.info(file, name)
-            if with_dtype not in SUPPORTED_DTYPES:
-                raise ConversionError(
-                    f"{file}: tensor '{name}' has dtype {with_dtype}; supported: F32, BF16, F16, "
-                    "and MXFP4 (_blocks + _scales) or FP8 with weight_scale_inv."
-                )
-            if writer is not None and _stream_in_slabs(
-                reader, file, name, hf_shape, entry, writer, path, at, np_dtype
-            ):
-                continue
             tensor = reader.rows(file, name)
         if tensor.dtype == np_dtype and tensor.dtype.itemsize == 2:
             tensor = tensor.view(np.uint16)  # bf16/f16 layout moves at memcpy speed as raw bits
@@ -145,38 +160,94 @@ def convert_hf_params(
             )
         if writer is not None:
             writer.write(path, at, buffer)
-        del tensor, part, slot, buffer
+
+    jobs: list[tuple[int, Item, tuple[int, int] | None]] = []  # (bytes, item, rows or None)
+    for item in expected:
+        file = index[item.name]
+        if not has_path(shapes, item.path):
+            raise ConversionError(
+                f"{file}: tensor '{item.name}' has no native place {'.'.join(item.path)}."
+            )
+        seen.setdefault(item.path, set()).add((item.stacked, item.expert))
+        if item.name in quantized:  # FP8: the weight's size; MXFP4: unknown here, last
+            kind, first, _ = quantized[item.name]
+            size = math.prod(reader.info(file, first)[1]) if kind == "fp8" else 0
+            jobs.append((size * np.dtype(np_dtype).itemsize, item, None))
+            continue
+        with_dtype, hf_shape = reader.info(file, item.name)
+        if with_dtype not in SUPPORTED_DTYPES:
+            raise ConversionError(
+                f"{file}: tensor '{item.name}' has dtype {with_dtype}; supported: F32, BF16, F16, "
+                "and MXFP4 (_blocks + _scales) or FP8 with weight_scale_inv."
+            )
+        slabs = _slabs(hf_shape, item, writer, np_dtype) if writer is not None else None
+        row_bytes = math.prod(hf_shape[1:]) * np.dtype(np_dtype).itemsize
+        if slabs is None:
+            jobs.append((row_bytes * (hf_shape[0] if hf_shape else 1), item, None))
+        else:
+            jobs.extend((row_bytes * (stop - start), item, (start, stop)) for start, stop in slabs)
+    jobs.sort(key=lambda job: job[0], reverse=True)  # largest first, slabs of big tensors shared
+    _run_bounded(convert_one, [(item, rows) for _, item, rows in jobs], WORKERS)
     _check_all_filled(folder, shapes, seen, cfg)
     return params
 
 
 SLAB_BYTES = 64 << 20
+WORKERS = 2
 
 
-def _stream_in_slabs(reader, file, name, hf_shape, entry, writer, path, at, np_dtype) -> bool:
-    """Copy a large 2-D tensor that maps to a 2-D native slice (an embedding, or a Linear weight
-    [out, in] -> kernel [in, out]) through memory a slab of rows at a time; False if it does not
-    qualify (then it is read whole)."""
-    native = writer.shape(path)[len(at) :]
-    itemsize = np.dtype(np_dtype).itemsize
+def _run_bounded(work, items, workers: int) -> None:
+    """`work(item)` for every item on `workers` threads, at most `workers` items in memory at
+    once (a new one starts as soon as any finishes). On failure no further item starts, the
+    running ones finish, and the error of the earliest failed item is raised: the same error
+    whichever thread was faster."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(workers) as pool:
+        running: dict = {}  # future -> the item's position
+        failed: list[tuple[int, BaseException]] = []
+        for position, item in enumerate(items):
+            if len(running) >= workers:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                failed += [(running.pop(f), f.exception()) for f in done if f.exception()]
+                for f in done:
+                    running.pop(f, None)
+                if failed:
+                    break
+            running[pool.submit(work, item)] = position
+        done, _ = wait(running)
+        failed += [(running[f], f.exception()) for f in done if f.exception()]
+    if failed:
+        raise min(failed, key=lambda pair: pair[0])[1]
+
+
+def _slabs(hf_shape, item: Item, writer, np_dtype) -> list[tuple[int, int]] | None:
+    """Row ranges [start, stop) of a large 2-D tensor that maps to a 2-D native slice (an
+    embedding, or a Linear weight [out, in] -> kernel [in, out]), each copied on its own
+    (`_copy_slab`), or None if it does not qualify (then it is read whole)."""
+    entry, at = item.entry, tuple(i for i in (item.stacked, item.expert) if i is not None)
+    native = writer.shape(item.path)[len(at) :]
     if len(hf_shape) != 2 or len(native) != 2 or entry.split is not None:
-        return False
-    if math.prod(hf_shape) * itemsize <= SLAB_BYTES:
-        return False
+        return None
+    if math.prod(hf_shape) * np.dtype(np_dtype).itemsize <= SLAB_BYTES:
+        return None
     transposed = entry.transform is LINEAR_IN
     if not (transposed or entry.transform is IDENTITY) or native != (
         hf_shape[::-1] if transposed else hf_shape
     ):
-        return False
-    step = writer.slab_rows(path, transposed)
-    for start in range(0, hf_shape[0], step):
-        stop = min(start + step, hf_shape[0])
-        rows = reader.rows(file, name, start, stop).astype(np_dtype, copy=False)
-        if transposed:  # HF rows start:stop are kernel columns start:stop
-            writer.write(path, (*at, slice(None), slice(start, stop)), np.ascontiguousarray(rows.T))
-        else:
-            writer.write(path, (*at, slice(start, stop)), rows)
-    return True
+        return None
+    step = writer.slab_rows(item.path, transposed)
+    return [(start, min(start + step, hf_shape[0])) for start in range(0, hf_shape[0], step)]
+
+
+def _copy_slab(reader, file, item: Item, writer, at, np_dtype, start: int, stop: int) -> None:
+    rows = reader.rows(file, item.name, start, stop).astype(np_dtype, copy=False)
+    if item.entry.transform is LINEAR_IN:  # HF rows start:stop are kernel columns start:stop
+        columns = np.empty(rows.shape[::-1], rows.dtype)
+        transpose_into(columns, rows)
+        writer.write(item.path, (*at, slice(None), slice(start, stop)), columns)
+    else:
+        writer.write(item.path, (*at, slice(start, stop)), rows)
 
 
 def _skip_mtp_layers(names: list[str], num_layers: int) -> list[str]:
@@ -228,10 +299,8 @@ def _check_all_filled(folder: Path, params: dict, seen: dict, cfg: Config) -> No
 
 
 def _place(slot: np.ndarray, tensor: np.ndarray, transform, shape) -> bool:
-    """Write `transform.to_native(tensor)` into `slot` (a contiguous view); False if shapes do not fit.
-
-    2-D transposes are copied in blocks of rows: a plain strided transpose of a large matrix thrashes
-    the cache and runs ~9x slower."""
+    """Write `transform.to_native(tensor)` into `slot` (a contiguous view); False if shapes do not
+    fit. 2-D transposes go through `transpose_into`."""
     if tensor.ndim == 3 and transform is EXPERTS_LINEAR:  # expert by expert, each a 2-D transpose
         if len(shape) != 3 or tensor.shape[0] != shape[0]:
             return False
@@ -241,9 +310,7 @@ def _place(slot: np.ndarray, tensor: np.ndarray, transform, shape) -> bool:
         fits = (shape[0] == cols) if transform is LINEAR_IN else (shape[-1] == rows)
         if not fits or math.prod(shape) != tensor.size:
             return False
-        flat = slot.reshape(cols, rows)
-        for start in range(0, rows, 16):
-            flat[:, start : start + 16] = tensor[start : start + 16].T
+        transpose_into(slot.reshape(cols, rows), tensor)
         return True
     try:
         slot[...] = transform.to_native(tensor, shape)  # casts in place: no extra copy

@@ -1,6 +1,6 @@
 """The Llama 4 text fields of config.json <-> Config: NoPE layers, chunked attention on RoPE layers,
 weightless QK norm, query temperature tuning on NoPE layers, MoE every `interleave_moe_layer_step`
-layers with a shared expert and top-1 sigmoid routing that scales the expert input. Defaults for
+layers with a shared expert and top-k sigmoid routing that scales the expert input. Defaults for
 absent fields are those of transformers' Llama4TextConfig."""
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ def llama4_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
             f"{source}: moe_layers {moe_layers} is not every {step}th layer "
             "(interleave_moe_layer_step)."
         )
-    k = int(hf.get("num_experts_per_tok", 1))
-    if k != 1:
-        raise ConversionError(f"{source}: Llama 4 with num_experts_per_tok={k} is not supported.")
     if "intermediate_size_mlp" not in hf:
         raise ConversionError(f"{source}: config.json is missing 'intermediate_size_mlp'.")
     return dict(
@@ -65,7 +62,7 @@ def llama4_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
         mlp_dim=int(hf["intermediate_size_mlp"]),
         ffn_kind="moe",
         num_experts=int(hf.get("num_local_experts", 16)),
-        num_experts_per_tok=1,
+        num_experts_per_tok=int(hf.get("num_experts_per_tok", 1)),
         moe_mlp_dim=int(hf["intermediate_size"]),
         moe_layer_interval=step,
         router_kind="topk_sigmoid_input",
@@ -100,7 +97,7 @@ def llama4_to_hf(cfg: Config) -> dict[str, Any]:
         intermediate_size_mlp=cfg.mlp_dim,
         intermediate_size=cfg.resolved_moe_mlp_dim,
         num_local_experts=cfg.num_experts,
-        num_experts_per_tok=1,
+        num_experts_per_tok=cfg.num_experts_per_tok,
         interleave_moe_layer_step=cfg.moe_layer_interval,
         moe_layers=[i for i in range(cfg.num_layers) if (i + 1) % cfg.moe_layer_interval == 0],
         router_aux_loss_coef=cfg.moe_aux_loss_weight,

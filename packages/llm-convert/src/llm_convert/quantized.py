@@ -8,7 +8,8 @@
   `W.weight_scale_inv` float32 [ceil(out / 128), ceil(in / 128)]; value = fp8 x its block's scale.
 
 NumPy has no float8 dtype, so float8 tensors are read from the safetensors file directly (8-byte
-header length, JSON header, raw little-endian data) and viewed through `ml_dtypes`.
+header length, JSON header, raw little-endian data, with plain reads) and viewed through
+`ml_dtypes`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def mxfp4_to_hf_layout(blocks: np.ndarray, scales: np.ndarray, name: str) -> np.
     return np.swapaxes(dequantize_mxfp4(blocks, scales, name), -1, -2)
 
 
-def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
-    """float8 [out, in] x float32 scales [ceil(out/128), ceil(in/128)] -> float32 [out, in]."""
+def dequantize_fp8_blocks(
+    weight: np.ndarray, scale_inv: np.ndarray, name: str, dtype=np.float32
+) -> np.ndarray:
+    """float8 [out, in] x float32 scales [ceil(out/128), ceil(in/128)] -> [out, in] in `dtype`,
+    computed in float32 one row of blocks at a time (memory: the output and one block row)."""
     if weight.ndim != 2:
         raise ConversionError(f"FP8 tensor '{name}' must be 2-D, got {tuple(weight.shape)}.")
     rows, cols = weight.shape
@@ -65,12 +69,17 @@ def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, name: str) 
             f"FP8 tensor '{name}' {tuple(weight.shape)} needs weight_scale_inv of shape {want} "
             f"(one per {FP8_BLOCK}x{FP8_BLOCK} block), got {tuple(scale_inv.shape)}."
         )
-    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)
-    return weight.astype(np.float32) * scale[:rows, :cols]
+    out = np.empty((rows, cols), dtype)
+    for r, start in enumerate(range(0, rows, FP8_BLOCK)):
+        scale = np.repeat(scale_inv[r].astype(np.float32), FP8_BLOCK)[:cols]
+        block = weight[start : start + FP8_BLOCK].astype(np.float32)
+        out[start : start + FP8_BLOCK] = block * scale
+    return out
 
 
 def read_fp8(file: Path, name: str) -> np.ndarray:
-    """A float8 tensor of a safetensors file as an ml_dtypes array (memory-mapped)."""
+    """A float8 tensor of a safetensors file as an ml_dtypes array (a plain read: no memory map
+    whose pages would stay resident)."""
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
@@ -84,7 +93,9 @@ def read_fp8(file: Path, name: str) -> np.ndarray:
         raise ConversionError(
             f"{file}: float8 tensor '{name}' has {end - start} bytes for {shape}."
         )
-    raw = np.memmap(file, np.uint8, "r", offset=8 + header_len + start, shape=(end - start,))
+    raw = np.fromfile(file, np.uint8, count=end - start, offset=8 + header_len + start)
+    if raw.size != end - start:
+        raise ConversionError(f"{file}: float8 tensor '{name}' is truncated (file too short).")
     return raw.view(dtype).reshape(shape)
 
 
@@ -104,8 +115,11 @@ def quantized_tensors(index: dict[str, Path]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def read_quantized(spec: tuple[str, ...], index: dict[str, Path], open_file) -> np.ndarray:
-    """The float32 value of one quantized tensor (see `quantized_tensors`)."""
+def read_quantized(
+    spec: tuple[str, ...], index: dict[str, Path], open_file, dtype=np.float32
+) -> np.ndarray:
+    """The value of one quantized tensor (see `quantized_tensors`), dequantized in float32 and
+    returned in `dtype` (FP8: block row by block row, so no float32 copy of the whole tensor)."""
     kind, first, second = spec
     if kind == "mxfp4":
         with open_file(index[first]) as f:
@@ -121,4 +135,4 @@ def read_quantized(spec: tuple[str, ...], index: dict[str, Path], open_file) -> 
         raise ConversionError(
             f"{index[first]}: cannot read float8 tensor '{first}': {err}"
         ) from None
-    return dequantize_fp8_blocks(weight, scale_inv, first)
+    return dequantize_fp8_blocks(weight, scale_inv, first, dtype)

@@ -30,8 +30,12 @@ DTYPES = {
 
 
 class RawReader:
-    def __init__(self):
+    """`prefix` is prepended to every tensor name asked for (a multimodal wrapper's language model
+    tensors are asked for by their text-model names)."""
+
+    def __init__(self, prefix: str = ""):
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self.prefix = prefix
 
     def _header(self, file: Path) -> tuple[int, dict]:
         if file not in self._headers:
@@ -45,13 +49,13 @@ class RawReader:
 
     def info(self, file: Path, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype string, shape) of tensor `name` in `file`."""
-        entry = self._header(file)[1][name]
+        entry = self._header(file)[1][self.prefix + name]
         return entry["dtype"], tuple(entry["shape"])
 
     def rows(self, file: Path, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of the tensor (all of it by default), as a fresh array."""
         data_start, header = self._header(file)
-        entry = header[name]
+        entry = header[self.prefix + name]
         dtype, shape = DTYPES.get(entry["dtype"]), tuple(entry["shape"])
         if dtype is None:
             raise ConversionError(

@@ -44,3 +44,28 @@ EXPERTS_LINEAR = Transform(
     lambda x, shape: x.transpose(0, 2, 1).reshape(shape),
     lambda x: x.transpose(0, 2, 1),
 )
+
+
+def transpose_into(out: np.ndarray, tensor: np.ndarray) -> None:
+    """out[...] = tensor.T for 2-D arrays, in blocks of 16 rows: a plain strided transpose of a
+    large matrix thrashes the cache and runs ~5x slower."""
+    if tensor.dtype == out.dtype and tensor.dtype.itemsize == 2:  # bf16 / f16 as raw bits
+        out, tensor = out.view(np.uint16), tensor.view(np.uint16)
+    for start in range(0, tensor.shape[0], 16):
+        out[:, start : start + 16] = tensor[start : start + 16].T
+
+
+def contiguous(value: np.ndarray) -> np.ndarray:
+    """`np.ascontiguousarray`, with transposed views (of 2-D matrices, or of a stack of them, as
+    `to_hf` returns) copied through `transpose_into` instead of a slow strided copy."""
+    if value.flags.c_contiguous:
+        return value
+    if value.ndim in (2, 3) and value.swapaxes(-1, -2).flags.c_contiguous:
+        out = np.empty(value.shape, value.dtype)
+        if value.ndim == 2:
+            transpose_into(out, value.T)
+        else:
+            for i in range(value.shape[0]):
+                transpose_into(out[i], value[i].T)
+        return out
+    return np.ascontiguousarray(value)

@@ -11,9 +11,11 @@ conversions fill column slabs of, along the first otherwise) and `tensors/index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -50,13 +52,24 @@ def _leaves(cfg) -> list[tuple[tuple[str, ...], tuple[int, ...], np.dtype, tuple
     return out
 
 
-def _spec(folder: Path, name: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder / name)}}
+def _spec(folder: Path, name: str, sync: bool = True) -> dict:
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder / name)}}
+    if not sync:  # no fsync per chunk: the folder becomes visible only by the final rename
+        spec["context"] = {"file_io_sync": False}
+    return spec
+
+
+IN_FLIGHT_BYTES = 256 << 20
 
 
 class StreamingWriter:
     """Create every parameter array of `cfg` on disk, fill them slice by slice with `write`, then
-    `close` (atomic rename into `path`). An exception inside `with` leaves no folder at `path`."""
+    `close` (atomic rename into `path`). An exception inside `with` leaves no folder at `path`.
+
+    Writes run in TensorStore's threads while the caller reads the next tensor, up to
+    `IN_FLIGHT_BYTES` at a time (memory stays bounded). Chunks are not fsynced one by one (that
+    halves throughput); the rename at `close` is what makes the folder appear, so an interrupted
+    conversion leaves nothing behind, though a power loss right after it may lose written data."""
 
     def __init__(self, cfg, path: str | os.PathLike):
         import tensorstore as ts
@@ -68,12 +81,14 @@ class StreamingWriter:
         (self.tmp / TENSORS).mkdir(parents=True)
         save_config(cfg, self.tmp / "config.yml")
         self.arrays, self.index, self.chunks = {}, {}, {}
+        self.pending: list[tuple[object, int]] = []  # (write future, bytes)
+        self.lock = threading.Lock()  # conversions write from several threads
         for path_, shape, dtype, axes in _leaves(cfg):
             name = ".".join(path_)
             chunk = _chunk_shape(path_, shape, axes, dtype.itemsize)
             self.chunks[path_] = chunk
             self.arrays[path_] = ts.open(
-                _spec(self.tmp / TENSORS, name),
+                _spec(self.tmp / TENSORS, name, sync=False),
                 create=True,
                 dtype=ts.dtype(dtype.name),
                 shape=list(shape),
@@ -96,9 +111,25 @@ class StreamingWriter:
         """Write `value` at `index` (leading indices: stacked group, expert; then optional slices)
         of parameter `path`."""
         target = self.arrays[tuple(path)]
-        (target[index] if index else target).write(value).result()
+        future = (target[index] if index else target).write(value)
+        with self.lock:
+            self.pending.append((future, value.nbytes))
+        self._wait_until(IN_FLIGHT_BYTES)
+
+    def flush(self) -> None:
+        """Wait for every write so far (raising the first error)."""
+        self._wait_until(0)
+
+    def _wait_until(self, in_flight: int) -> None:
+        while True:
+            with self.lock:
+                if not self.pending or sum(size for _, size in self.pending) <= in_flight:
+                    return
+                future = self.pending.pop(0)[0]
+            future.result()
 
     def close(self) -> Path:
+        self.flush()
         (self.tmp / TENSORS / INDEX).write_text(json.dumps(self.index, indent=1))
         if self.final.exists():
             shutil.rmtree(self.final)
@@ -109,6 +140,10 @@ class StreamingWriter:
         return self
 
     def __exit__(self, *exc) -> None:
+        for future, _ in self.pending:  # writes still in flight would recreate files
+            with contextlib.suppress(Exception):  # the error that got us here is the one to tell
+                future.result()
+        self.pending.clear()
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -240,9 +240,12 @@ class Steps:
             )
             logp, log_z = target_logprobs(model, x, batch["targets"], cfg.vocab_tiling_chunks)
             if cfg.mtp_num_layers and cfg.objective == "lm":
+                loads: dict = {}
                 depths = model.mtp_hidden(
-                    x, batch["inputs"], batch["positions"], batch["segment_ids"]
+                    x, batch["inputs"], batch["positions"], batch["segment_ids"], loads
                 )
+                if loads and "router_load" in aux:  # the MTP modules' router biases move too
+                    aux["router_load"] = {**aux["router_load"], **loads}
                 aux["mtp_logps"] = [
                     target_logprobs(
                         model, h, shift_left(batch["targets"], k + 1), cfg.vocab_tiling_chunks,

@@ -152,6 +152,17 @@ def flash_attention(q, k, v, spec, segment_ids=None, sinks=None):
     )
 
 
+CHUNKS_PER_SEGMENT = 1 << 16
+
+
+def chunk_segments(positions, segment_ids, chunk: int):
+    """Segment ids under which "same segment" means "same packed sequence and same attention
+    chunk" (Llama 4's chunked attention: query and key positions in the same `chunk`-wide block).
+    Exact because positions count from 0 within each packed sequence (the training path)."""
+    segment_ids = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    return segment_ids.astype(jnp.int32) * CHUNKS_PER_SEGMENT + positions // chunk
+
+
 def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: int, sinks=None):
     """Attention of a sequence over itself with the configured backend. q, k [B,S,*,Dqk], v
     [B,S,K,Dv]: the flash kernels need one head dim, so a narrower side is zero-padded (which leaves
@@ -167,6 +178,8 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
                 else jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
             )
 
+        if spec.chunk is not None:  # the flash kernels mask by segment: one per (sequence, chunk)
+            segment_ids = chunk_segments(positions, segment_ids, spec.chunk)
         return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids, sinks)[..., :dv]
     if backend == "chunked":
         return chunked_attention(

@@ -8,8 +8,9 @@ Routing (`router_kind`, all in float32):
   are their unbiased scores (renormalised when `norm_topk_prob`).
 - `topk_softmax` (GPT-OSS): the top k logits (the router may have a bias), then a softmax over
   those k.
-- `topk_sigmoid_input` (Llama 4, k = 1): the top logit's sigmoid scales the token on its way *into*
-  the expert; the expert's output is added unweighted.
+- `topk_sigmoid_input` (Llama 4): each of the top k logits' sigmoid scales the token on its way
+  *into* that expert (each assignment runs as its own row); the experts' outputs are added
+  unweighted.
 With `moe_num_groups` > 1 only experts of the best `moe_topk_groups` groups are eligible (a group
 scores its best expert for softmax, the sum of its two best biased scores for sigmoid); the others
 score -inf or 0 (`router_group_mask`). The weights are then multiplied by `routed_scaling_factor`.
@@ -174,9 +175,14 @@ class MoE(nnx.Module):
         logits = self.router(tokens)
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, experts, probs = route(logits, self.routing, bias)
-        if self.routing.kind == "topk_sigmoid_input":  # k = 1: scale the input, add the output
-            tokens = tokens * weights.astype(tokens.dtype)
-            weights = jnp.ones_like(weights)
+        counts = expert_counts(experts, self.num_experts)
+        scaled_input = self.routing.kind == "topk_sigmoid_input"
+        if scaled_input:  # each assignment is its own row (token x its weight), added unweighted
+            t, k = experts.shape
+            tokens = (tokens[:, None, :] * weights[..., None].astype(tokens.dtype)).reshape(
+                t * k, -1
+            )
+            experts, weights = experts.reshape(t * k, 1), jnp.ones_like(weights)
         ep = expert_parallel.plan(tokens.shape[0], self.num_experts, self.batch_axes)
         if ep is not None:  # context mesh with an `expert` axis > 1: see expert_parallel.py
             w = self.expert_weights(tokens.dtype)
@@ -185,8 +191,9 @@ class MoE(nnx.Module):
             y_assign, dropped = self._dropless(tokens, experts), jnp.zeros((), jnp.float32)
         else:
             y_assign, dropped = self._with_capacity(tokens, experts)
+        if scaled_input:
+            y_assign = y_assign.reshape(*weights.shape, -1)
         y = jnp.einsum("tkd,tk->td", y_assign, weights.astype(y_assign.dtype))
-        counts = expert_counts(experts, self.num_experts)
         aux = {
             "moe_lb_loss": load_balancing_loss(probs, counts),
             "moe_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),

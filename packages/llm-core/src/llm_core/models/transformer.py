@@ -117,9 +117,10 @@ class MTPBlock(nnx.Module):
         self.norm = make_norm(cfg, rngs=rngs)
 
     def __call__(self, previous, next_embedded, positions, segment_ids=None):
+        """Returns (x, the layer's aux dict)."""
         x = jnp.concatenate([self.enorm(next_embedded), self.hnorm(previous)], axis=-1)
-        x, _, _ = self.layer(self.eh_proj(x), positions, segment_ids)
-        return x
+        x, _, aux = self.layer(self.eh_proj(x), positions, segment_ids)
+        return x, aux
 
 
 def _build_segment(cfg, seg: Segment, rngs: nnx.Rngs) -> LayerGroup:
@@ -242,17 +243,20 @@ class Transformer(nnx.Module):
         """Hidden states [B,S,E] after the last layer -> final norm, head, soft-cap: float32 logits."""
         return self._head(self.final_norm(x))
 
-    def mtp_hidden(self, hidden, input_ids, positions, segment_ids=None) -> list:
+    def mtp_hidden(self, hidden, input_ids, positions, segment_ids=None, loads=None) -> list:
         """The multi-token-prediction modules' outputs [B, S, E] (before their norms), one per
         depth: at position i, depth k (0-based) predicts input token i + k + 2, i.e.
-        targets[:, i + k + 1]. `hidden` is `self.hidden(...)`'s output for the same inputs."""
+        targets[:, i + k + 1]. `hidden` is `self.hidden(...)`'s output for the same inputs.
+        `loads` (a dict): filled with {"mtp_k": {"layer": tokens per expert}} for MoE modules under
+        aux-loss-free balancing, merged into aux["router_load"] so their router biases move too."""
         h, outs = self.final_norm(hidden), []
         dtype = dtype_of(self.cfg.dtype)
         for k in range(self.cfg.mtp_num_layers):
             ahead = jnp.pad(input_ids[:, k + 1 :], ((0, 0), (0, k + 1)))  # token i + k + 1
-            h = getattr(self, f"mtp_{k}")(
-                h, self.embedder.encode(ahead, positions, dtype), positions, segment_ids
-            )
+            block = getattr(self, f"mtp_{k}")
+            h, aux = block(h, self.embedder.encode(ahead, positions, dtype), positions, segment_ids)
+            if loads is not None and block.layer.moe and self.cfg.router_bias_update_rate > 0:
+                loads[f"mtp_{k}"] = {"layer": aux["moe_tokens_per_expert"]}
             outs.append(h)
         return outs
 
@@ -338,14 +342,18 @@ def unstack_layers(model: Transformer) -> Transformer:
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
-    """A randomly initialised model for `cfg` (weights in cfg.weight_dtype), with int8 Linear
-    modules under `weight_quantization: int8` and LoRA adapters around the `lora_targets` Linear
+    """A randomly initialised model for `cfg` (weights in cfg.weight_dtype), with int8 / int4 Linear
+    modules under `weight_quantization` and LoRA adapters around the `lora_targets` Linear
     modules when `lora_rank` > 0."""
     model = Transformer(cfg, rngs=rngs)
-    if cfg.weight_quantization == "int8":
-        from llm_core.layers.quantize import quantize_linears
+    if cfg.weight_quantization != "none":
+        from llm_core.config import ConfigError
+        from llm_core.layers.quantize import GroupSizeError, quantize_linears
 
-        quantize_linears(model)
+        try:
+            quantize_linears(model, cfg.weight_quantization, cfg.weight_quantization_group_size)
+        except GroupSizeError as err:
+            raise ConfigError(str(err)) from None
     if cfg.lora_rank > 0:
         from llm_core.layers.lora import apply_lora
 

@@ -71,7 +71,7 @@ def paged_attention(
 
     Sequence b's keys are pages page_indices[b] of k_pages/v_pages, of which the first
     lengths[b] tokens are valid; the query sits at position lengths[b] - 1.
-    sinks: [H] learned logits in every softmax (GPT-OSS; the jax.numpy path only).
+    sinks: [H] learned logits in every softmax (GPT-OSS), in the kernel and the jax.numpy path.
     """
     _validate(q, k_pages, v_pages, lengths, page_indices, sliding_window)
     if sinks is not None and (sinks.ndim != 1 or sinks.shape[0] != q.shape[1]):
@@ -81,11 +81,6 @@ def paged_attention(
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if interpret or current_platform() == "tpu":
-        if sinks is not None:
-            raise ValueError(
-                "paged_attention: sinks are not implemented in the Pallas (TPU) paged kernel yet; "
-                "run without interpret=True off TPU (the jax.numpy path applies them)."
-            )
         cfg = AttentionConfig(
             causal=False,
             sliding_window=sliding_window,
@@ -95,7 +90,7 @@ def paged_attention(
             block_k=k_pages.shape[2],
             interpret=interpret,
         )
-        return paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg)
+        return paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg, sinks)
     return paged_attention_reference(
         q, k_pages, v_pages, lengths, page_indices,
         sm_scale=scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, sinks=sinks,

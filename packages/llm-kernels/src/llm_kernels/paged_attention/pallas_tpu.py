@@ -21,8 +21,9 @@ from llm_kernels.flash_attention.config import AttentionConfig
 F32 = jnp.float32
 
 
-def _kernel(lengths_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr, *,
-            cfg: AttentionConfig, page_size: int, n_pages: int):  # fmt: skip
+def _kernel(lengths_ref, pages_ref, q_ref, k_ref, v_ref, *refs,
+            cfg: AttentionConfig, page_size: int, n_pages: int, with_sinks: bool):  # fmt: skip
+    sink_ref, (o_ref, m_scr, l_scr, acc_scr) = (refs[0], refs[1:]) if with_sinks else (None, refs)
     b, p = pl.program_id(0), pl.program_id(2)
     length = lengths_ref[b]
     group = q_ref.shape[0]
@@ -52,12 +53,21 @@ def _kernel(lengths_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, ac
 
     @pl.when(p == n_pages - 1)
     def _finish():
-        out, _ = _block.finalize(m_scr[...], l_scr[...], acc_scr[...])
+        m, denom, acc = m_scr[...], l_scr[...], acc_scr[...]
+        if with_sinks:  # one more logit per head in the softmax, attending to nothing
+            sink = sink_ref[...].astype(F32)
+            m_new = jnp.maximum(m, sink)
+            rescale = jnp.exp(m - m_new)  # 0 where no key was visible (m = -inf)
+            m, denom, acc = m_new, denom * rescale + jnp.exp(sink - m_new), acc * rescale
+        out, _ = _block.finalize(m, denom, acc)
         o_ref[...] = out.astype(o_ref.dtype)
 
 
-def paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg: AttentionConfig):
-    """q: [B, H, D] -> [B, H, D] via the Mosaic kernel (interpret=cfg.interpret)."""
+def paged_attention_kernel(
+    q, k_pages, v_pages, lengths, page_indices, cfg: AttentionConfig, sinks=None
+):
+    """q: [B, H, D] -> [B, H, D] via the Mosaic kernel (interpret=cfg.interpret); sinks: [H]
+    learned logits added to every softmax's denominator (GPT-OSS), or None."""
     batch, heads, dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     group, n_pages = heads // kv_heads, page_indices.shape[1]
@@ -68,12 +78,19 @@ def paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg: Atte
 
     kv_spec = pl.BlockSpec((None, None, page_size, dim), kv_map)
     q_spec = pl.BlockSpec((None, None, group, dim), lambda b, h, p, *_: (b, h, 0, 0))
+    in_specs, extra = [q_spec, kv_spec, kv_spec], []
+    if sinks is not None:  # [kv_heads, group, 1]: the group's sinks beside its [group, 1] stats
+        in_specs.append(pl.BlockSpec((None, group, 1), lambda b, h, p, *_: (h, 0, 0)))
+        extra.append(sinks.astype(F32).reshape(kv_heads, group, 1))
+    kernel = functools.partial(
+        _kernel, cfg=cfg, page_size=page_size, n_pages=n_pages, with_sinks=sinks is not None
+    )
     out = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, page_size=page_size, n_pages=n_pages),
+        kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(batch, kv_heads, n_pages),
-            in_specs=[q_spec, kv_spec, kv_spec],
+            in_specs=in_specs,
             out_specs=q_spec,
             scratch_shapes=[
                 pltpu.VMEM((group, 1), F32),
@@ -86,5 +103,5 @@ def paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg: Atte
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         interpret=cfg.interpret,
-    )(lengths, page_indices, q.reshape(batch, kv_heads, group, dim), k_pages, v_pages)
+    )(lengths, page_indices, q.reshape(batch, kv_heads, group, dim), k_pages, v_pages, *extra)
     return out.reshape(batch, heads, dim)
