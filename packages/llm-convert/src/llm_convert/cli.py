@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   llm-convert native-to-hf ./llama3.2-1b-native ./exported-hf --max-shard-gb 2
   llm-convert verify ./Llama-3.2-1B ./llama3.2-1b-native --max-logit-diff 1e-3
   llm-convert quantize ./llama3.2-1b-native ./llama3.2-1b-int8 --mode int8   # serve with llm-serve
+  llm-convert quantize ./llama3.2-1b-native ./llama3.2-1b-int4 --mode int4 --group-size 128
 """
 
 
@@ -50,13 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant = sub.add_parser(
         "quantize",
-        help="native checkpoint -> weight-only int8 native checkpoint (for llm-serve)",
+        help="native checkpoint -> weight-only int8 / int4 native checkpoint (for llm-serve)",
         epilog=EXAMPLES,
         formatter_class=fmt,
     )
     quant.add_argument("src", help="float native checkpoint folder")
     quant.add_argument("dst", help="output native checkpoint folder")
-    quant.add_argument("--mode", default="int8", help="int8 (per-output-channel scales)")
+    quant.add_argument(
+        "--mode",
+        default="int8",
+        help="int8 (per-output-channel scales) or int4 (grouped scales, two values per byte)",
+    )
+    quant.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="int4: inputs per scale (even, dividing every Linear's input size; default 128)",
+    )
     check = sub.add_parser(
         "verify",
         help="compare logits of HF and native models (needs torch)",
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             out = hf_to_native(args.src, args.dst, args.dtype)
             print(f"wrote native checkpoint {out} in {time.perf_counter() - start:.1f}s")
         elif args.command == "quantize":
-            out = quantize_native(args.src, args.dst, args.mode)
+            out = quantize_native(args.src, args.dst, args.mode, args.group_size)
             print(
                 f"wrote {args.mode} native checkpoint {out} in {time.perf_counter() - start:.1f}s"
             )

@@ -158,7 +158,7 @@ class Config:
     # sigmoid_topk (DeepSeek-V3): sigmoid scores, a per-expert bias (not trained by the optimizer)
     # added for choosing the k experts only, the weights from the unbiased scores
     # topk_softmax (GPT-OSS): the top k logits, then a softmax over those k; topk_sigmoid_input
-    # (Llama 4, k = 1): the expert's input is scaled by the sigmoid of its logit, its output added
+    # (Llama 4): each chosen expert's input is scaled by the sigmoid of its logit, outputs added
     router_kind: Literal["softmax_topk", "sigmoid_topk", "topk_softmax", "topk_sigmoid_input"] = (
         "softmax_topk"
     )
@@ -202,8 +202,11 @@ class Config:
     moe_z_loss_weight: float = 0.0  # llm-train adds weight * router z-loss
 
     # int8: every Linear except MoE routers stored as int8 with per-output-channel scales (weight-
-    # only post-training quantization for serving: `llm-convert quantize`); MoE experts stay float
-    weight_quantization: Literal["none", "int8"] = "none"
+    # only post-training quantization for serving: `llm-convert quantize`); MoE experts stay float.
+    # int4: the same Linear modules as int4, one scale per group of weight_quantization_group_size
+    # inputs (must be even and divide every quantized Linear's input size) and output channel
+    weight_quantization: Literal["none", "int8", "int4"] = "none"
+    weight_quantization_group_size: int = 128
 
     # --- LoRA (llm_core.layers.lora): adapters on the Linear modules whose path matches
     lora_rank: int = 0  # 0: no LoRA

@@ -174,6 +174,11 @@ def _validate_lora(cfg: Config) -> None:
 
     if cfg.lora_rank < 0:
         raise ConfigError(f"lora_rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}.")
+    group = cfg.weight_quantization_group_size
+    if group <= 0 or group % 2:
+        raise ConfigError(
+            f"weight_quantization_group_size must be a positive even number, got {group}."
+        )
     if cfg.weight_quantization != "none" and cfg.lora_rank > 0:
         raise ConfigError(
             f"weight_quantization={cfg.weight_quantization} with lora_rank > 0: for adapters over "
@@ -245,22 +250,11 @@ def _validate_llama4_attention(cfg: Config) -> None:
     chunk = cfg.attention_local_chunk
     if chunk is not None and chunk <= 0:
         raise ConfigError(f"attention_local_chunk must be positive or null, got {chunk}.")
-    if chunk is not None and cfg.attention_backend == "flash":
-        raise ConfigError(
-            "attention_local_chunk (chunked attention) is not implemented in the flash kernels: "
-            "use attention_backend=dot_product or chunked."
-        )
     if cfg.attn_floor_scale <= 0:
         raise ConfigError(f"attn_floor_scale must be positive, got {cfg.attn_floor_scale}.")
 
 
 def _validate_routing(cfg: Config) -> None:
-    llama4 = cfg.router_kind == "topk_sigmoid_input" and cfg.ffn_kind == "moe"
-    if llama4 and cfg.num_experts_per_tok != 1:
-        raise ConfigError(
-            "router_kind=topk_sigmoid_input (Llama 4) is implemented for num_experts_per_tok=1 "
-            f"only, got {cfg.num_experts_per_tok}."
-        )
     if cfg.num_shared_experts < 0:
         raise ConfigError(f"num_shared_experts must be >= 0, got {cfg.num_shared_experts}.")
     if cfg.router_bias_update_rate < 0:
