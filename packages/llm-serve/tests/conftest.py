@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import time
 
+import httpx
+import openai
 import pytest
 from flax import nnx
 from tokenizers import Tokenizer as HFTokenizer
@@ -138,3 +142,37 @@ class ServerProcess:
         except Exception:
             self.proc.kill()
         self.log.close()
+
+
+# ---------------------------------------------------------------------- one server per test module
+SERVER_SETTINGS = ("kv_cache_kind=paged", "max_queue_size=4", "kv_cache_max_length=1024")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("srv") / "tiny")
+    proc = ServerProcess(folder, *SERVER_SETTINGS)
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def idle(server, timeout=10.0) -> dict:
+    """Wait until no slot is busy; returns /health."""
+    deadline = time.time() + timeout
+    while True:
+        health = httpx.get(server.url + "/health").json()
+        if health["active_slots"] == 0 and health["queue_depth"] == 0:
+            return health
+        if time.time() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+def post(server, path, body, raw=False):
+    data = body if raw else json.dumps(body)
+    return httpx.post(server.url + path, content=data, headers={"content-type": "application/json"})

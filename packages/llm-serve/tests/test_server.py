@@ -5,44 +5,15 @@ errors naming the field, 429 on a full queue, disconnects freeing slots and page
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 
 import httpx
-import openai
 import pytest
-from conftest import ServerProcess, save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from conftest import idle, post, tiny_model, tiny_tokenizer
 
 from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
 from llm_serve.scheduler import Scheduler, generate_text
-
-SETTINGS = ("kv_cache_kind=paged", "max_queue_size=4", "kv_cache_max_length=1024")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("srv") / "tiny")
-    proc = ServerProcess(folder, *SETTINGS)
-    yield proc
-    proc.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
-
-
-def idle(server, timeout=10.0) -> dict:
-    """Wait until no slot is busy; returns /health."""
-    deadline = time.time() + timeout
-    while True:
-        health = httpx.get(server.url + "/health").json()
-        if health["active_slots"] == 0 and health["queue_depth"] == 0:
-            return health
-        if time.time() > deadline:
-            return health
-        time.sleep(0.05)
 
 
 def test_models_and_health(client, server):
@@ -131,11 +102,6 @@ def test_seed_reproducibility_and_logprobs(client):
     assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
 
 
-def post(server, path, body, raw=False):
-    data = body if raw else json.dumps(body)
-    return httpx.post(server.url + path, content=data, headers={"content-type": "application/json"})
-
-
 @pytest.mark.parametrize(
     "path,body,status,param",
     [
@@ -212,6 +178,75 @@ def post(server, path, body, raw=False):
             400,
             "max_completion_tokens",
         ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "max_tokens": 5000},
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_completion_tokens": 5000,
+            },
+            400,
+            "max_completion_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": True},
+            400,
+            "echo",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "logit_bias": {"99999": 1}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "logit_bias": {"a": 1}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "logit_bias": {"5": 101}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "logit_bias": [5]},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "n": 2, "best_of": 1},
+            400,
+            "best_of",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 5}, 400, "best_of"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "best_of": 2, "stream": True},
+            400,
+            "best_of",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", "b", "c", "d", "e"]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": [[]]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", [1, 99999]]}, 400, "prompt[1]"),
         ("/v1/nowhere", {}, 404, None),
     ],
 )
@@ -294,134 +329,3 @@ def test_metrics_are_prometheus_text(server, client):
         if line.startswith("llm_time_to_first_token_seconds_count")
     ]
     assert float(ttft[0].split()[-1]) >= 1
-
-
-def full_forward_logprobs(ids):
-    """log p(ids[i] | ids[:i]) for i >= 1 and the log-softmax rows, from one full forward pass."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    _, model = tiny_model()
-    lsm = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0].astype(jnp.float32), -1))
-    return lsm[np.arange(len(ids) - 1), ids[1:]], lsm
-
-
-ECHO_PROMPT = "the quick brown fox jumps over the lazy dog. a small model writes small words"
-
-
-def test_echo_scores_the_prompt(client):
-    tok = tiny_tokenizer()
-    ids = tok.encode(ECHO_PROMPT)
-    assert len(ids) > 1
-    want, lsm = full_forward_logprobs(ids)
-    got = client.completions.create(
-        model="tiny", prompt=ECHO_PROMPT, max_tokens=0, echo=True, logprobs=1, temperature=0
-    )
-    choice = got.choices[0]
-    assert choice.text == ECHO_PROMPT and choice.finish_reason == "length"
-    assert got.usage.completion_tokens == 0 and got.usage.prompt_tokens == len(ids)
-    lp = choice.logprobs
-    assert lp.tokens == [tok.decode([i]) for i in ids]
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4)
-    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
-    best = [max(row) for row in lsm[: len(ids) - 1]]
-    assert [next(iter(t.values())) for t in lp.top_logprobs[1:]] == pytest.approx(best, abs=1e-4)
-    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
-    # token ids as the prompt: the same scores, the text decoded
-    again = client.completions.create(
-        model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0
-    ).choices[0]
-    assert again.text == tok.decode(ids)
-    assert again.logprobs.token_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4)
-    assert all(t == {} for t in again.logprobs.top_logprobs[1:])
-    # echo without logprobs: the text only
-    plain = client.completions.create(model="tiny", prompt=ECHO_PROMPT, max_tokens=0, echo=True)
-    assert plain.choices[0].text == ECHO_PROMPT and plain.choices[0].logprobs is None
-
-
-def test_echo_with_generation_and_streaming(client, server):
-    tok = tiny_tokenizer()
-    ids = tok.encode("Hello world")
-    want, _ = full_forward_logprobs(ids)
-    kw = dict(model="tiny", prompt="Hello world", max_tokens=5, temperature=0)
-    plain = client.completions.create(logprobs=2, **kw).choices[0]
-    echo = client.completions.create(echo=True, logprobs=2, **kw).choices[0]
-    assert echo.text == "Hello world" + plain.text
-    n = len(ids)
-    assert echo.logprobs.tokens == [tok.decode([i]) for i in ids] + plain.logprobs.tokens
-    assert echo.logprobs.token_logprobs[1:n] == pytest.approx(want.tolist(), abs=1e-4)
-    assert echo.logprobs.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs)
-    assert echo.logprobs.text_offset[n:] == [
-        o + len("Hello world") for o in plain.logprobs.text_offset
-    ]
-    # (2 alternatives each; fewer keys where two byte tokens decode to the same text)
-    assert all(1 <= len(t) <= 2 for t in echo.logprobs.top_logprobs[1:])
-    chunks = list(client.completions.create(echo=True, logprobs=2, stream=True, **kw))
-    assert "".join(c.choices[0].text for c in chunks) == echo.text
-    first = chunks[0].choices[0]
-    assert first.text == "Hello world" and first.logprobs.tokens == echo.logprobs.tokens[:n]
-    assert idle(server)["active_slots"] == 0
-
-
-def test_n_choices_completions(client, server):
-    kw = dict(model="tiny", prompt="the quick brown", max_tokens=8, n=2, seed=5, logprobs=0)
-    a = client.completions.create(**kw)
-    b = client.completions.create(**kw)
-    assert [c.index for c in a.choices] == [0, 1]
-    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # reproducible
-    assert all(c.finish_reason for c in a.choices)
-    tokens = [len(c.logprobs.tokens) for c in a.choices]
-    assert a.usage.completion_tokens == sum(tokens) and all(0 < t <= 8 for t in tokens)
-    assert len(set(c.text for c in a.choices)) == 2  # sampled with seeds 5 and 6
-    assert a.usage.prompt_tokens == len(tiny_tokenizer().encode("the quick brown"))
-    greedy = client.completions.create(**{**kw, "temperature": 0, "echo": True})
-    assert greedy.choices[0].text == greedy.choices[1].text
-    assert greedy.choices[0].text.startswith("the quick brown")
-    assert greedy.choices[1].logprobs.token_logprobs[0] is None
-    chunks = list(client.completions.create(**kw, stream=True))
-    texts, finishes = ["", ""], [None, None]
-    for ch in chunks:
-        for c in ch.choices:
-            texts[c.index] += c.text
-            finishes[c.index] = finishes[c.index] or c.finish_reason
-    assert texts == [c.text for c in a.choices]
-    assert all(finishes)
-    health = idle(server)
-    assert health["active_slots"] == 0 and health["free_pages"] == health["total_pages"]
-
-
-def test_n_choices_chat(client, server):
-    messages = [{"role": "user", "content": "Hello world!"}]
-    kw = dict(model="tiny", messages=messages, max_tokens=6, n=2, seed=3)
-    a = client.chat.completions.create(**kw)
-    assert [c.index for c in a.choices] == [0, 1]
-    assert all(c.finish_reason and c.message.role == "assistant" for c in a.choices)
-    texts, finishes = ["", ""], [None, None]
-    for ch in client.chat.completions.create(
-        **kw, stream=True, stream_options={"include_usage": True}
-    ):
-        for c in ch.choices:
-            texts[c.index] += c.delta.content or ""
-            finishes[c.index] = finishes[c.index] or c.finish_reason
-        if ch.usage is not None:
-            assert ch.usage.completion_tokens == a.usage.completion_tokens
-    assert texts == [c.message.content for c in a.choices]
-    assert all(finishes)
-    health = idle(server)
-    assert health["active_slots"] == 0 and health["free_pages"] == health["total_pages"]
-
-
-def test_tokenize_detokenize_round_trip(server):
-    tok = tiny_tokenizer()
-    r = post(server, "/tokenize", {"prompt": "Hello world! the lazy dog"})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["tokens"] == tok.encode("Hello world! the lazy dog")
-    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 1024
-    back = post(server, "/detokenize", {"tokens": body["tokens"]})
-    assert back.status_code == 200 and back.json() == {"prompt": "Hello world! the lazy dog"}
-    messages = [{"role": "user", "content": "hi"}]
-    chat = post(server, "/tokenize", {"messages": messages}).json()
-    assert chat["tokens"] == tok.encode(tok.apply_chat_template(messages))

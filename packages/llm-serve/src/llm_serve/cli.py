@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="name clients send (default: folder name)")
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish before closing them (default 30)",
+    )
     return p
 
 
@@ -126,19 +133,27 @@ def serve(args) -> int:
     import uvicorn
 
     from llm_serve.metrics import ServeMetrics
-    from llm_serve.sampling import SamplingParams
-    from llm_serve.scheduler import Scheduler, generate_text
+    from llm_serve.scheduler import Scheduler
     from llm_serve.server import create_app
 
     engine, params, tok = _load(args)
-    warmup = Scheduler(engine, params, tok)  # compiles the decode step before the first client
-    generate_text(warmup, tok.encode("warm up") or [0], SamplingParams(temperature=0, max_tokens=2))
     metrics = ServeMetrics()
     scheduler = Scheduler(engine, params, tok, metrics=metrics)
     name = args.model_name or Path(args.checkpoint).absolute().name
-    app = create_app(scheduler, tok, name, metrics)
+    # the scheduler compiles the model on a warm-up prompt first; /health is 503 until then
+    app = create_app(scheduler, tok, name, metrics, warmup_ids=tok.encode("warm up") or [0])
     print(f"llm-serve: serving '{name}' on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn re-raises the signal it drained on once it has shut down: handled here, so a
+    # drained shutdown returns (exit status 0) instead of dying by that signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(  # SIGTERM / SIGINT: stop accepting, finish in-flight requests, then exit 0
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=args.drain_timeout,
+    )
     return 0
 
 

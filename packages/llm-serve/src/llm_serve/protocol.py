@@ -1,17 +1,25 @@
 """OpenAI request parsing (with errors naming the field at fault) and response bodies.
 
 Supported request fields. Both endpoints: model, max_tokens, temperature, top_p, n (1-8), stream,
-stream_options.include_usage, stop, seed, presence_penalty, frequency_penalty, and the vLLM
-extensions top_k, min_p, stop_token_ids, ignore_eos. Completions: prompt (a string, a list of token
-ids, or a list of one string), logprobs (0-5), echo. Chat: messages, logprobs (bool), top_logprobs
-(0-20), max_completion_tokens. Unknown fields are ignored, as OpenAI does.
+stream_options.include_usage, stop, seed, presence_penalty, frequency_penalty, logit_bias (token id
+-> bias in [-100, 100], at most 300), and the vLLM extensions top_k, min_p, stop_token_ids,
+ignore_eos. Completions: prompt (a string, a list of token ids, or a list of either: one prompt per
+entry), logprobs (0-5), echo, best_of. Chat: messages (roles system, developer, user, assistant,
+tool), logprobs (bool), top_logprobs (0-20), max_completion_tokens. Unknown fields are ignored, as
+OpenAI does. An explicit max_tokens that does not fit in the context after the prompt is a 400
+(`context_length_exceeded`); without one, generation runs until the context is full (chat) or for
+16 tokens (completions, clamped to the room left).
 
 `n` > 1 (at most N_MAX and at most the server's max_decode_slots): n choices with `index` 0..n-1, the
 prompt prefilled once. Choice i samples with seed `seed + i` (a random seed when none is given), so the
 choices differ yet a seeded response is reproducible; greedy (temperature 0) gives n equal choices.
 Stop strings, max_tokens, logprobs and echo apply per choice; `usage.completion_tokens` sums the
 choices, `prompt_tokens` counts the prompt once. Streaming chunks carry their choice's `index`, each
-choice sends its own finish chunk, and `[DONE]` follows the last one.
+choice sends its own finish chunk, and `[DONE]` follows the last one. With several prompts, prompt p's
+choices have indices p * n .. p * n + n - 1 and `prompt_tokens` sums the prompts.
+`best_of` (completions, n <= best_of <= N_MAX, not with stream): best_of candidates are generated
+and the n with the highest sum of token log-probs are returned (usage counts every candidate's
+tokens, as OpenAI bills them).
 
 `POST /tokenize` takes `{"prompt": str}` or `{"messages": [...]}` (rendered with the chat template)
 and answers `{"tokens", "count", "max_model_len"}`; `POST /detokenize` takes `{"tokens": [ids]}` and
@@ -23,6 +31,7 @@ the logprobs object covers the prompt tokens first (the first one's token_logpro
 entries are null; the others are log p(token | tokens before it) under the model), then the
 generated ones. `max_tokens: 0` is allowed with echo only: nothing is generated, finish_reason
 "length". Streaming with echo works: the first chunk carries the prompt text (and its logprobs).
+`echo` on chat completions is a 400.
 """
 
 from __future__ import annotations
@@ -53,7 +62,8 @@ class APIError(Exception):
         }
 
 
-N_MAX = 8  # most choices per request (`n`)
+N_MAX = 8  # most choices per request (`n`, `best_of`)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _MISSING = object()
 _NUM = (int, float)
@@ -81,13 +91,31 @@ def _field(body: dict, name: str, types, default=_MISSING, what: str = ""):
 @dataclass
 class ParsedRequest:
     model: str
-    prompt: str | list[int] | None
+    prompts: list[str | list[int]] | None  # completions: one entry per prompt
     messages: list[dict] | None
     sampling: SamplingParams
     stream: bool
     include_usage: bool
     echo: bool = False
     n: int = 1
+    best_of: int = 1  # candidates generated per prompt (>= n; chat: n)
+    max_tokens_field: str | None = None  # the max_tokens field the client set, if any
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = _field(body, "logit_bias", dict, {}, "an object mapping token ids to numbers")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise APIError(
+                400, f"'logit_bias' keys must be token ids, got {key!r}.", "logit_bias"
+            ) from None
+        if isinstance(value, bool) or not isinstance(value, _NUM):
+            raise APIError(400, f"'logit_bias[{key}]' must be a number.", "logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def _stop(body: dict) -> list[str]:
@@ -100,7 +128,7 @@ def _stop(body: dict) -> list[str]:
 
 def _common(
     body: dict, max_tokens_default, logprobs, prompt_logprobs=None, allow_zero=False
-) -> tuple[SamplingParams, bool, bool, int]:
+) -> tuple[SamplingParams, bool, bool, int, str | None]:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
     n = _field(body, "n", int, 1)
@@ -137,12 +165,21 @@ def _common(
             presence_penalty=float(_field(body, "presence_penalty", _NUM, 0.0, "a number")),
             frequency_penalty=float(_field(body, "frequency_penalty", _NUM, 0.0, "a number")),
             prompt_logprobs=prompt_logprobs,
+            logit_bias=_logit_bias(body),
         )
     except SamplingError as err:
         param = name if err.field == "max_tokens" else err.field
         message = str(err).replace("'max_tokens'", f"'{param}'")
         raise APIError(400, message.replace("with prompt_logprobs", "with echo"), param) from None
-    return sampling, stream, include_usage, n
+    return sampling, stream, include_usage, n, (name if max_tokens is not None else None)
+
+
+def _is_ids(value) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def parse_completion(body) -> ParsedRequest:
@@ -150,22 +187,34 @@ def parse_completion(body) -> ParsedRequest:
         raise APIError(400, "The request body must be a JSON object.", None, "invalid_body")
     model = _field(body, "model", str)
     prompt = _field(body, "prompt", (str, list), what="a string or a list of token ids")
-    if isinstance(prompt, list):
-        if len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        elif not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise APIError(
-                400,
-                "'prompt' must be a string, a list of token ids or a list of one string.",
-                "prompt",
-            )
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise APIError(
+            400,
+            "'prompt' must be a string, a list of token ids, or a non-empty list of either.",
+            "prompt",
+        )
     logprobs = _field(body, "logprobs", int, None)
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise APIError(400, "'logprobs' must be an int in [0, 5] or null.", "logprobs")
     echo = _field(body, "echo", bool, False)
     prompt_logprobs = logprobs if echo else None
-    sampling, stream, usage, n = _common(body, 16, logprobs, prompt_logprobs, allow_zero=echo)
-    return ParsedRequest(model, prompt, None, sampling, stream, usage, echo, n)
+    sampling, stream, usage, n, given = _common(
+        body, 16, logprobs, prompt_logprobs, allow_zero=echo
+    )
+    best_of = _field(body, "best_of", int, n)
+    if not n <= best_of <= N_MAX:
+        raise APIError(
+            400, f"'best_of' must be an int in [n={n}, {N_MAX}], got {best_of}.", "best_of"
+        )
+    if best_of > n and stream:
+        raise APIError(400, "'best_of' > n cannot be used with 'stream'.", "best_of")
+    return ParsedRequest(
+        model, prompts, None, sampling, stream, usage, echo, n, best_of, max_tokens_field=given
+    )
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -178,6 +227,12 @@ def parse_messages(body: dict) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"'{where}' must be an object with a string 'role'.", where)
+        if m["role"] not in CHAT_ROLES:
+            raise APIError(
+                400,
+                f"'{where}.role' is {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}.",
+                f"{where}.role",
+            )
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -202,8 +257,12 @@ def parse_chat(body) -> ParsedRequest:
             400, f"'top_logprobs' must be an int in [0, {TOP_LOGPROBS_MAX}].", "top_logprobs"
         )
     want = _field(body, "logprobs", bool, False)
-    sampling, stream, usage, n = _common(body, None, (top or 0) if want else None)
-    return ParsedRequest(model, None, clean, sampling, stream, usage, n=n)
+    if body.get("echo"):
+        raise APIError(400, "'echo' is supported on /v1/completions only.", "echo")
+    sampling, stream, usage, n, given = _common(body, None, (top or 0) if want else None)
+    return ParsedRequest(
+        model, None, clean, sampling, stream, usage, n=n, best_of=n, max_tokens_field=given
+    )
 
 
 def parse_tokenize(body) -> tuple[str | None, list[dict] | None]:

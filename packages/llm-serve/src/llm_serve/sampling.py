@@ -3,7 +3,9 @@
 Every slot of the decode batch carries its own settings as arrays, so one compiled step serves a batch
 that mixes greedy and sampled requests. Order of operations for one slot (as in vLLM):
 
-1. presence / frequency penalties on the logits of tokens this request has generated so far;
+1. presence / frequency penalties on the logits of tokens this request has generated so far, then
+   the request's `logit_bias` (added to the logits of the tokens it names, as in the OpenAI API:
+   -100 bans a token, +100 forces it);
 2. temperature == 0 -> greedy (argmax), else logits / temperature;
 3. top-k, then top-p (nucleus), then min-p (keep tokens with p >= min_p * p_max) filtering;
 4. a draw from the filtered distribution with the slot's key folded with its step counter, so one seed
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 TOP_LOGPROBS_MAX = 20  # most alternatives reported per token (the OpenAI chat API's limit)
+LOGIT_BIAS_MAX = 300  # most biased tokens per request (the OpenAI API's limit)
 
 
 class SamplingError(ValueError):
@@ -51,6 +54,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob + k best
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
 
     def __post_init__(self):
         self.validate()
@@ -90,6 +94,16 @@ class SamplingParams:
             "seed",
             "null or an int >= 0",
         )
+        need(
+            isinstance(self.logit_bias, dict)
+            and len(self.logit_bias) <= LOGIT_BIAS_MAX
+            and all(
+                isinstance(k, int) and k >= 0 and isinstance(v, int | float) and -100 <= v <= 100
+                for k, v in self.logit_bias.items()
+            ),
+            "logit_bias",
+            f"a map of at most {LOGIT_BIAS_MAX} token ids (>= 0) to numbers in [-100, 100]",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +128,8 @@ class SlotSampling:
     key: jax.Array  # [slots, 2] uint32 raw PRNG keys
     step: jax.Array  # tokens sampled so far by the slot's request
     top_n: jax.Array  # alternatives wanted per token (0: none; skips the top-k work when all 0)
+    bias_ids: jax.Array  # [slots, LOGIT_BIAS_MAX] int32: logit_bias token ids (padding: 0)
+    bias_values: jax.Array  # [slots, LOGIT_BIAS_MAX] float32 (padding: 0, adds nothing)
 
     @classmethod
     def init(cls, slots: int) -> SlotSampling:
@@ -128,6 +144,8 @@ class SlotSampling:
             key=jnp.zeros((slots, 2), jnp.uint32),
             step=jnp.zeros((slots,), jnp.int32),
             top_n=jnp.zeros((slots,), jnp.int32),
+            bias_ids=jnp.zeros((slots, LOGIT_BIAS_MAX), jnp.int32),
+            bias_values=jnp.zeros((slots, LOGIT_BIAS_MAX), jnp.float32),
         )
 
     @classmethod
@@ -143,7 +161,13 @@ class SlotSampling:
             key=jax.random.key_data(_seed_key(p.seed))[None],
             step=jnp.zeros((1,), jnp.int32),
             top_n=jnp.array([p.logprobs or 0], jnp.int32),
+            bias_ids=jnp.array([_padded(list(p.logit_bias), 0)], jnp.int32),
+            bias_values=jnp.array([_padded(list(p.logit_bias.values()), 0.0)], jnp.float32),
         )
+
+
+def _padded(values: list, fill) -> list:
+    return values + [fill] * (LOGIT_BIAS_MAX - len(values))
 
 
 def _seed_key(seed: int) -> jax.Array:
@@ -190,6 +214,11 @@ def sample(logits: jax.Array, s: SlotSampling, counts: jax.Array) -> Sampled:
             - s.frequency[:, None] * counts.astype(jnp.float32)
         ),
         lambda: logits,
+    )
+    penalised = jax.lax.cond(
+        jnp.any(s.bias_values != 0),
+        lambda: penalised.at[jnp.arange(logits.shape[0])[:, None], s.bias_ids].add(s.bias_values),
+        lambda: penalised,
     )
     greedy_tokens = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
 

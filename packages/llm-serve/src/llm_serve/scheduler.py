@@ -76,6 +76,7 @@ class Request:
     # first) and its most likely alternatives [(token id, logprob)] (None for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    cum_logprob: float = 0.0  # sum of the generated tokens' log-probs (ranks best_of candidates)
     index: int = 0  # the choice this request is, within its group (n > 1)
     group: list[Request] | None = None  # every choice of the request (set by submit_group)
 
@@ -94,8 +95,10 @@ class Scheduler:
         self.prefilling: list[tuple[list[int], object, Request]] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._warmup_ids: list[int] | None = None
         self._running = False
         self.error: BaseException | None = None
+        self.ready = threading.Event()  # set once warmed up (`start`): /health answers 200 then
 
     # ------------------------------------------------------------------ client side (any thread)
     def submit(self, req: Request) -> Request:
@@ -158,8 +161,12 @@ class Scheduler:
         }
 
     # ------------------------------------------------------------------ loop
-    def start(self) -> None:
+    def start(self, warmup_ids: list[int] | None = None) -> None:
+        """Run the loop in a background thread; with `warmup_ids`, it first generates two tokens
+        for that prompt (compiling the prefill and decode programs) before `ready` is set.
+        Requests submitted meanwhile wait in the queue."""
         self._running = True
+        self._warmup_ids = warmup_ids
         self._thread = threading.Thread(target=self._loop, name="llm-serve-scheduler", daemon=True)
         self._thread.start()
 
@@ -170,8 +177,25 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def _warm_up(self, ids: list[int]) -> None:
+        """Two greedy tokens for `ids`, ahead of any queued request and outside the metrics."""
+        metrics, self.metrics = self.metrics, None
+        try:
+            req = Request(list(ids), SamplingParams(temperature=0, max_tokens=2), lambda ev: None)
+            self.submit(req)
+            with self._cv:
+                self.queue.remove(req)
+                self.queue.appendleft(req)
+            while not req.finished:
+                self.step()
+        finally:
+            self.metrics = metrics
+
     def _loop(self) -> None:
         try:
+            if self._warmup_ids:
+                self._warm_up(self._warmup_ids)
+            self.ready.set()
             while self._running:
                 with self._cv:
                     while self._running and not self._has_work():
@@ -282,6 +306,7 @@ class Scheduler:
             self.metrics.generation_tokens.inc()
         req.last_token_time = now
         req.generated.append(token)
+        req.cum_logprob += float(out.logprobs[row])
         sp = req.sampling
         lp = top = None
         if sp.logprobs is not None:

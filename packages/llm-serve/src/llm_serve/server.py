@@ -4,6 +4,9 @@ metrics, and vLLM's /tokenize and /detokenize.
     app = create_app(scheduler, tokenizer, model_name="tiny")   # the scheduler thread starts with it
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
+`GET /health` answers 503 `{"status": "loading"}` until the scheduler has warmed up (compiled the
+model), then 200 `{"status": "ok", ...}`; 503 with an error if the engine has failed.
+
 Errors are OpenAI error objects `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body
 (the `param` names the field), 404 for an unknown model or route, 429 when the waiting queue is full,
 503 when the engine has failed. A streaming client that disconnects is cancelled at once: its slot and
@@ -27,14 +30,18 @@ from llm_serve.scheduler import QueueFull
 from llm_serve.scheduler import Request as EngineRequest
 
 
-def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | None = None):
+def create_app(
+    scheduler, tokenizer, model_name: str, metrics: ServeMetrics | None = None, warmup_ids=None
+):
+    """`warmup_ids`: a prompt the scheduler generates from first (compiling the model) while
+    /health answers 503 "loading"."""
     metrics = metrics or scheduler.metrics or ServeMetrics()
     scheduler.metrics = metrics
     max_len = scheduler.engine.max_len
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        scheduler.start(warmup_ids)
         yield
         scheduler.stop()
 
@@ -54,6 +61,8 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
     async def health():
         if scheduler.error is not None:
             raise P.APIError(503, f"engine failed: {scheduler.error!r}; restart the server.")
+        if not scheduler.ready.is_set():
+            return JSONResponse({"status": "loading", **scheduler.stats()}, status_code=503)
         return {"status": "ok", **scheduler.stats()}
 
     @app.get("/metrics")
@@ -83,7 +92,7 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
                 "model_not_found",
             )
 
-    def prompt_ids(ids: list[int], param: str) -> list[int]:
+    def prompt_ids(ids: list[int], param: str, parsed: P.ParsedRequest) -> list[int]:
         if not ids:
             raise P.APIError(400, f"'{param}' encodes to no tokens; send some text.", param)
         if len(ids) >= max_len:
@@ -96,16 +105,46 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
             )
         if any(not 0 <= i < tokenizer.vocab_size for i in ids):
             raise P.APIError(400, f"'{param}' holds token ids outside the vocabulary.", param)
-        return ids
-
-    def submit(ids, parsed: P.ParsedRequest):
-        """The request's n choices as one scheduler group; events arrive as (index, Event)."""
-        if parsed.n > len(scheduler.slots):
+        field = parsed.max_tokens_field
+        if field and len(ids) + parsed.sampling.max_tokens > max_len:
             raise P.APIError(
                 400,
-                f"'n' is {parsed.n}; this server decodes at most {len(scheduler.slots)} sequences "
-                "at once (max_decode_slots).",
-                "n",
+                f"'{field}' is {parsed.sampling.max_tokens}, but '{param}' has {len(ids)} tokens "
+                f"and this server's context holds {max_len}: at most {max_len - len(ids)} can be "
+                "generated. Lower it.",
+                field,
+                "context_length_exceeded",
+            )
+        return ids
+
+    def check_logit_bias(parsed: P.ParsedRequest) -> None:
+        outside = [t for t in parsed.sampling.logit_bias if t >= tokenizer.vocab_size]
+        if outside:
+            raise P.APIError(
+                400,
+                f"'logit_bias' names token id(s) {outside[:5]} outside the vocabulary "
+                f"[0, {tokenizer.vocab_size}).",
+                "logit_bias",
+            )
+
+    def submit(prompts: list[list[int]], parsed: P.ParsedRequest):
+        """Every prompt's candidates (best_of, or n) as one scheduler group each; events arrive as
+        (global candidate index, Event), candidate j of prompt p at p * per_prompt + j."""
+        per_prompt = parsed.best_of
+        if per_prompt > len(scheduler.slots):
+            param = "best_of" if parsed.best_of > parsed.n else "n"
+            raise P.APIError(
+                400,
+                f"'{param}' is {per_prompt}; this server decodes at most {len(scheduler.slots)} "
+                "sequences at once (max_decode_slots).",
+                param,
+            )
+        if len(prompts) > scheduler.max_queue:
+            raise P.APIError(
+                400,
+                f"'prompt' holds {len(prompts)} prompts; this server queues at most "
+                f"{scheduler.max_queue} (max_queue_size). Send fewer per request.",
+                "prompt",
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -113,40 +152,46 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
         def sink(i):
             return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
-        reqs = [
-            EngineRequest(list(ids), parsed.sampling.for_choice(i), sink(i))
-            for i in range(parsed.n)
-        ]
+        reqs: list = []
         try:
-            scheduler.submit_group(reqs)
+            for ids in prompts:
+                group = [
+                    EngineRequest(list(ids), parsed.sampling.for_choice(j), sink(len(reqs) + j))
+                    for j in range(per_prompt)
+                ]
+                scheduler.submit_group(group)
+                reqs.extend(group)
         except QueueFull as err:
+            cancel_unfinished(reqs)
             raise P.APIError(
                 429, f"Server busy: {err}. Retry shortly.", None, "queue_full"
             ) from None
         except ValueError as err:
+            cancel_unfinished(reqs)
             raise P.APIError(400, str(err), "max_tokens") from None
         return reqs, queue
 
     def cancel_unfinished(reqs) -> None:
-        if not all(r.finished for r in reqs):
-            scheduler.cancel(reqs[0])  # the whole group
+        for r in reqs:
+            if not r.finished and not r.cancelled:
+                scheduler.cancel(r)  # its whole group
 
-    def echoed(parsed: P.ParsedRequest, ids: list[int], req) -> tuple[str, dict | None]:
+    def echoed(prompt, ids: list[int], req, logprobs) -> tuple[str, dict | None]:
         """Completions with echo: the prompt text and (logprobs asked) its logprobs object."""
-        text = parsed.prompt if isinstance(parsed.prompt, str) else tokenizer.decode(ids)
-        if parsed.sampling.logprobs is None:
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+        if logprobs is None:
             return text, None
-        return text, P.echo_logprobs(tokenizer, ids, req, parsed.sampling.logprobs)
+        return text, P.echo_logprobs(tokenizer, ids, req, logprobs)
 
-    def usage_of(ids, reqs) -> dict:
-        return P.usage(len(ids), sum(len(r.generated) for r in reqs))
+    def usage_of(prompts, reqs) -> dict:
+        return P.usage(sum(len(ids) for ids in prompts), sum(len(r.generated) for r in reqs))
 
-    async def run(parsed: P.ParsedRequest, ids: list[int], chat: bool):
-        reqs, queue = submit(ids, parsed)
+    async def run(parsed: P.ParsedRequest, prompts: list[list[int]], chat: bool):
+        reqs, queue = submit(prompts, parsed)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
             return StreamingResponse(
-                stream(reqs, queue, rid, parsed, ids, chat), media_type="text/event-stream"
+                stream(reqs, queue, rid, parsed, prompts, chat), media_type="text/event-stream"
             )
         events: list[list] = [[] for _ in reqs]
         try:
@@ -157,31 +202,40 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
                 left -= bool(ev.finish_reason)
         finally:
             cancel_unfinished(reqs)
-        use = usage_of(ids, reqs)
+        use = usage_of(prompts, reqs)
         want = parsed.sampling.logprobs is not None
         if not chat and parsed.echo and any(e[-1].finish_reason == "abort" for e in events):
             raise P.APIError(
                 503, "The request was aborted (engine failure or cancellation) before it finished."
             )
         choices = []
-        for i, (req, evs) in enumerate(zip(reqs, events)):
-            text, finish = "".join(e.text for e in evs), evs[-1].finish_reason
-            if chat:
-                lp = P.chat_logprobs(tokenizer, evs) if want else None
-                choices.append(P.chat_choice(i, text, finish, lp))
-            elif not parsed.echo:
-                lp = P.completion_logprobs(tokenizer, evs) if want else None
-                choices.append(P.completion_choice(i, text, finish, lp))
-            else:
-                prompt_text, lp = echoed(parsed, ids, req)
-                if want:
-                    more = P.completion_logprobs(tokenizer, evs, len(prompt_text))
-                    lp = P.join_logprobs(lp, more)
-                choices.append(P.completion_choice(i, prompt_text + text, finish, lp))
+        k = parsed.best_of
+        for p, ids in enumerate(prompts):
+            candidates = list(range(p * k, (p + 1) * k))
+            if k > parsed.n:  # best_of: the n most likely candidates, in that order
+                candidates.sort(key=lambda c: -reqs[c].cum_logprob)
+            for rank, c in enumerate(candidates[: parsed.n]):
+                req, evs, index = reqs[c], events[c], p * parsed.n + rank
+                text, finish = "".join(e.text for e in evs), evs[-1].finish_reason
+                if chat:
+                    lp = P.chat_logprobs(tokenizer, evs) if want else None
+                    choices.append(P.chat_choice(index, text, finish, lp))
+                elif not parsed.echo:
+                    lp = P.completion_logprobs(tokenizer, evs) if want else None
+                    choices.append(P.completion_choice(index, text, finish, lp))
+                else:
+                    prompt = parsed.prompts[p]
+                    prompt_text, lp = echoed(prompt, ids, req, parsed.sampling.logprobs)
+                    if want:
+                        more = P.completion_logprobs(tokenizer, evs, len(prompt_text))
+                        lp = P.join_logprobs(lp, more)
+                    choices.append(P.completion_choice(index, prompt_text + text, finish, lp))
         body = P.chat_body if chat else P.completion_body
         return body(rid, parsed.model, choices, use)
 
-    async def stream(reqs, queue, rid, parsed, ids, chat):
+    async def stream(reqs, queue, rid, parsed, prompts, chat):
+        """Streamed choices (best_of == n here: candidate i is choice i)."""
+
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
@@ -199,7 +253,10 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
                 i, ev = await queue.get()
                 if echo[i] and ev.finish_reason != "abort":  # the prompt is scored by now
                     echo[i] = False
-                    text, lp = echoed(parsed, ids, reqs[i])
+                    p = i // parsed.n
+                    text, lp = echoed(
+                        parsed.prompts[p], prompts[p], reqs[i], parsed.sampling.logprobs
+                    )
                     yield sse(P.completion_chunk(rid, parsed.model, text, None, lp, index=i))
                     offsets[i] += len(text)
                 if ev.finish_reason:
@@ -225,7 +282,7 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
                     else P.completion_chunk(rid, parsed.model, "")
                 )
                 body["choices"] = []
-                body["usage"] = usage_of(ids, reqs)
+                body["usage"] = usage_of(prompts, reqs)
                 yield sse(body)
             yield "data: [DONE]\n\n"
         finally:
@@ -235,19 +292,26 @@ def create_app(scheduler, tokenizer, model_name: str, metrics: ServeMetrics | No
     async def completions(request: Request):
         parsed = P.parse_completion(await read_json(request))
         check_model(parsed)
-        if isinstance(parsed.prompt, str):
-            ids = prompt_ids(tokenizer.encode(parsed.prompt), "prompt")
-        else:
-            ids = prompt_ids(list(parsed.prompt), "prompt")
-        return await run(parsed, ids, chat=False)
+        check_logit_bias(parsed)
+        many = len(parsed.prompts) > 1
+        prompts = [
+            prompt_ids(
+                tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt),
+                f"prompt[{p}]" if many else "prompt",
+                parsed,
+            )
+            for p, prompt in enumerate(parsed.prompts)
+        ]
+        return await run(parsed, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         parsed = P.parse_chat(await read_json(request))
         check_model(parsed)
+        check_logit_bias(parsed)
         text = tokenizer.apply_chat_template(parsed.messages)
-        ids = prompt_ids(tokenizer.encode(text), "messages")
-        return await run(parsed, ids, chat=True)
+        ids = prompt_ids(tokenizer.encode(text), "messages", parsed)
+        return await run(parsed, [ids], chat=True)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
