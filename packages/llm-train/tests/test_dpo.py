@@ -149,8 +149,8 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, tokenizer_dir, lora):  # 
         ),
         (
             {"objective": "dpo", "dataset_format": "preference", "dataset_kind": "jsonl",
-             "grad_accum_steps": 2},
-            "grad_accum_steps > 1 is not implemented",
+             "global_batch_size": 6, "grad_accum_steps": 2},
+            "must be even",
         ),
     ],
 )  # fmt: skip

@@ -121,6 +121,7 @@ def test_reward_function_errors_name_the_entry(tmp_path, entries, match):
         ({"num_generations": 1}, "num_generations must be >= 2"),
         ({"reward_functions": "[]"}, "needs reward_functions"),
         ({"global_batch_size": 6, "num_generations": 4}, "multiple of num_generations"),
+        ({"eval_every": 5}, "eval_fraction"),
     ],
 )
 def test_bad_grpo_config_names_the_key(tmp_path, changes, match):
@@ -160,8 +161,16 @@ def test_grpo_raises_the_mean_reward(tmp_path, tokenizer_dir):  # noqa: F811
         learning_rate=1e-2,
         warmup_steps=2,
         max_decode_slots=32,
+        eval_fraction=0.25,
+        eval_every=1,
+        eval_batches=1,
     )
     result = train(cfg)
     rewards = [result.rewards[s] for s in sorted(result.rewards)]
     start, end = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert end > start + 0.1, rewards
+    # held-out prompts, greedy completions: the reward rises there too
+    evals = [result.evals[s]["eval_reward_mean"] for s in range(1, 26)]
+    assert evals[-1] > evals[0] + 0.1, evals
+    assert result.evals[25]["eval_reward_sevens"] == result.evals[25]["eval_reward_mean"]
+    print("train rewards", rewards[0], rewards[-1], "eval rewards", evals)

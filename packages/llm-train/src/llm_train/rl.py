@@ -7,6 +7,11 @@ one extra copy of the parameters in memory, nothing through disk), score them wi
 functions, turn rewards into advantages per prompt group, compute the sampling policy's and (when
 `grpo_beta` > 0) the reference's per-token log-probs, then take `grpo_num_iterations` policy updates
 on that batch. `steps` counts rounds; checkpoints hold the train state and the prompt iterator.
+
+Evaluation (`eval_fraction` > 0 holds prompts out, `eval_every` rounds): one greedy completion per
+held-out prompt (the first `eval_batches x global_batch_size` of them, the same every time), scored
+by the same reward functions: `eval_reward_mean`, `eval_reward_<function>`,
+`eval_completion_length`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from flax import nnx
 from llm_core import Config, ConfigError, unstack_layers
 from llm_train import distributed
 from llm_train.checkpoint import Checkpointer
-from llm_train.data.pipeline import _pad_sft
+from llm_train.data.pipeline import _pad_sft, _split_docs
 from llm_train.data.sft import load_chat_template, open_records
 from llm_train.data.sources import DataError
 from llm_train.data.tokenizer import check_vocab, load_tokenizer
@@ -52,7 +57,13 @@ class Prompts:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.template = load_chat_template(cfg.chat_template, cfg.tokenizer_path)
         records = open_records(cfg.dataset_kind, cfg.dataset_path, cfg.dataset_split)
-        self.items = [self._encode(where, r) for where, r in records]
+        items = [self._encode(where, r) for where, r in records]
+        try:
+            train, held_out = _split_docs(items, cfg.eval_fraction, cfg.seed)
+        except ValueError as err:
+            raise ConfigError(f"{err} ({len(items)} prompt records)") from None
+        self.eval_items = [] if held_out is None else list(held_out)
+        self.items = list(train)
         ds = grain.MapDataset.source(self.items).shuffle(seed=cfg.seed).repeat()
         self.iter = iter(ds.to_iter_dataset())
 
@@ -105,6 +116,36 @@ def _rewards(fns, prompts, completions, fields) -> tuple[np.ndarray, dict[str, f
     return total, per_fn
 
 
+def _generate(serve, scheduler, prompts: list, sampling_for, chunk: int) -> list[list[int]]:
+    """Completions (token ids) of `prompts` [(ids, text, fields)], `chunk` requests at a time (the
+    scheduler's queue bound); `sampling_for(i)` gives the i-th request's SamplingParams."""
+    out = []
+    for start in range(0, len(prompts), chunk):
+        reqs = [
+            serve.Request(list(ids), sampling_for(start + i), lambda e: None)
+            for i, (ids, _, _) in enumerate(prompts[start : start + chunk])
+        ]
+        for req in reqs:
+            scheduler.submit(req)
+        scheduler.run_until_idle()
+        out.extend(r.generated for r in reqs)
+    return out
+
+
+def evaluate_rewards(cfg, serve, scheduler, tokenizer, reward_fns, prompts: list) -> dict:
+    """eval_reward_mean, eval_reward_<function>, eval_completion_length: one greedy completion per
+    prompt, scored by the run's reward functions."""
+    greedy = serve.SamplingParams(max_tokens=cfg.max_completion_length, temperature=0.0)
+    completions = _generate(serve, scheduler, prompts, lambda i: greedy, cfg.global_batch_size)
+    texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_id]) for c in completions]
+    reward, per_fn = _rewards(reward_fns, [p[1] for p in prompts], texts, [p[2] for p in prompts])
+    return {
+        "eval_reward_mean": float(reward.mean()),
+        **{f"eval_{k}": v for k, v in per_fn.items()},
+        "eval_completion_length": float(np.mean([len(c) for c in completions])),
+    }
+
+
 def train_rl(cfg: Config, max_steps: int | None = None):
     """GRPO / GSPO training to `cfg.steps` rounds (see the module docstring); resumes if possible."""
     from llm_train.trainer import TrainResult, _global_batch, _save_config, run_dir
@@ -142,6 +183,7 @@ def train_rl(cfg: Config, max_steps: int | None = None):
     serve_tok = serve.Tokenizer(tokenizer.tok, eos)
     engine = scheduler = None
     result = TrainResult(out_dir, start, start)
+    eval_prompts = prompts.eval_items[: cfg.eval_batches * cfg.global_batch_size]
     end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
     try:
         for rnd in range(start, end):
@@ -219,6 +261,13 @@ def train_rl(cfg: Config, max_steps: int | None = None):
             result.rewards[rnd + 1] = record["reward_mean"]
             writer.write(record)
             writer.progress(record)
+            if cfg.eval_every and (rnd + 1) % cfg.eval_every == 0 and eval_prompts:
+                model = nnx.merge(steps.graphdef, state["params"], state["rest"])
+                scheduler.params = nnx.split(unstack_layers(model))[1]
+                ev = evaluate_rewards(cfg, serve, scheduler, tokenizer, reward_fns, eval_prompts)
+                result.evals[rnd + 1] = ev
+                writer.write({"step": rnd + 1, **ev})
+                writer.message(f"eval round {rnd + 1}: reward {ev['eval_reward_mean']:.4f}")
             if cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0:
                 ckpt.save(rnd + 1, state, prompts.iter.get_state())
         if result.last_step > start:

@@ -306,25 +306,29 @@ class Steps:
             (_, (nll, count, stats)), grads = grad_fn(params, rest, batch, ref)
             return grads, nll, count, stats
 
-        def to_micro(x):  # [B, ...] -> [accum, B / accum, ...], row r goes to microbatch r % accum
-            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
-            x = jnp.swapaxes(x, 0, 1)
+        # DPO keeps each (chosen, rejected) pair of rows in one microbatch; GRPO rows carry their
+        # own advantages, so any split of rows works.
+        rows_together = 2 if self.cfg.objective == "dpo" else 1
+        spec = self.batch_sharding.spec
+
+        def to_micro(x):  # [B, ...] -> [accum, B / accum, ...]: row group r -> microbatch r % accum
+            g = rows_together
+            x = x.reshape(x.shape[0] // (accum * g), accum, g, *x.shape[1:])
+            x = jnp.swapaxes(x, 0, 1).reshape(accum, -1, *x.shape[3:])
+            micro_spec = jax.sharding.PartitionSpec(None, *spec[: x.ndim - 1])
             return jax.lax.with_sharding_constraint(
-                x,
-                jax.sharding.NamedSharding(
-                    self.mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec)
-                ),
+                x, jax.sharding.NamedSharding(self.mesh, micro_spec)
             )
 
         micro = {k: to_micro(v) for k, v in batch.items()}
         zeros = jax.tree.map(jnp.zeros_like, params)
         stats_shape = jax.eval_shape(
-            lambda: self._loss(params, rest, jax.tree.map(lambda a: a[0], micro))[1][2]
+            lambda: self._loss(params, rest, jax.tree.map(lambda a: a[0], micro), ref)[1][2]
         )
 
         def body(carry, mb):
             g_acc, nll_acc, n_acc, s_acc = carry
-            (_, (nll, count, stats)), g = grad_fn(params, rest, mb)
+            (_, (nll, count, stats)), g = grad_fn(params, rest, mb, ref)
             s_acc = jax.tree.map(jnp.add, s_acc, stats)
             return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, n_acc + count, s_acc), None
 

@@ -130,14 +130,15 @@ def _validate_grpo(cfg: Config) -> None:
         )
     if not cfg.reward_functions:
         raise ConfigError("objective=grpo needs reward_functions (a list of 'module:function').")
-    if cfg.grad_accum_steps != 1:
-        raise ConfigError(
-            "objective=grpo with grad_accum_steps > 1 is not implemented yet: set grad_accum_steps=1."
-        )
     if cfg.max_completion_length < 1 or cfg.max_completion_length >= cfg.seq_len:
         raise ConfigError(
             f"max_completion_length ({cfg.max_completion_length}) must be in [1, seq_len) "
             f"(seq_len={cfg.seq_len} holds prompt + completion)."
+        )
+    if cfg.eval_every and cfg.eval_fraction <= 0:
+        raise ConfigError(
+            f"objective=grpo with eval_every={cfg.eval_every} evaluates on held-out prompts: set "
+            "eval_fraction > 0 (e.g. 0.05) or eval_every=0."
         )
     if cfg.grpo_num_iterations < 1:
         raise ConfigError(f"grpo_num_iterations must be >= 1, got {cfg.grpo_num_iterations}.")
@@ -157,9 +158,10 @@ def _validate_dpo(cfg: Config) -> None:
             f"objective=dpo puts a chosen and a rejected row per pair in the batch: "
             f"global_batch_size must be even, got {cfg.global_batch_size}."
         )
-    if cfg.grad_accum_steps != 1:
+    if (cfg.global_batch_size // cfg.grad_accum_steps) % 2:
         raise ConfigError(
-            "objective=dpo with grad_accum_steps > 1 is not implemented yet: set grad_accum_steps=1."
+            f"objective=dpo keeps each chosen / rejected pair in one microbatch: global_batch_size "
+            f"({cfg.global_batch_size}) / grad_accum_steps ({cfg.grad_accum_steps}) must be even."
         )
     if cfg.dpo_beta <= 0:
         raise ConfigError(f"dpo_beta must be > 0, got {cfg.dpo_beta}.")
