@@ -49,3 +49,12 @@ def test_a_model_without_adapters_is_refused(tmp_path):
     cfg, _ = read_hf(hf_dir)
     with pytest.raises(ConversionError, match="no LoRA adapters"):
         save_peft_adapter(build_model(cfg, rngs=nnx.Rngs(0)), tmp_path / "adapter")
+
+
+def test_expert_adapters_are_refused_not_dropped(tmp_path):
+    hf_dir = tmp_path / "hf"
+    build_hf_model("mixtral", hf_dir)
+    cfg, _ = read_hf(hf_dir)
+    lora = build_model(cfg.replace(lora_rank=2, lora_experts=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ConversionError, match=r"MoE experts .*mlp/down.* export the merged model"):
+        save_peft_adapter(lora, tmp_path / "adapter")

@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_core import ConfigError, LoRALinear, build_model, load, load_config, merged_params, save
+from llm_core import (
+    ConfigError,
+    Linear,
+    LoRALinear,
+    build_model,
+    load,
+    load_config,
+    merged_params,
+    save,
+)
 from llm_core.io import model_from_params
+from llm_core.layers.lora import LoRAGroupedLinear, lora_dropout_key
 
 TINY = [
     "num_layers=3",
@@ -32,7 +42,7 @@ def _pair(*extra):
 def _randomise_b(model, seed=1):
     key = jax.random.key(seed)
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, LoRALinear):
+        if isinstance(node, LoRALinear | LoRAGroupedLinear):
             key, sub = jax.random.split(key)
             node.lora_b[...] = 0.05 * jax.random.normal(sub, node.lora_b.shape)
 
@@ -84,7 +94,8 @@ def test_targets_pick_modules_by_path():
     [
         (["lora_targets=nothing_here$"], "lora_targets='nothing_here\\$' matches no Linear"),
         (["lora_targets=attn/(q"], "lora_targets='attn/\\(q' is not a valid regex"),
-        (["lora_dropout=0.1"], "lora_dropout.* not implemented yet"),
+        (["lora_dropout=1.0"], "lora_dropout must be in"),
+        (["lora_experts=true", "lora_rank=0"], "lora_experts=true .* lora_rank > 0"),
         (["lora_rank=-1"], "lora_rank must be >= 0"),
     ],
 )
@@ -102,10 +113,89 @@ def test_save_writes_the_merged_plain_model(tmp_path):
     np.testing.assert_allclose(np.asarray(back(IDS)), np.asarray(lora(IDS)), atol=2e-5)
 
 
+MOE = ["ffn_kind=moe", "num_experts=4", "num_experts_per_tok=2", "moe_mlp_dim=16"]
+
+
 def test_lora_on_an_moe_model_warns_that_experts_stay_frozen():
-    moe = ["ffn_kind=moe", "num_experts=4", "num_experts_per_tok=2", "moe_mlp_dim=16"]
-    with pytest.warns(UserWarning, match="MoE expert weights .* stay frozen"):
-        build_model(load_config(None, [*TINY, *moe, "lora_rank=2"]), rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="MoE expert weights .* stay frozen: set lora_experts"):
+        build_model(load_config(None, [*TINY, *MOE, "lora_rank=2"]), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("matmul", ["ragged_dot", "tiled"])
+def test_expert_adapters_start_as_identity_and_merge_into_the_expert_kernels(matmul):
+    base = build_model(load_config(None, [*TINY, *MOE, f"moe_matmul={matmul}"]), rngs=nnx.Rngs(0))
+    cfg = load_config(
+        None, [*TINY, *MOE, f"moe_matmul={matmul}", "lora_rank=4", "lora_experts=true"]
+    )
+    lora = build_model(cfg, rngs=nnx.Rngs(0))
+    gate = lora.groups.layer_0.mlp.gate
+    assert isinstance(gate, LoRAGroupedLinear)
+    assert gate.lora_a.shape == (3, 4, 32, 4) and gate.lora_b.shape == (3, 4, 4, 16)
+    np.testing.assert_array_equal(np.asarray(lora(IDS)), np.asarray(base(IDS)))
+    _randomise_b(lora)
+    adapted = np.asarray(lora(IDS))
+    assert np.abs(adapted - np.asarray(base(IDS))).max() > 1e-3  # the expert adapters matter
+    plain = model_from_params(
+        lora.cfg.replace(lora_rank=0, lora_experts=False), merged_params(lora)
+    )
+    np.testing.assert_allclose(np.asarray(plain(IDS)), adapted, atol=2e-5, rtol=1e-5)
+    # by hand: expert e's gate kernel of layer 1 is W_e + (alpha / r) A_e B_e
+    a, b = np.asarray(gate.lora_a[1]), np.asarray(gate.lora_b[1])
+    want = np.asarray(gate.base.kernel[1]) + (16.0 / 4) * np.einsum("eir,ero->eio", a, b)
+    got = np.asarray(merged_params(lora)["groups"]["layer_0"]["mlp"]["gate"]["kernel"][1])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _dropout_layer(p: float):
+    lora = build_model(
+        load_config(None, [*TINY, "lora_rank=4", f"lora_dropout={p}"]), rngs=nnx.Rngs(0)
+    )
+    _randomise_b(lora)
+    return lora
+
+
+def test_dropout_acts_only_under_a_key_and_is_unbiased():
+    lora = _dropout_layer(0.5)
+    plain = np.asarray(lora(IDS))
+    np.testing.assert_array_equal(np.asarray(_pair()[1].cfg.lora_dropout), 0.0)
+    with lora_dropout_key(jax.random.key(0)):
+        a = np.asarray(lora(IDS))
+    with lora_dropout_key(jax.random.key(0)):
+        again = np.asarray(lora(IDS))
+    with lora_dropout_key(jax.random.key(1)):
+        b = np.asarray(lora(IDS))
+    np.testing.assert_array_equal(a, again)  # the key decides the masks
+    assert np.abs(a - plain).max() > 1e-4 and np.abs(a - b).max() > 1e-4
+    np.testing.assert_array_equal(np.asarray(lora(IDS)), plain)  # outside the block: no dropout
+
+    # one adapter: the mean over masks of dropout(x) A B is x A B (inverted dropout scaling)
+    rngs = nnx.Rngs(0)
+    base = Linear(32, 16, (None, None), weight_dtype=jnp.float32, rngs=rngs)
+    layer = LoRALinear(base, 4, 16.0, rngs, dropout=0.5, index=3)
+    layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(4), layer.lora_b.shape)
+    x = jax.random.normal(jax.random.key(2), (4, 32))
+
+    def dropped(key):
+        with lora_dropout_key(key):
+            return layer(x)
+
+    keys = jax.random.split(jax.random.key(3), 4000)
+    mean = jax.vmap(dropped)(keys).mean(0)
+    clean = layer(x)
+    spread = float(jnp.abs(jax.vmap(dropped)(keys[:8]) - clean).max())
+    assert spread > 1e-3
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(clean), atol=0.05 * spread)
+
+
+def test_every_adapter_and_stacked_layer_has_its_own_dropout_salt():
+    lora = _dropout_layer(0.1)
+    salts = [
+        np.asarray(n.salt[...]).ravel()
+        for _, n in nnx.iter_graph(lora)
+        if isinstance(n, LoRALinear)
+    ]
+    flat = np.concatenate(salts)
+    assert len(salts) == 7 and flat.size == 7 * 3 and len(set(flat.tolist())) == flat.size
 
 
 def test_adapters_are_float32_on_a_bf16_base():

@@ -87,3 +87,42 @@ def test_qlora_init_from_quantizes_the_source(tmp_path):
     want = np.asarray(load(src)(ids))
     got = np.asarray(model(ids))
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def _step_once(cfg, batch):
+    steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
+    state = steps.init()
+    ev = jax.device_get(steps.eval_step(state, batch))
+    new, metrics = steps.train_step(state, batch)
+    return steps, new, jax.device_get(metrics), ev
+
+
+def test_lora_dropout_acts_in_train_steps_only(tmp_path):
+    from test_step import batch
+
+    bt = batch(tiny_config(tmp_path), seed=2)
+    runs = {
+        p: _step_once(tiny_config(tmp_path, lora_rank=4, lora_dropout=p, grad_accum_steps=2), bt)
+        for p in (0.0, 0.3)
+    }
+    (_, _, m0, e0), (_, _, m1, e1) = runs[0.0], runs[0.3]
+    assert float(e0["nll"]) == float(e1["nll"])  # evaluation: no dropout
+    # B starts at zero, so dropout cannot change the first loss, only the adapters' gradients
+    np.testing.assert_allclose(float(m0["loss"]), float(m1["loss"]), rtol=1e-6)
+    assert abs(float(m0["grad_norm"]) - float(m1["grad_norm"])) > 1e-3 * float(m0["grad_norm"])
+
+
+def test_lora_experts_train_per_expert_adapters_only(tmp_path):
+    from test_step import batch
+
+    moe = {"ffn_kind": "moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_mlp_dim": 32}
+    cfg = tiny_config(tmp_path, lora_rank=4, lora_experts=True, warmup_steps=0, **moe)
+    _, state, metrics, _ = _step_once(cfg, batch(cfg, seed=3))
+    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state["params"])}
+    gate_b = flat["groups/layer_0/mlp/gate/lora_b"][...]
+    assert gate_b.shape == (2, 4, 4, 32)  # [layers, experts, rank, out]
+    assert np.abs(np.asarray(gate_b)).max() > 0  # the expert adapters trained
+    assert all(n.endswith(("lora_a", "lora_b")) for n in flat)
+    # AdamW moments for the adapters only, expert adapters included
+    assert 2 * _size(state["params"]) <= _size(state["opt_state"]) <= 2 * _size(state["params"]) + 8
+    assert np.isfinite(float(metrics["loss"]))

@@ -21,6 +21,7 @@ from llm_convert.errors import ConversionError
 from llm_convert.families import FAMILIES
 from llm_convert.layout import expected_tensors, get_path
 from llm_convert.transforms import LINEAR_IN, LINEAR_OUT_HEADS
+from llm_core import LoRAGroupedLinear, iter_lora
 
 
 def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -28,9 +29,17 @@ def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str]]:
     cfg = model.cfg
     if cfg.lora_rank <= 0:
         raise ConversionError("the model has no LoRA adapters (lora_rank is 0).")
+    experts = sorted(
+        "/".join(map(str, p)) for p, m in iter_lora(model) if isinstance(m, LoRAGroupedLinear)
+    )
+    if experts:  # PEFT's MoE adapter layouts differ between versions; the merged model is exact
+        raise ConversionError(
+            f"LoRA adapters on MoE experts ({', '.join(experts[:3])}) have no stable PEFT "
+            "layout: export the merged model instead (llm-train export without --peft-adapter)."
+        )
     family = FAMILIES[cfg.model_family]
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tensors, targets = {}, set()
+    tensors, targets, exported = {}, set(), set()
     for item in expected_tensors(cfg, family, family.layouts[0]):
         if item.path[-1] != "kernel":
             continue
@@ -57,8 +66,15 @@ def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str]]:
             b.reshape(rank, -1).T
         )
         targets.add(module.rsplit(".", 1)[-1])
+        exported.add("/".join(map(str, item.path[:-1])))
     if not tensors:
         raise ConversionError("no LoRA adapter maps onto a Hugging Face module of this family.")
+    left = sorted({"/".join(map(str, p)) for p, _ in iter_lora(model)} - exported)
+    if left:
+        raise ConversionError(
+            f"LoRA adapters on {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} have no PEFT "
+            f"nn.Linear equivalent in family {cfg.model_family}: export the merged model instead."
+        )
     return tensors, sorted(targets)
 
 

@@ -67,7 +67,9 @@ def save(model: nnx.Module, path: str | os.PathLike) -> Path:
     if model.cfg.lora_rank > 0:
         from llm_core.layers.lora import merged_params
 
-        plain = model.cfg.replace(lora_rank=0, lora_base_quantization="none")
+        plain = model.cfg.replace(
+            lora_rank=0, lora_base_quantization="none", lora_experts=False, lora_dropout=0.0
+        )
         return save_params(merged_params(model), plain, path)
     return save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg, path)
 

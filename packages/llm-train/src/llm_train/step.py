@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llm_core import Config, LoRAParam, RouterBias
+from llm_core import Config, LoRAParam, RouterBias, lora_dropout_key
 from llm_train.dpo import dpo_loss
 from llm_train.grpo import policy_loss
 from llm_train.model import build_model
@@ -200,11 +200,16 @@ class Steps:
         )
 
     # ------------------------------------------------------------------ loss and steps
-    def _loss(self, params, rest, batch, ref=None):
+    def _loss(self, params, rest, batch, ref=None, dropout_key=None):
         """(summed loss, (summed nll, token count, summed aux statistics)). Router losses (MoE) are
         per-token means from the model; they enter the summed loss x the token count, so after the
         division by all tokens they weigh `moe_*_loss_weight` whatever the accumulation. The forward
-        is traced under the run's mesh, so MoE layers see the `expert` axis (expert parallelism)."""
+        is traced under the run's mesh, so MoE layers see the `expert` axis (expert parallelism).
+        `dropout_key` (train steps with lora_dropout > 0) switches LoRA dropout on."""
+        with lora_dropout_key(dropout_key):
+            return self._objective(params, rest, batch, ref)
+
+    def _objective(self, params, rest, batch, ref):
         cfg = self.cfg
         if cfg.objective == "dpo":
             return self._dpo_loss(params, rest, batch, ref)
@@ -299,11 +304,11 @@ class Steps:
         total = jnp.sum(losses)
         return total, (total, jnp.asarray(losses.shape[0], jnp.float32), stats)
 
-    def _grads(self, params, rest, batch, ref=None):
+    def _grads(self, params, rest, batch, ref=None, dropout_key=None):
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accum = self.cfg.grad_accum_steps
         if accum == 1:
-            (_, (nll, count, stats)), grads = grad_fn(params, rest, batch, ref)
+            (_, (nll, count, stats)), grads = grad_fn(params, rest, batch, ref, dropout_key)
             return grads, nll, count, stats
 
         # DPO keeps each (chosen, rejected) pair of rows in one microbatch; GRPO rows carry their
@@ -326,9 +331,11 @@ class Steps:
             lambda: self._loss(params, rest, jax.tree.map(lambda a: a[0], micro), ref)[1][2]
         )
 
-        def body(carry, mb):
+        def body(carry, xs):
+            mb, i = xs
             g_acc, nll_acc, n_acc, s_acc = carry
-            (_, (nll, count, stats)), g = grad_fn(params, rest, mb, ref)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            (_, (nll, count, stats)), g = grad_fn(params, rest, mb, ref, key)
             s_acc = jax.tree.map(jnp.add, s_acc, stats)
             return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, n_acc + count, s_acc), None
 
@@ -338,13 +345,17 @@ class Steps:
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), stats_shape),
         )
-        (grads, nll, count, stats), _ = jax.lax.scan(body, init, micro)
+        (grads, nll, count, stats), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
         return grads, nll, count, stats
 
     def _train_step(self, state, batch):
         params = state["params"]
+        dropout_key = None
+        if self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0:  # a fresh mask every step
+            base_key = jax.random.wrap_key_data(state["rng"])
+            dropout_key = jax.random.fold_in(base_key, state["step"])
         grads, nll, count, stats = self._grads(
-            params, state["rest"], batch, state.get("ref_params")
+            params, state["rest"], batch, state.get("ref_params"), dropout_key
         )
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)

@@ -212,7 +212,11 @@ class Config:
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_targets: str = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"  # regex over module paths
-    lora_dropout: float = 0.0  # only 0 is implemented
+    # dropout on the adapters' input during training steps (PEFT's lora_dropout); dense adapters only
+    lora_dropout: float = 0.0
+    # also adapt MoE expert weights matched by lora_targets (per-expert A and B, merged into the
+    # expert kernels in the step); off by default: E x rank x (in + out) per projection per layer
+    lora_experts: bool = False
     # int8: QLoRA, the frozen base kernels of the adapted modules stored as int8 with per-output-
     # channel scales (a quarter of float32 memory), dequantized in the matmul
     lora_base_quantization: Literal["none", "int8"] = "none"

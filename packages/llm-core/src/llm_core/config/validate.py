@@ -191,11 +191,12 @@ def _validate_lora(cfg: Config) -> None:
             f"lora_base_quantization={cfg.lora_base_quantization} quantizes the base of LoRA "
             "adapters: set lora_rank > 0 as well."
         )
-    if cfg.lora_dropout != 0.0:
+    if cfg.lora_experts and cfg.lora_rank == 0:
         raise ConfigError(
-            f"Config key 'lora_dropout' is {cfg.lora_dropout}, but LoRA dropout is not "
-            "implemented yet: set it to 0."
+            "lora_experts=true adapts MoE experts with LoRA: set lora_rank > 0 as well."
         )
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}.")
     try:
         re.compile(cfg.lora_targets)
     except re.error as err:

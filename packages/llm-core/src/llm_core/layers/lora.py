@@ -9,10 +9,24 @@ replaces matching `Linear` attributes in the module tree (found with `iter_linea
 
 Module paths are the attribute paths joined by "/", e.g. `groups/layer_0/attn/q`,
 `groups/layer_0/mlp/down`, `lm_head`; the default targets are the attention and MLP projections.
+
+MoE expert weights (`GroupedLinear`, at `.../mlp/gate|up|down` of MoE layers) get per-expert
+adapters A [experts, in, rank], B [experts, rank, out] when `lora_experts` is on: the expert
+products read their kernels through `weight()`, so the adapter is folded into the expert kernels
+inside the step (one transient kernel-sized array per projection), which works with every expert
+matmul and with expert parallelism.
+
+Dropout (`lora_dropout` p, as in PEFT: y = base(x) + scale * dropout(x) A B) is active only inside
+`lora_dropout_key(key)`, which the train step opens; evaluation, serving and export never see it.
+Each adapter (and each stacked layer of it) folds its own `LoRASalt` into the key, so masks differ
+between modules and layers. Expert adapters are merged into the kernels, so dropout does not apply
+to them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from collections.abc import Iterator
@@ -31,14 +45,47 @@ class LoRAParam(nnx.Param):
     """An adapter weight: the only parameters a LoRA run trains."""
 
 
+class LoRASalt(nnx.Variable):
+    """Per-adapter (per stacked layer) integer folded into the dropout key: not trained."""
+
+
+_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout_key(key):
+    """Within this block (while tracing a train step), adapters with dropout > 0 drop inputs with
+    masks drawn from `key` (a jax.random key; None: no dropout)."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+def _salts(lead: tuple[int, ...], index: int) -> LoRASalt:
+    n = math.prod(lead)
+    values = jnp.arange(index * n, (index + 1) * n, dtype=jnp.uint32).reshape(lead)
+    return LoRASalt(values)
+
+
 class LoRALinear(nnx.Module):
     """A frozen `Linear` plus a trainable low-rank update; same call signature as `Linear`."""
 
-    def __init__(self, base: Linear, rank: int, alpha: float, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        base: Linear,
+        rank: int,
+        alpha: float,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
+        index: int = 0,
+    ):
         self.base = base
-        self.rank, self.scale = rank, alpha / rank
+        self.rank, self.scale, self.dropout = rank, alpha / rank, dropout
         kernel = base.kernel
         n_lead = kernel.ndim - len(base.in_shape) - len(base.out_shape)
+        self.salt = _salts(tuple(kernel.shape[:n_lead]), index)
         self.kernel_dtype = kernel.dtype
         lead = tuple(kernel.shape[:n_lead])
         axes = tuple(getattr(kernel, "out_sharding", None) or (None,) * kernel.ndim)
@@ -80,6 +127,12 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.base.in_shape)
         y = self.base(x)
+        key = _DROPOUT_KEY.get()
+        if key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(
+                jax.random.fold_in(key, self.salt[...]), 1.0 - self.dropout, x.shape
+            )
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         contract = tuple(range(x.ndim - n_in, x.ndim))
         h = jax.lax.dot_general(
             x, self.lora_a[...].astype(x.dtype), ((contract, tuple(range(n_in))), ((), ()))
@@ -88,6 +141,39 @@ class LoRALinear(nnx.Module):
             h, self.lora_b[...].astype(x.dtype), (((h.ndim - 1,), (0,)), ((), ()))
         )
         return (y + (self.scale * up).astype(y.dtype)).astype(y.dtype)
+
+
+class LoRAGroupedLinear(nnx.Module):
+    """A frozen `GroupedLinear` (MoE experts) plus a trainable low-rank update per expert, read
+    through the same `weight` / `bias_of` interface."""
+
+    def __init__(self, base: GroupedLinear, rank: int, alpha: float, rngs: nnx.Rngs):
+        self.base = base
+        self.rank, self.scale = rank, alpha / rank
+        kernel = base.kernel
+        self.kernel_dtype = kernel.dtype
+        *lead, experts, fan_in, fan_out = kernel.shape
+        axes = tuple(getattr(kernel, "out_sharding", None) or (None,) * kernel.ndim)
+        a = jax.random.normal(rngs.params(), (*lead, experts, fan_in, rank), jnp.float32)
+        self.lora_a = LoRAParam(
+            a / math.sqrt(fan_in), out_sharding=(*axes[:-1], None), eager_sharding=False
+        )
+        self.lora_b = LoRAParam(
+            jnp.zeros((*lead, experts, rank, fan_out), jnp.float32),
+            out_sharding=(*axes[:-2], None, axes[-1]),
+            eager_sharding=False,
+        )
+
+    def delta(self, dtype) -> jax.Array:
+        """scale * A_e B_e for every expert e, shaped like the base kernel."""
+        a, b = self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
+        return self.scale * jnp.einsum("...ir,...ro->...io", a, b)
+
+    def weight(self, dtype) -> jax.Array:
+        return self.base.weight(dtype) + self.delta(dtype)
+
+    def bias_of(self, dtype) -> jax.Array | None:
+        return self.base.bias_of(dtype)
 
 
 def module_path(path: tuple) -> str:
@@ -101,32 +187,45 @@ def apply_lora(
     targets: str,
     rngs: nnx.Rngs,
     int8_base: bool = False,
+    *,
+    dropout: float = 0.0,
+    experts: bool = False,
 ) -> int:
-    """Wrap every `Linear` whose path matches `targets` (re.search); returns how many. int8_base
-    (QLoRA) stores each wrapped base kernel as int8 with per-output-channel scales."""
+    """Wrap every `Linear` whose path matches `targets` (re.search), and with `experts` every
+    matching MoE `GroupedLinear`; returns how many. int8_base (QLoRA) stores each wrapped dense
+    base kernel as int8 with per-output-channel scales (expert kernels stay as they are)."""
     pattern = re.compile(targets)
     matched = [(p, lin) for p, lin in iter_linears(model) if pattern.search(module_path(p))]
-    chosen = [(p, lin) for p, lin in matched if isinstance(lin, Linear)]
-    experts = sorted(module_path(p) for p, lin in matched if isinstance(lin, GroupedLinear))
-    if experts:
+    grouped = [(p, lin) for p, lin in matched if isinstance(lin, GroupedLinear)]
+    if grouped and not experts:
         import warnings
 
+        names = ", ".join(sorted(module_path(p) for p, _ in grouped)[:3])
         warnings.warn(
-            f"lora_targets also matches MoE expert weights ({', '.join(experts[:3])}...), which "
-            "LoRA does not adapt yet: they stay frozen.",
+            f"lora_targets also matches MoE expert weights ({names}...), which stay frozen: set "
+            "lora_experts=true to adapt them too.",
             stacklevel=2,
         )
-    for path, lin in chosen:
-        wrapped = LoRALinear(lin, rank, alpha, rngs)
+    count = 0
+    for index, (path, lin) in enumerate(matched):
+        if isinstance(lin, GroupedLinear):
+            if experts:
+                set_module(model, path, LoRAGroupedLinear(lin, rank, alpha, rngs))
+                count += 1
+            continue
+        if not isinstance(lin, Linear):
+            continue
+        wrapped = LoRALinear(lin, rank, alpha, rngs, dropout, index)
         if int8_base:
             wrapped.base = Int8Linear(lin)
         set_module(model, path, wrapped)
-    return len(chosen)
+        count += 1
+    return count
 
 
-def iter_lora(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear]]:
+def iter_lora(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear | LoRAGroupedLinear]]:
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, LoRALinear):
+        if isinstance(node, LoRALinear | LoRAGroupedLinear):
             yield path, node
 
 

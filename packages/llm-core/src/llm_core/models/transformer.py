@@ -358,7 +358,10 @@ def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
         from llm_core.layers.lora import apply_lora
 
         int8_base = cfg.lora_base_quantization == "int8"
-        n = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs, int8_base)
+        n = apply_lora(
+            model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs, int8_base,
+            dropout=cfg.lora_dropout, experts=cfg.lora_experts,
+        )  # fmt: skip
         if n == 0:
             from llm_core.config import ConfigError
 
