@@ -4,7 +4,12 @@ Prints tokens/s and time-to-first-token for llm-serve's engine and for Hugging F
 `generate` (torch, CPU) on a LlamaForCausalLM of the same dimensions with random weights, side by
 side, plus the implied weight-read bandwidth at batch 1 (every decode step reads every weight once).
 
+With `--shared-prefix N` it also measures prefix caching: the time to first token of two
+requests that share an N-token system prompt (distinct 16-token questions), each on a fresh engine
+with `prefix_cache_entries` 0 and 4, interleaved; the second request reuses the first's KV.
+
     python benchmarks/serve.py [--batches 1 8] [--new-tokens 128] [--prompt-len 32] [--repeats 3]
+                               [--shared-prefix 512]
 """
 
 from __future__ import annotations
@@ -80,6 +85,36 @@ def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int):
     return lambda: (gen(1), gen(new_tokens))
 
 
+def shared_prefix_ttft(cfg, model, system: int, repeats: int) -> None:
+    """TTFT of a first and a second request sharing `system` tokens, without and with the cache."""
+    rng = np.random.default_rng(1)
+    head = rng.integers(0, cfg.vocab_size, system).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=1)
+    results: dict[int, list] = {0: [], 4: []}
+    engines = {n: Engine.from_model(cfg.replace(prefix_cache_entries=n), model) for n in results}
+
+    def ttft(engine, params, prompt):
+        t0 = time.perf_counter()
+        prefix = engine.prefill(params, prompt, greedy)
+        jax.block_until_ready(prefix.first.tokens)
+        return time.perf_counter() - t0
+
+    for r in range(repeats + 1):  # round 0 compiles
+        for n, (engine, params) in engines.items():
+            if engine.prefix_cache is not None:
+                engine.prefix_cache = type(engine.prefix_cache)(n, engine.page_size)  # empty
+            q1, q2 = (rng.integers(0, cfg.vocab_size, 16).tolist() for _ in range(2))
+            times = (ttft(engine, params, head + q1), ttft(engine, params, head + q2))
+            if r:
+                results[n].append(times)
+    print(f"shared {system}-token prefix, median of {repeats}: first / second request TTFT")
+    for n, ts in results.items():
+        first, second = (float(np.median([t[i] for t in ts])) for i in (0, 1))
+        label = f"prefix_cache_entries={n}"
+        print(f"  {label:>24}: {first * 1e3:7.1f} ms / {second * 1e3:7.1f} ms "
+              f"(second / first {second / first:.2f})")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,8 +123,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="system prompt tokens (0: skip)")
     args = ap.parse_args()
-    max_len = -(-(args.prompt_len + args.new_tokens) // 16) * 16  # the context this run needs
+    need = max(args.prompt_len + args.new_tokens, args.shared_prefix + 32)
+    max_len = -(-need // 16) * 16  # the context this run needs
     cfg = load_config(
         "bench-small.yml", [f"kv_cache_max_length={max_len}", "max_prefill_length=64"]
     )
@@ -127,6 +164,8 @@ def main() -> None:
             print(
                 f"      batch 1 implied weight reads: {gbs:.1f} GB/s ({decode_bytes / 1e6:.0f} MB/step)"
             )
+    if args.shared_prefix:
+        shared_prefix_ttft(cfg, model, args.shared_prefix, args.repeats)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,9 @@ class ServerProcess:
 
 
 # ---------------------------------------------------------------------- one server per test module
-SERVER_SETTINGS = ("kv_cache_kind=paged", "max_queue_size=4", "kv_cache_max_length=1024")
+SERVER_SETTINGS = (
+    "kv_cache_kind=paged", "max_queue_size=4", "kv_cache_max_length=1024", "prefix_cache_entries=4"
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

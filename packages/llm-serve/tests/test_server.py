@@ -329,3 +329,19 @@ def test_metrics_are_prometheus_text(server, client):
         if line.startswith("llm_time_to_first_token_seconds_count")
     ]
     assert float(ttft[0].split()[-1]) >= 1
+
+
+def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(server, client):
+    def hits() -> float:
+        text = httpx.get(server.url + "/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("llm_prefix_cache_hits_total"))
+        return float(line.split()[-1])
+
+    system = "You are a helpful assistant who answers in one word. " * 3
+    before = hits()
+    answers = [
+        client.completions.create(model="tiny", prompt=system + q, max_tokens=4, temperature=0)
+        for q in ("Sky?", "Grass?")
+    ]
+    assert hits() - before >= 16  # the second prompt reused at least one page of the first
+    assert all(a.choices[0].text is not None for a in answers)

@@ -55,6 +55,7 @@ from flax import nnx, struct
 
 from llm_core import ConfigError, map_layer_caches, unstack_layers
 from llm_serve.kv_pages import PageAllocator
+from llm_serve.prefix_cache import PrefixCache
 from llm_serve.sampling import TOP_LOGPROBS_MAX, Sampled, SamplingParams, SlotSampling, sample
 
 MIN_BUCKET = 16
@@ -95,6 +96,7 @@ class PrefillJob:
     prompt_logprobs: int | None = None  # None: not asked; k: also the k most likely tokens
     prev: jax.Array | None = None  # [V] log-softmax at the last position of the previous chunk
     scores: list = field(default_factory=list)  # per chunk: (logprobs [c], top_ids, top_lps)
+    reused: int = 0  # leading tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -147,6 +149,15 @@ class Engine:
                 f"kv_cache_max_length ({self.max_len}) must be a multiple of kv_page_size "
                 f"({self.page_size}) for the paged cache."
             )
+        if cfg.prefix_cache_entries < 0:
+            raise ConfigError(
+                f"prefix_cache_entries must be >= 0 (0 = off), got {cfg.prefix_cache_entries}."
+            )
+        self.prefix_cache = (
+            PrefixCache(cfg.prefix_cache_entries, self.page_size)
+            if cfg.prefix_cache_entries
+            else None
+        )
         self.allocator = None
         self.num_pages = (
             num_pages or cfg.kv_num_pages or self.slots * self.max_len // self.page_size + 1
@@ -162,6 +173,7 @@ class Engine:
         self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._resize_fn = jax.jit(_resize, static_argnums=(1,))  # new shape: nothing to donate
+        self._copy_fn = jax.jit(_copied, static_argnums=(1,))
 
     @classmethod
     def from_model(cls, cfg, model: nnx.Module, *, decode_view: bool = True, **kwargs):
@@ -244,9 +256,14 @@ class Engine:
         job = PrefillJob(
             tokens=tokens, sampling=SlotSampling.of(sampling), cache=cache, capacity=length
         )
-        if prompt_logprobs is not None:
+        if prompt_logprobs is not None:  # every position is scored: prefilled whole
             job.prompt_logprobs = prompt_logprobs
             job.prev = jnp.zeros((self.cfg.vocab_size,), jnp.float32)
+        elif self.prefix_cache is not None:
+            entry, reused = self.prefix_cache.lookup(tokens)
+            if entry is not None:  # start after the shared prefix, from a copy of its KV
+                job.cache = self._copy_fn(entry.cache, length)  # prefill donates its cache
+                job.done = job.reused = reused
         return job
 
     def prefill_chunk(self, params, job: PrefillJob) -> Prefix | None:
@@ -276,6 +293,8 @@ class Engine:
             cache=job.cache, capacity=job.capacity, length=n, first=job.first, sampling=job.sampling,
             logits=job.logits,
         )  # fmt: skip
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(job.tokens, job.cache, job.capacity)
         if score:
             lps, top_ids, top_lps = (np.concatenate(parts) for parts in zip(*job.scores))
             lps[0] = np.nan  # the first token has no context
@@ -419,6 +438,11 @@ class Engine:
 def _resize(cache, length: int):
     """Cut or zero-pad every layer cache of a contiguous model cache to `length` positions."""
     return map_layer_caches(lambda c: c.resize(length), cache)
+
+
+def _copied(cache, length: int):
+    """A copy of a contiguous model cache at `length` positions (never the input's buffers)."""
+    return _resize(jax.tree.map(jnp.copy, cache), length)
 
 
 def _first_token(logits: jax.Array, sampling: SlotSampling) -> Sampled:

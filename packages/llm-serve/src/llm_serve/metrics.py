@@ -32,6 +32,13 @@ class ServeMetrics:
         )
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("llm_generation_tokens", "Tokens generated", registry=r)
+        # prefix caching (prefix_cache_entries > 0): hit rate = hits / queries, in prompt tokens
+        self.prefix_queries = Counter(
+            "llm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "llm_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", registry=r
+        )
         self.queue_depth = Gauge("llm_queue_depth", "Requests waiting for a slot", registry=r)
         self.active_slots = Gauge("llm_active_slots", "Decode slots in use", registry=r)
         self.free_pages = Gauge(

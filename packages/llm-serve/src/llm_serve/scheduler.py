@@ -283,6 +283,9 @@ class Scheduler:
                 job = self.engine.start_prefill(
                     lead.prompt_ids, lead.sampling, lead.sampling.prompt_logprobs
                 )
+                if self.metrics and self.engine.prefix_cache is not None:
+                    self.metrics.prefix_queries.inc(n)
+                    self.metrics.prefix_hits.inc(job.reused)
                 self.prefilling.append((taken, job, lead))
 
     def _reject(self, req: Request) -> None:

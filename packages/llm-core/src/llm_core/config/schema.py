@@ -354,6 +354,10 @@ class Config:
     kv_num_pages: int = 0
     # requests waiting for a slot; one more is refused (HTTP 429)
     max_queue_size: int = 64
+    # prefix caching (llm_serve/prefix_cache.py): prefill KV of this many recent prompts kept on
+    # the device; a prompt starting with a cached prompt's first page-aligned tokens prefills only
+    # the rest. 0 = off
+    prefix_cache_entries: int = 0
     # --- end of llm-serve additions
 
     # ------------------------------------------------------------------ derived values
