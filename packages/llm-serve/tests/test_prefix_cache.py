@@ -13,7 +13,7 @@ from llm_serve.engine import Engine
 from llm_serve.prefix_cache import PrefixCache
 
 SYSTEM = list(range(30, 70))  # 40 shared tokens
-PROMPTS = [SYSTEM + [3, 4, 5], SYSTEM + [9, 8], SYSTEM[:20] + [1, 2], [7, 7, 7]]
+PROMPTS = [[*SYSTEM, 3, 4, 5], [*SYSTEM, 9, 8], [*SYSTEM[:20], 1, 2], [7, 7, 7]]
 
 
 @pytest.fixture(scope="module")
