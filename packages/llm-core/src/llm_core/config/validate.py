@@ -191,6 +191,15 @@ def _validate_lora(cfg: Config) -> None:
             f"lora_base_quantization={cfg.lora_base_quantization} quantizes the base of LoRA "
             "adapters: set lora_rank > 0 as well."
         )
+    if cfg.quantization != "none" and (cfg.lora_rank > 0 or cfg.weight_quantization != "none"):
+        raise ConfigError(
+            f"quantization={cfg.quantization} (quantized training) cannot be combined with "
+            "lora_rank > 0 or weight_quantization yet: set quantization=none."
+        )
+    if cfg.quantization_tile_size < 0:
+        raise ConfigError(
+            f"quantization_tile_size must be >= 0 (0: per channel), got {cfg.quantization_tile_size}."
+        )
     if cfg.lora_experts and cfg.lora_rank == 0:
         raise ConfigError(
             "lora_experts=true adapts MoE experts with LoRA: set lora_rank > 0 as well."

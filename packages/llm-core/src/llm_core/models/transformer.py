@@ -343,8 +343,9 @@ def unstack_layers(model: Transformer) -> Transformer:
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
     """A randomly initialised model for `cfg` (weights in cfg.weight_dtype), with int8 / int4 Linear
-    modules under `weight_quantization` and LoRA adapters around the `lora_targets` Linear
-    modules when `lora_rank` > 0."""
+    modules under `weight_quantization`, quantized training matmuls under `quantization`
+    (qwix, layers/qat.py) and LoRA adapters around the `lora_targets` Linear modules when
+    `lora_rank` > 0."""
     model = Transformer(cfg, rngs=rngs)
     if cfg.weight_quantization != "none":
         from llm_core.config import ConfigError
@@ -354,6 +355,10 @@ def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
             quantize_linears(model, cfg.weight_quantization, cfg.weight_quantization_group_size)
         except GroupSizeError as err:
             raise ConfigError(str(err)) from None
+    if cfg.quantization != "none":
+        from llm_core.layers.qat import quantize_for_training
+
+        model = quantize_for_training(model, cfg.quantization, cfg.quantization_tile_size)
     if cfg.lora_rank > 0:
         from llm_core.layers.lora import apply_lora
 
