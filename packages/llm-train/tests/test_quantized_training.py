@@ -69,6 +69,30 @@ def test_fp8_full_quantizes_forward_to_e4m3_and_backward_to_e5m2(tmp_path):
     )
 
 
+MOE = {"ffn_kind": "moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_mlp_dim": 32}
+
+
+def test_moe_experts_are_quantized_through_ragged_dot(tmp_path):
+    def expert_products(jaxpr: str) -> str:
+        return "".join(line for line in jaxpr.splitlines() if "ragged_dot_general[" in line)
+
+    quantized = _step_jaxpr(
+        tiny_config(tmp_path, quantization="int8", moe_matmul="ragged_dot", **MOE)
+    )
+    plain = _step_jaxpr(tiny_config(tmp_path, moe_matmul="ragged_dot", **MOE))
+    assert expert_products(quantized) and expert_products(plain)
+    # the quantized step's expert products take int8 operands and accumulate in int32
+    assert ":i32[" in expert_products(quantized) and ":i32[" not in expert_products(plain)
+    with pytest.warns(
+        UserWarning, match="leaves the MoE routed experts in float with moe_matmul=tiled"
+    ):
+        Steps(
+            tiny_config(tmp_path, quantization="int8", moe_matmul="tiled", **MOE),
+            build_mesh(tiny_config(tmp_path)),
+            make_optimizer(tiny_config(tmp_path)),
+        )
+
+
 def test_parameters_stay_in_the_float_weight_dtype(tmp_path):
     cfg = tiny_config(tmp_path, quantization="int8")
     steps = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))

@@ -358,7 +358,7 @@ def build_model(cfg, *, rngs: nnx.Rngs) -> Transformer:
     if cfg.quantization != "none":
         from llm_core.layers.qat import quantize_for_training
 
-        model = quantize_for_training(model, cfg.quantization, cfg.quantization_tile_size)
+        model = quantize_for_training(model, cfg)
     if cfg.lora_rank > 0:
         from llm_core.layers.lora import apply_lora
 
