@@ -14,6 +14,12 @@ interleaved per round, median of 3 rounds, with the CPU model and load average p
     python benchmarks/kernels.py            # seq 512, 2048, 8192 + RMSNorm [8192, 4096]
     python benchmarks/kernels.py --quick    # seq 512, 2048 + a smaller RMSNorm, fewer repeats
     python benchmarks/kernels.py --only grouped_matmul
+    python benchmarks/kernels.py --only int8_matmul
+
+int8 matmul (weight-only int8 serving, float32 activations): our C++ kernel against XLA's program for
+the same jnp code (dequantize q * scale, then matmul), on bench-small's projection and head shapes at
+decode (1 and 8 rows) and prefill (64 rows) sizes; interleaved, median of 5 rounds, with the weight
+bytes each side reads per call (GB/s).
 
 Memory: XLA's temporaries + outputs of the compiled program (compiled.memory_analysis()) plus
 the peak scratch the C++ kernels allocate themselves (counted by the module), inputs excluded. Do not run this next to the test suite: both want every core.
@@ -225,12 +231,38 @@ def _bench_gmm_shape(experts, top_k, d_model, width, *, tokens, rounds, rng) -> 
         )
 
 
+def bench_int8_matmul(rounds: int = 5) -> None:
+    from llm_kernels.int8_matmul.ops import CPU_MAX_ROWS
+
+    print(f"\nint8 matmul, CPU {cpu_model()}, load average {load_average()}")
+    print(f"(the default backend takes the kernel up to {CPU_MAX_ROWS} rows)")
+    rng = np.random.default_rng(0)
+    for rows, k, n in [(1, 512, 1408), (1, 512, 32000), (8, 512, 1408), (8, 512, 32000),
+                       (64, 512, 1408)]:  # fmt: skip
+        x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+        q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+        scale = jnp.asarray(rng.uniform(0.001, 0.02, n), jnp.float32)
+        fns = {
+            "c++": jax.jit(lambda x, q, s: llm_kernels.int8_matmul(x, q, s, backend="cpu")),
+            "xla": jax.jit(llm_kernels.int8_matmul_reference),
+        }
+        t = _interleaved(fns, (x, q, scale), rounds)
+        print(
+            f"  [{rows:3d}, {k}] x [{k}, {n:5d}]: c++ {t['c++'] * 1e3:7.3f} ms "
+            f"({k * n / t['c++'] / 1e9:5.1f} GB/s of int8 weights), xla {t['xla'] * 1e3:7.3f} ms, "
+            f"xla / c++ {t['xla'] / t['c++']:5.2f}x"
+        )
+    print(f"load average after: {load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: seq 512 and 2048")
     parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
     parser.add_argument(
-        "--only", choices=["attention", "rms_norm", "grouped_matmul"], help="run one benchmark"
+        "--only",
+        choices=["attention", "rms_norm", "grouped_matmul", "int8_matmul"],
+        help="run one benchmark",
     )
     args = parser.parse_args()
     info = llm_kernels.cpu_kernels_info()
@@ -245,6 +277,8 @@ def main() -> None:
         bench_rms_norm((2048, 4096) if args.quick else (8192, 4096), repeats)
     if args.only in (None, "grouped_matmul"):
         bench_grouped_matmul(rounds=3)
+    if args.only in (None, "int8_matmul"):
+        bench_int8_matmul()
 
 
 if __name__ == "__main__":

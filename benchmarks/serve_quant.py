@@ -1,11 +1,12 @@
 """Serving with quantized weights and KV cache: bench-small decoding 128 tokens after a 32-token
-prompt at batch 1 and 8, llm-serve's engine, float32 weights vs bfloat16 vs int8 weights
-(`llm-convert quantize`) vs an int8 KV cache (`kv_cache_dtype: int8`).
+prompt at batch 1 and 8, llm-serve's engine, float32 weights vs bfloat16 vs int8 and grouped int4
+weights (`llm-convert quantize`, group 128) vs an int8 KV cache (`kv_cache_dtype: int8`).
 
 Batch-1 decode reads every weight once per step, so its speed follows the weight bytes; the script
 prints tokens/s (median of --repeats rounds, the variants interleaved within each round), the
-weight bytes read per decode step and the KV cache bytes per token, with the CPU model and the load
-average before and after.
+weight bytes read per decode step, the weights' serving memory and checkpoint size on disk
+(`llm_core.save`), and the KV cache bytes per token, with the CPU model and the load average before
+and after.
 
     python benchmarks/serve_quant.py [--batches 1 8] [--repeats 3]
 """
@@ -34,12 +35,15 @@ def variants(cfg):
     bf16 = model_from_params(bf16_cfg, jax.tree.map(lambda a: a.astype("bfloat16"), params))
     q_cfg = cfg.replace(weight_quantization="int8")
     int8 = model_from_params(q_cfg, quantize_params(params, abstract_model(q_cfg)))
+    q4_cfg = cfg.replace(weight_quantization="int4", weight_quantization_group_size=128)
+    int4 = model_from_params(q4_cfg, quantize_params(params, abstract_model(q4_cfg), 128))
     kv_cfg = cfg.replace(kv_cache_dtype="int8")
     kv = nnx.merge(nnx.graphdef(abstract_model(kv_cfg)), nnx.state(base))
     return {
         "float32": (cfg, base),
         "bfloat16 weights": (bf16_cfg, bf16),
         "int8 weights": (q_cfg, int8),
+        "int4 weights": (q4_cfg, int4),
         "int8 KV cache": (kv_cfg, kv),
     }
 
@@ -48,6 +52,20 @@ def weight_bytes(model, cfg) -> int:
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     embed = cfg.vocab_size * cfg.emb_dim * leaves[0].dtype.itemsize  # gathered, not read whole
     return sum(x.nbytes for x in leaves) - embed
+
+
+def memory_and_checkpoint_bytes(model) -> tuple[int, int]:
+    """(bytes of every parameter in memory, bytes of the saved native checkpoint)."""
+    import tempfile
+    from pathlib import Path
+
+    from llm_core import save
+
+    in_memory = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save(model, Path(tmp) / "ckpt")
+        on_disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return in_memory, on_disk
 
 
 def cache_bytes_per_token(model) -> float:
@@ -66,7 +84,9 @@ def main() -> None:
     models = variants(cfg)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, prompt_len)).astype(np.int32)
     for name, (c, m) in models.items():
+        memory, disk = memory_and_checkpoint_bytes(m)
         print(f"{name:<17} weights read per step {weight_bytes(m, c) / 1e6:7.1f} MB, "
+              f"in memory {memory / 1e6:7.1f} MB, checkpoint {disk / 1e6:7.1f} MB, "
               f"KV cache {cache_bytes_per_token(m) / 1e3:6.1f} kB/token")  # fmt: skip
     for batch in args.batches:
         runs = {name: ours(c, m, batch, prompts, new) for name, (c, m) in models.items()}

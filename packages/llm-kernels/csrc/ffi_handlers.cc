@@ -191,6 +191,24 @@ ffi::Error TgmmImpl(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dout,
   return ffi::Error::Success();
 }
 
+ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || yd.size() != 2 || xd[1] != qd[0] ||
+      static_cast<int64_t>(scale.element_count()) != qd[1] || yd[0] != xd[0] || yd[1] != qd[1])
+    return ffi::Error::InvalidArgument("int8_matmul: expected x [m, k], q [k, n], scale [n]");
+  Int8MatmulArgs a{};
+  a.m = xd[0];
+  a.k = xd[1];
+  a.n = qd[1];
+  a.x = x.typed_data();
+  a.q = q.typed_data();
+  a.scale = scale.typed_data();
+  a.y = y->typed_data();
+  if (a.m > 0 && a.n > 0) int8_matmul(a);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace llmk
 
@@ -261,4 +279,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkRmsNormBwd, llmk::RmsNormBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkInt8Matmul, llmk::Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -53,6 +53,15 @@ struct TgmmArgs {
   float* out;               // [groups, k, n]; out[i] = lhs_i^T dout_i
 };
 
+// Weight-only int8 matmul: out[m, n] = scale[n] * sum_k x[m, k] * q[k, n].
+struct Int8MatmulArgs {
+  int64_t m, k, n;
+  const float* x;       // [m, k]
+  const int8_t* q;      // [k, n]
+  const float* scale;   // [n]
+  float* y;             // [m, n]
+};
+
 #define LLMK_DECLARE_KERNELS(ns)                 \
   namespace ns {                                 \
   void attention_fwd(const AttnFwdArgs& a);      \
@@ -61,6 +70,7 @@ struct TgmmArgs {
   void rms_norm_bwd(const RmsNormArgs& a);       \
   void gmm(const GmmArgs& a);                    \
   void tgmm(const TgmmArgs& a);                  \
+  void int8_matmul(const Int8MatmulArgs& a);     \
   const char* isa_name();                        \
   }
 
@@ -75,6 +85,7 @@ void rms_norm_fwd(const RmsNormArgs& a);
 void rms_norm_bwd(const RmsNormArgs& a);
 void gmm(const GmmArgs& a);
 void tgmm(const TgmmArgs& a);
+void int8_matmul(const Int8MatmulArgs& a);
 const char* isa_name();
 
 }  // namespace llmk
