@@ -119,3 +119,41 @@ def test_moe_expert_parallel_losses_match_one_device(tmp_path):
 
     single = train(load_config(None, tiny_overrides(tmp_path, run_name="one", **common) + MOE))
     np.testing.assert_allclose(out["losses"], [single.losses[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+RESHARD_CHILD = """
+import json, sys
+from llm_core import load_config
+from llm_train.trainer import train
+
+base, layouts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+new = layouts["dp2_fsdp2_tp2"]
+straight = train(load_config(None, base + new + ["run_name=straight"]))
+first = train(load_config(None, base + layouts["fsdp8"] + ["run_name=moved"]), max_steps=3)
+resumed = train(load_config(None, base + new + ["run_name=moved"]))  # same run, another mesh
+print("RESULT", json.dumps({
+    "straight": [straight.losses[s] for s in range(1, 7)],
+    "first": [first.losses[s] for s in range(1, 4)],
+    "resumed_from": resumed.first_step,
+    "resumed": [resumed.losses[s] for s in range(4, 7)],
+}))
+"""
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
+    """Saved under FSDP=8, resumed under DP=2 x FSDP=2 x TP=2: the same losses as a run that used
+    the second mesh throughout (orbax reshards the arrays to the new mesh on restore)."""
+    base = tiny_overrides(tmp_path, steps=6, warmup_steps=0, learning_rate=3e-3, checkpoint_every=3)
+    proc = subprocess.run(
+        [sys.executable, "-c", RESHARD_CHILD, json.dumps(base), json.dumps(LAYOUTS)],
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT ")[1])
+    assert out["resumed_from"] == 3
+    np.testing.assert_allclose(out["first"], out["straight"][:3], rtol=1e-5)
+    np.testing.assert_allclose(out["resumed"], out["straight"][3:], rtol=1e-5)
+    assert out["straight"][5] < out["straight"][0]
