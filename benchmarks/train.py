@@ -5,7 +5,12 @@ Model: configs/bench-small.yml (vocab 32000, d_model 512, 8 layers, 8 heads, 4 k
 the CPU's measured fp32 matmul ceiling (timed here), time from process start to the first finished
 step, and the ratio to the torch baseline (run in a child process with 2 threads).
 
-    python benchmarks/train.py [--steps 8] [--threads 2] [--skip-torch]
+Each side runs alone in its own child process (so "first step" counts from a fresh process start),
+the sides alternating for --rounds rounds; the figures are medians over the rounds. The CPU model
+and the load average are printed before and after, and each side's achieved FLOP/s against the
+fp32 matmul ceiling measured here (jax) and by torch itself.
+
+    python benchmarks/train.py [--steps 8] [--threads 2] [--rounds 3] [--skip-torch]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ T_IMPORT = time.time()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -136,29 +142,61 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the baseline")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--child-jax", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    jx = run_jax(args.steps)
+    if args.child_jax:  # one llm-train run in this fresh process
+        print("RESULT " + json.dumps(run_jax(args.steps)))
+        return
+    from kernels import cpu_model, load_average
+
+    print(f"CPU: {cpu_model()}; load average before: {load_average()}")
     peak = matmul_ceiling()
-    mfu = jx["tokens_per_sec"] * jx["flops_per_token"] / peak
     print(f"matmul ceiling (fp32 2048^3, jax): {peak / 1e9:,.1f} GFLOP/s")
+    runs: dict[str, list[dict]] = {"jax": [], "torch": []}
+    for _ in range(args.rounds):
+        runs["jax"].append(run_jax_child(args.steps))
+        if not args.skip_torch:
+            runs["torch"].append(run_torch(args.steps, args.threads))
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[side])
+
+    jx_tps, flops_tok = median("jax", "tokens_per_sec"), runs["jax"][0]["flops_per_token"]
+    mfu = jx_tps * flops_tok / peak
     print(
-        f"llm-train bench-small: {jx['tokens_per_sec']:,.0f} tokens/s, step {jx['step_s']:.3f}s, "
-        f"MFU {100 * mfu:.1f}%, first step finished {jx['first_step_s']:.1f}s after process start"
+        f"llm-train bench-small: {jx_tps:,.0f} tokens/s, {jx_tps * flops_tok / 1e9:,.1f} GFLOP/s "
+        f"(MFU {100 * mfu:.1f}% of the jax ceiling), first step finished "
+        f"{median('jax', 'first_step_s'):.1f}s after process start "
+        f"(rounds: {', '.join(f'{r["tokens_per_sec"]:,.0f}' for r in runs['jax'])} tokens/s)"
     )
-    result = {"jax": jx, "matmul_ceiling_flops": peak, "mfu": mfu}
-    if not args.skip_torch:
-        th = run_torch(args.steps, args.threads)
-        ratio = jx["tokens_per_sec"] / th["tokens_per_sec"]
-        t_mfu = th["tokens_per_sec"] * jx["flops_per_token"] / peak
+    result = {"jax": runs["jax"], "matmul_ceiling_flops": peak, "mfu": mfu}
+    if runs["torch"]:
+        th_tps, th_peak = median("torch", "tokens_per_sec"), median("torch", "matmul_flops")
+        t_flops = th_tps * flops_tok
         print(
-            f"torch LlamaForCausalLM + AdamW ({args.threads} threads, eager): "
-            f"{th['tokens_per_sec']:,.0f} tokens/s, step {th['step_s']:.3f}s, MFU {100 * t_mfu:.1f}% "
-            f"(torch's own fp32 2048^3 matmul: {th['matmul_flops'] / 1e9:,.1f} GFLOP/s)"
+            f"torch LlamaForCausalLM + AdamW ({args.threads} threads, eager): {th_tps:,.0f} tokens/s, "
+            f"{t_flops / 1e9:,.1f} GFLOP/s ({100 * t_flops / peak:.1f}% of the jax ceiling, "
+            f"{100 * t_flops / th_peak:.1f}% of torch's own fp32 matmul, {th_peak / 1e9:,.1f} "
+            f"GFLOP/s) (rounds: {', '.join(f'{r["tokens_per_sec"]:,.0f}' for r in runs['torch'])})"
         )
-        print(f"ratio llm-train / torch: {ratio:.2f}x (target >= 1.15x)")
-        result.update(torch=th, ratio=ratio)
+        print(f"ratio llm-train / torch: {jx_tps / th_tps:.2f}x (target >= 1.15x)")
+        result.update(torch=runs["torch"], ratio=jx_tps / th_tps)
+    print(f"load average after: {load_average()}")
     print("RESULT " + json.dumps(result))
+
+
+def run_jax_child(steps: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child-jax", "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode:
+        raise SystemExit(f"llm-train run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.split("RESULT ")[1])
 
 
 if __name__ == "__main__":
