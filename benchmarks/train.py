@@ -124,18 +124,19 @@ def run_jax(steps: int) -> dict:
     }
 
 
-def run_torch(steps: int, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def run_child(argv: list[str], what: str, env: dict | None = None) -> dict:
+    """Run `python argv...` in a fresh process; the JSON it prints after RESULT."""
     proc = subprocess.run(
-        [sys.executable, "-c", TORCH_CHILD, str(steps), str(threads)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1800,
+        [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=1800
     )
     if proc.returncode:
-        raise SystemExit(f"torch baseline failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.split("RESULT ")[1])
+
+
+def run_torch(steps: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return run_child(["-c", TORCH_CHILD, str(steps), str(threads)], "torch baseline", env)
 
 
 def main() -> None:
@@ -188,15 +189,7 @@ def main() -> None:
 
 
 def run_jax_child(steps: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child-jax", "--steps", str(steps)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode:
-        raise SystemExit(f"llm-train run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.split("RESULT ")[1])
+    return run_child([__file__, "--child-jax", "--steps", str(steps)], "llm-train run")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,20 @@ LAYOUTS = {
     ],
 }
 
+
+def run_on_8_devices(script: str, *args) -> dict:
+    """Run `script` in a child Python on 8 simulated CPU devices with JSON args; its RESULT."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *(json.dumps(a) for a in args)],
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT ")[1])
+
+
 CHILD = """
 import json, sys
 import jax
@@ -53,15 +67,7 @@ print("RESULT", json.dumps(out))
 
 def test_losses_agree_across_mesh_layouts(tmp_path):
     base = tiny_overrides(tmp_path, steps=3, warmup_steps=0, learning_rate=3e-3)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(base), json.dumps(LAYOUTS)],
-        env=subprocess_env(8),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.split("RESULT ")[1])
+    out = run_on_8_devices(CHILD, base, LAYOUTS)
     single = train(
         tiny_config(tmp_path, steps=3, warmup_steps=0, learning_rate=3e-3, run_name="one")
     )
@@ -105,15 +111,7 @@ def test_moe_expert_parallel_losses_match_one_device(tmp_path):
     common = {"steps": 3, "warmup_steps": 0, "learning_rate": 3e-3}
     layout = ["ici_expert_parallelism=4", "ici_data_parallelism=2", "ici_fsdp_parallelism=1"]
     over = tiny_overrides(tmp_path, run_name="ep", **common) + MOE + layout
-    proc = subprocess.run(
-        [sys.executable, "-c", EP_CHILD, json.dumps(over)],
-        env=subprocess_env(8),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.split("RESULT ")[1])
+    out = run_on_8_devices(EP_CHILD, over)
     assert out["all_to_all"]
     from llm_core import load_config
 
@@ -144,15 +142,7 @@ def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
     """Saved under FSDP=8, resumed under DP=2 x FSDP=2 x TP=2: the same losses as a run that used
     the second mesh throughout (orbax reshards the arrays to the new mesh on restore)."""
     base = tiny_overrides(tmp_path, steps=6, warmup_steps=0, learning_rate=3e-3, checkpoint_every=3)
-    proc = subprocess.run(
-        [sys.executable, "-c", RESHARD_CHILD, json.dumps(base), json.dumps(LAYOUTS)],
-        env=subprocess_env(8),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.split("RESULT ")[1])
+    out = run_on_8_devices(RESHARD_CHILD, base, LAYOUTS)
     assert out["resumed_from"] == 3
     np.testing.assert_allclose(out["first"], out["straight"][:3], rtol=1e-5)
     np.testing.assert_allclose(out["resumed"], out["straight"][3:], rtol=1e-5)
