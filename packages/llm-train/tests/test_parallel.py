@@ -17,6 +17,17 @@ LAYOUTS = {
         "ici_fsdp_parallelism=2",
         "ici_tensor_parallelism=2",
     ],
+    "cp8_all_gather": [
+        "ici_data_parallelism=1",
+        "ici_fsdp_parallelism=1",
+        "ici_context_parallelism=8",
+    ],
+    "cp2_fsdp2_tp2": [
+        "ici_data_parallelism=1",
+        "ici_context_parallelism=2",
+        "ici_fsdp_parallelism=2",
+        "ici_tensor_parallelism=2",
+    ],
 }
 
 

@@ -32,9 +32,10 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """[batch, seq] arrays: batch over the data-parallel axes, sequence over `sequence`."""
+    """[batch, seq] arrays: batch over the data-parallel axes, sequence over `sequence` and
+    `context` (context parallelism)."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
-    seq = "sequence" if mesh.shape.get("sequence", 1) > 1 else None
+    seq = tuple(a for a in ("sequence", "context") if mesh.shape.get(a, 1) > 1) or None
     return NamedSharding(mesh, PartitionSpec(axes, seq))
 
 

@@ -64,7 +64,7 @@ Family = Literal[
 ]
 
 # Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
-UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ("stage", "sequence", "context")
+UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ("stage", "sequence")
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,9 @@ class Config:
     ici_fsdp_transpose_parallelism: int = 1
     ici_sequence_parallelism: int = 1
     ici_context_parallelism: int = 1
+    # context parallelism: the sequence split over the `context` axis; all_gather: each device keeps
+    # its queries and gathers K/V (and their positions) across the axis (ring: not built yet)
+    context_parallel_strategy: Literal["all_gather"] = "all_gather"
     ici_tensor_parallelism: int = 1
     ici_expert_parallelism: int = 1
     dcn_data_parallelism: int = -1

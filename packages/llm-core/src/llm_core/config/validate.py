@@ -78,6 +78,16 @@ def validate(cfg: Config) -> Config:
                     f"Config key '{kind}_{axis}_parallelism' is {sizes[axis]}, but {axis} "
                     "parallelism is not implemented yet: set it to 1."
                 )
+    context = cfg.ici_context_parallelism * cfg.dcn_context_parallelism
+    if context > 1 and cfg.attention_backend == "flash":
+        raise ConfigError(
+            "ici/dcn_context_parallelism > 1 with attention_backend=flash is not implemented yet "
+            "(the flash kernels take whole sequences): use attention_backend=dot_product or chunked."
+        )
+    if context > 1 and cfg.seq_len % context:
+        raise ConfigError(
+            f"seq_len ({cfg.seq_len}) must be divisible by the context parallelism ({context})."
+        )
     _validate_mla(cfg)
     _validate_llama4_attention(cfg)
     _validate_mtp(cfg)

@@ -181,10 +181,29 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
         if spec.chunk is not None:  # the flash kernels mask by segment: one per (sequence, chunk)
             segment_ids = chunk_segments(positions, segment_ids, spec.chunk)
         return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids, sinks)[..., :dv]
+    k, v, k_pos, k_seg = gathered_over_context(k, v, positions, segment_ids)
     if backend == "chunked":
         return chunked_attention(
-            q, k, v, positions, positions, spec, segment_ids, segment_ids, chunk=chunk, sinks=sinks
+            q, k, v, positions, k_pos, spec, segment_ids, k_seg, chunk=chunk, sinks=sinks
         )
-    return dot_product_attention(
-        q, k, v, positions, positions, spec, segment_ids, segment_ids, sinks=sinks
-    )
+    return dot_product_attention(q, k, v, positions, k_pos, spec, segment_ids, k_seg, sinks=sinks)
+
+
+def gathered_over_context(*arrays):
+    """Context parallelism (`context_parallel_strategy: all_gather`): under a mesh whose `context`
+    axis is > 1 the sequence axis (axis 1) of K, V and their positions / segment ids is gathered
+    across it, while the queries keep their own slice of the sequence; the masks use the gathered
+    positions, so they stay exact. Other axes are left to the partitioner. Without such a mesh:
+    unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("context", 1) == 1:
+        return arrays
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
+
+    def gather(a):
+        if a is None:
+            return None
+        spec = jax.sharding.PartitionSpec(free, None, *([free] * (a.ndim - 2)))
+        return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, spec))
+
+    return tuple(gather(a) for a in arrays)
