@@ -22,6 +22,12 @@ LAYOUTS = {
         "ici_fsdp_parallelism=1",
         "ici_context_parallelism=8",
     ],
+    "cp8_ring": [
+        "ici_data_parallelism=1",
+        "ici_fsdp_parallelism=1",
+        "ici_context_parallelism=8",
+        "context_parallel_strategy=ring",
+    ],
     "cp2_fsdp2_tp2": [
         "ici_data_parallelism=1",
         "ici_context_parallelism=2",

@@ -244,8 +244,9 @@ class Config:
     ici_sequence_parallelism: int = 1
     ici_context_parallelism: int = 1
     # context parallelism: the sequence split over the `context` axis; all_gather: each device keeps
-    # its queries and gathers K/V (and their positions) across the axis (ring: not built yet)
-    context_parallel_strategy: Literal["all_gather"] = "all_gather"
+    # its queries and gathers K/V (and their positions) across the axis; ring: K/V blocks travel
+    # around the axis with ppermute under an online softmax (no device holds the whole sequence)
+    context_parallel_strategy: Literal["all_gather", "ring"] = "all_gather"
     ici_tensor_parallelism: int = 1
     ici_expert_parallelism: int = 1
     dcn_data_parallelism: int = -1

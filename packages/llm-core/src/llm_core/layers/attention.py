@@ -44,6 +44,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_plus_one, wd, rngs=rngs)
         scalar = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar is not None else d
         self.spec = ops.AttentionSpec(
+            context_strategy=cfg.context_parallel_strategy,
             scale=scalar**-0.5,
             sliding_window=cfg.sliding_window
             if (self.local or cfg.attention_pattern is None)

@@ -24,6 +24,7 @@ class AttentionSpec:
     logit_softcap: float | None = None
     causal: bool = True
     chunk: int | None = None  # attend only within aligned chunks of this many positions
+    context_strategy: str = "all_gather"  # context parallelism: all_gather or ring
 
 
 def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec: AttentionSpec):
@@ -102,33 +103,87 @@ def chunked_attention(
     qg = q.reshape(b, s, kh, h // kh, d)
 
     def step(carry, xs):
-        m, denom, acc = carry
-        kc, vc, pc, segc, validc = xs
-        sc = _scores(qg, kc, spec)
-        mask = _visible(q_pos, pc, q_seg, segc, validc, spec)[:, None, None]
-        sc = jnp.where(mask, sc, NEG_INF)
-        m_new = jnp.maximum(m, sc.max(-1))
-        p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        denom = denom * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum(
-            "bkgst,btkd->bkgsd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32
-        )
-        return (m_new, denom, acc), None
+        return _online_softmax_step(carry, qg, q_pos, q_seg, *xs, spec), None
 
-    g = h // kh
+    init = _online_softmax_init(b, kh, h // kh, s, v.shape[-1], sinks)
+    xs = (split(k), split(v), split(kv_pos), split(kv_seg), split(kv_valid))
+    carry, _ = jax.lax.scan(step, init, xs)
+    return _online_softmax_out(carry, q.dtype)
+
+
+def _online_softmax_init(b, kh, g, s, dv, sinks):
+    """(running max, denominator, accumulator) before any key block; a sink starts the softmax
+    (max = sink, denominator = 1)."""
     init = (
         jnp.full((b, kh, g, s), NEG_INF, jnp.float32),
         jnp.zeros((b, kh, g, s), jnp.float32),
-        jnp.zeros((b, kh, g, s, v.shape[-1]), jnp.float32),
+        jnp.zeros((b, kh, g, s, dv), jnp.float32),
     )
-    if sinks is not None:  # the sink starts the running softmax: max = sink, denominator = 1
+    if sinks is not None:
         sink = _sink_logits(sinks, kh, (b, kh, g, s, 1))[..., 0]
         init = (sink, jnp.ones_like(sink), init[2])
-    xs = (split(k), split(v), split(kv_pos), split(kv_seg), split(kv_valid))
-    (_, denom, acc), _ = jax.lax.scan(step, init, xs)
+    return init
+
+
+def _online_softmax_step(carry, qg, q_pos, q_seg, kc, vc, pc, segc, validc, spec):
+    """Fold one block of keys / values into the running softmax of queries qg [B,S,K,G,D]."""
+    m, denom, acc = carry
+    sc = _scores(qg, kc, spec)
+    mask = _visible(q_pos, pc, q_seg, segc, validc, spec)[:, None, None]
+    sc = jnp.where(mask, sc, NEG_INF)
+    m_new = jnp.maximum(m, sc.max(-1))
+    p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    denom = denom * corr + p.sum(-1)
+    acc = acc * corr[..., None] + jnp.einsum(
+        "bkgst,btkd->bkgsd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32
+    )
+    return m_new, denom, acc
+
+
+def _online_softmax_out(carry, dtype):
+    """[B,S,H,Dv] from the running softmax (rows that saw no key: zeros)."""
+    _, denom, acc = carry
+    b, kh, g, s, dv = acc.shape
     out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-    return jnp.einsum("bkgsd->bskgd", out).reshape(b, s, h, v.shape[-1]).astype(q.dtype)
+    return jnp.einsum("bkgsd->bskgd", out).reshape(b, s, kh * g, dv).astype(dtype)
+
+
+def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None, axis: str = "context"):
+    """Context parallelism, `ring` strategy: inside a shard_map that is manual over `axis` only,
+    each device keeps its slice of the queries; its K/V slice, with positions and segment ids,
+    travels around the ring with `ppermute`, one hop per step, while an online softmax folds in
+    each visiting block. No device ever holds the whole sequence's K/V; masks use the travelling
+    positions, so they stay exact. The backward is autodiff of the same loop."""
+    mesh = jax.sharding.get_abstract_mesh()
+    n = dict(mesh.shape)[axis]
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    seq = jax.sharding.PartitionSpec(None, axis)
+    ring = [(i, (i + 1) % n) for i in range(n)]
+
+    def local(q, k, v, pos, seg, sinks):
+        b, s, h, d = q.shape
+        kh = k.shape[2]
+        qg = q.reshape(b, s, kh, h // kh, d)
+
+        def hop(_, state):
+            carry, block = state
+            carry = _online_softmax_step(carry, qg, pos, seg, *block, None, spec)
+            return carry, jax.lax.ppermute(block, axis, ring)
+
+        init = _online_softmax_init(b, kh, h // kh, s, v.shape[-1], sinks)
+        carry, _ = jax.lax.fori_loop(0, n, hop, (init, (k, v, pos, seg)))
+        return _online_softmax_out(carry, q.dtype)
+
+    sink_spec = None if sinks is None else jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(seq, seq, seq, seq, seq, sink_spec),
+        out_specs=seq,
+        axis_names={axis},
+        check_vma=False,
+    )(q, k, v, positions, seg, sinks)
 
 
 def flash_attention(q, k, v, spec, segment_ids=None, sinks=None):
@@ -181,6 +236,8 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
         if spec.chunk is not None:  # the flash kernels mask by segment: one per (sequence, chunk)
             segment_ids = chunk_segments(positions, segment_ids, spec.chunk)
         return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids, sinks)[..., :dv]
+    if spec.context_strategy == "ring" and _context_size() > 1:
+        return ring_attention(q, k, v, positions, segment_ids, spec, sinks)
     k, v, k_pos, k_seg = gathered_over_context(k, v, positions, segment_ids)
     if backend == "chunked":
         return chunked_attention(
@@ -189,15 +246,20 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
     return dot_product_attention(q, k, v, positions, k_pos, spec, segment_ids, k_seg, sinks=sinks)
 
 
+def _context_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("context", 1)
+
+
 def gathered_over_context(*arrays):
     """Context parallelism (`context_parallel_strategy: all_gather`): under a mesh whose `context`
     axis is > 1 the sequence axis (axis 1) of K, V and their positions / segment ids is gathered
     across it, while the queries keep their own slice of the sequence; the masks use the gathered
     positions, so they stay exact. Other axes are left to the partitioner. Without such a mesh:
     unchanged."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or dict(mesh.shape).get("context", 1) == 1:
+    if _context_size() == 1:
         return arrays
+    mesh = jax.sharding.get_abstract_mesh()
     free = jax.sharding.PartitionSpec.UNCONSTRAINED
 
     def gather(a):

@@ -77,6 +77,7 @@ class MLAttention(nnx.Module):
             use_bias=bias, rngs=rngs,
         )  # fmt: skip
         self.spec = ops.AttentionSpec(
+            context_strategy=cfg.context_parallel_strategy,
             scale=mla_softmax_scale(cfg),
             sliding_window=cfg.sliding_window if (local or cfg.attention_pattern is None) else None,
             logit_softcap=cfg.attn_logit_softcap,
