@@ -11,6 +11,7 @@ and the load average are printed before and after, and each side's achieved FLOP
 fp32 matmul ceiling measured here (jax) and by torch itself.
 
     python benchmarks/train.py [--steps 8] [--threads 2] [--rounds 3] [--skip-torch]
+    python benchmarks/train.py --also dtype=bfloat16   # one more llm-train variant, interleaved
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_jax(steps: int) -> dict:
+def run_jax(steps: int, overrides: list[str] | None = None) -> dict:
     start = process_start()
     import jax
     import numpy as np
@@ -97,7 +98,7 @@ def run_jax(steps: int) -> dict:
     from llm_train.sharding import build_mesh
     from llm_train.step import Steps
 
-    cfg = load_config("bench-small", [f"steps={steps + 2}", "warmup_steps=0"])
+    cfg = load_config("bench-small", [f"steps={steps + 2}", "warmup_steps=0", *(overrides or [])])
     s = Steps(cfg, build_mesh(cfg), make_optimizer(cfg))
     s.start_compile()  # as the trainer does: compile the step while the state is created
     data = iter(synthetic_dataset(cfg, 0))
@@ -145,19 +146,29 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the baseline")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides of one more llm-train variant (e.g. dtype=bfloat16), interleaved",
+    )
     p.add_argument("--child-jax", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-overrides", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_jax:  # one llm-train run in this fresh process
-        print("RESULT " + json.dumps(run_jax(args.steps)))
+        print("RESULT " + json.dumps(run_jax(args.steps, json.loads(args.child_overrides))))
         return
     from kernels import cpu_model, load_average
 
     print(f"CPU: {cpu_model()}; load average before: {load_average()}")
     peak = matmul_ceiling()
     print(f"matmul ceiling (fp32 2048^3, jax): {peak / 1e9:,.1f} GFLOP/s")
-    runs: dict[str, list[dict]] = {"jax": [], "torch": []}
+    runs: dict[str, list[dict]] = {"jax": [], "torch": [], "also": []}
     for _ in range(args.rounds):
         runs["jax"].append(run_jax_child(args.steps))
+        if args.also:
+            runs["also"].append(run_jax_child(args.steps, args.also))
         if not args.skip_torch:
             runs["torch"].append(run_torch(args.steps, args.threads))
 
@@ -173,6 +184,13 @@ def main() -> None:
         f"(rounds: {', '.join(f'{r["tokens_per_sec"]:,.0f}' for r in runs['jax'])} tokens/s)"
     )
     result = {"jax": runs["jax"], "matmul_ceiling_flops": peak, "mfu": mfu}
+    if runs["also"]:
+        also = median("also", "tokens_per_sec")
+        print(
+            f"llm-train with {' '.join(args.also)}: {also:,.0f} tokens/s, {also / jx_tps:.2f}x the "
+            f"default (rounds: {', '.join(f'{r["tokens_per_sec"]:,.0f}' for r in runs['also'])})"
+        )
+        result["also"] = runs["also"]
     if runs["torch"]:
         th_tps, th_peak = median("torch", "tokens_per_sec"), median("torch", "matmul_flops")
         t_flops = th_tps * flops_tok
@@ -188,8 +206,9 @@ def main() -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_jax_child(steps: int) -> dict:
-    return run_child([__file__, "--child-jax", "--steps", str(steps)], "llm-train run")
+def run_jax_child(steps: int, overrides: list[str] | None = None) -> dict:
+    argv = [__file__, "--child-jax", "--steps", str(steps)]
+    return run_child([*argv, "--child-overrides", json.dumps(overrides or [])], "llm-train run")
 
 
 if __name__ == "__main__":
