@@ -14,10 +14,12 @@ examples:
   llm-serve decode --checkpoint runs/tiny/export --chat --prompt "Tell me a joke" --stop "\\n\\n"
   llm-serve serve --checkpoint runs/tiny/export --host 127.0.0.1 --port 8000
   llm-serve serve --checkpoint runs/tiny/export --port 8000 --set kv_cache_kind=paged max_decode_slots=16
+  llm-serve serve --checkpoint runs/tiny/export --set prefix_cache_entries=16   # reuse prompt prefixes
 
---checkpoint is a native checkpoint folder (config.yml + params/ + tokenizer.json) or a Hugging Face
-folder (needs llm-convert). --set takes llm-core config overrides (max_decode_slots,
-kv_cache_max_length, kv_cache_kind, kv_page_size, kv_num_pages, max_prefill_length, max_queue_size).
+--checkpoint is a native checkpoint folder (config.yml + params/ or tensors/ + tokenizer.json) or a
+Hugging Face folder (needs llm-convert). --set takes llm-core config overrides (max_decode_slots,
+kv_cache_max_length, kv_cache_kind, kv_page_size, kv_num_pages, max_prefill_length, max_queue_size,
+prefix_cache_entries).
 """
 
 
