@@ -116,14 +116,20 @@ def _rewards(fns, prompts, completions, fields) -> tuple[np.ndarray, dict[str, f
     return total, per_fn
 
 
-def _generate(serve, scheduler, prompts: list, sampling_for, chunk: int) -> list[list[int]]:
-    """Completions (token ids) of `prompts` [(ids, text, fields)], `chunk` requests at a time (the
-    scheduler's queue bound); `sampling_for(i)` gives the i-th request's SamplingParams."""
+def _decode_view(steps: Steps, state) -> tuple:
+    """(graphdef, params) of the unstacked decode view of the train state's current weights."""
+    model = nnx.merge(steps.graphdef, state["params"], state["rest"])
+    return nnx.split(unstack_layers(model))
+
+
+def _generate(serve, scheduler, prompts: list, sampling, chunk: int) -> list[list[int]]:
+    """Completions (token ids) of `prompts` [(ids, text, fields)] under `sampling`, `chunk`
+    requests at a time (the scheduler's queue bound)."""
     out = []
     for start in range(0, len(prompts), chunk):
         reqs = [
-            serve.Request(list(ids), sampling_for(start + i), lambda e: None)
-            for i, (ids, _, _) in enumerate(prompts[start : start + chunk])
+            serve.Request(list(ids), sampling, lambda e: None)
+            for ids, _, _ in prompts[start : start + chunk]
         ]
         for req in reqs:
             scheduler.submit(req)
@@ -136,7 +142,7 @@ def evaluate_rewards(cfg, serve, scheduler, tokenizer, reward_fns, prompts: list
     """eval_reward_mean, eval_reward_<function>, eval_completion_length: one greedy completion per
     prompt, scored by the run's reward functions."""
     greedy = serve.SamplingParams(max_tokens=cfg.max_completion_length, temperature=0.0)
-    completions = _generate(serve, scheduler, prompts, lambda i: greedy, cfg.global_batch_size)
+    completions = _generate(serve, scheduler, prompts, greedy, cfg.global_batch_size)
     texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_id]) for c in completions]
     reward, per_fn = _rewards(reward_fns, [p[1] for p in prompts], texts, [p[2] for p in prompts])
     return {
@@ -188,8 +194,7 @@ def train_rl(cfg: Config, max_steps: int | None = None):
     try:
         for rnd in range(start, end):
             t0 = time.perf_counter()
-            model = nnx.merge(steps.graphdef, state["params"], state["rest"])
-            graphdef, decode_params = nnx.split(unstack_layers(model))
+            graphdef, decode_params = _decode_view(steps, state)
             if engine is None:
                 engine = serve.Engine(
                     cfg, graphdef, decode_params, kv_cache_kind="contiguous", slots=slots,
@@ -262,8 +267,7 @@ def train_rl(cfg: Config, max_steps: int | None = None):
             writer.write(record)
             writer.progress(record)
             if cfg.eval_every and (rnd + 1) % cfg.eval_every == 0 and eval_prompts:
-                model = nnx.merge(steps.graphdef, state["params"], state["rest"])
-                scheduler.params = nnx.split(unstack_layers(model))[1]
+                scheduler.params = _decode_view(steps, state)[1]  # the updated weights
                 ev = evaluate_rewards(cfg, serve, scheduler, tokenizer, reward_fns, eval_prompts)
                 result.evals[rnd + 1] = ev
                 writer.write({"step": rnd + 1, **ev})

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+CONTEXT_AXIS = "context"  # the mesh axis context parallelism splits the sequence over
 
 
 @dataclass(frozen=True)
@@ -149,14 +150,14 @@ def _online_softmax_out(carry, dtype):
     return jnp.einsum("bkgsd->bskgd", out).reshape(b, s, kh * g, dv).astype(dtype)
 
 
-def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None, axis: str = "context"):
-    """Context parallelism, `ring` strategy: inside a shard_map that is manual over `axis` only,
+def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None):
+    """Context parallelism, `ring` strategy: inside a shard_map that is manual over `context` only,
     each device keeps its slice of the queries; its K/V slice, with positions and segment ids,
     travels around the ring with `ppermute`, one hop per step, while an online softmax folds in
     each visiting block. No device ever holds the whole sequence's K/V; masks use the travelling
     positions, so they stay exact. The backward is autodiff of the same loop."""
-    mesh = jax.sharding.get_abstract_mesh()
-    n = dict(mesh.shape)[axis]
+    mesh, axis = jax.sharding.get_abstract_mesh(), CONTEXT_AXIS
+    n = _context_size()
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
     seq = jax.sharding.PartitionSpec(None, axis)
     ring = [(i, (i + 1) % n) for i in range(n)]
@@ -166,13 +167,17 @@ def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None, axis: str 
         kh = k.shape[2]
         qg = q.reshape(b, s, kh, h // kh, d)
 
-        def hop(_, state):
+        def fold(carry, block):
+            return _online_softmax_step(carry, qg, pos, seg, *block, None, spec)
+
+        def hop(_, state):  # the next device's block arrives, then joins the softmax
             carry, block = state
-            carry = _online_softmax_step(carry, qg, pos, seg, *block, None, spec)
-            return carry, jax.lax.ppermute(block, axis, ring)
+            block = jax.lax.ppermute(block, axis, ring)
+            return fold(carry, block), block
 
         init = _online_softmax_init(b, kh, h // kh, s, v.shape[-1], sinks)
-        carry, _ = jax.lax.fori_loop(0, n, hop, (init, (k, v, pos, seg)))
+        block = (k, v, pos, seg)
+        carry, _ = jax.lax.fori_loop(0, n - 1, hop, (fold(init, block), block))
         return _online_softmax_out(carry, q.dtype)
 
     sink_spec = None if sinks is None else jax.sharding.PartitionSpec()
@@ -248,7 +253,7 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
 
 def _context_size() -> int:
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get("context", 1)
+    return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT_AXIS, 1)
 
 
 def gathered_over_context(*arrays):

@@ -60,15 +60,21 @@ class Linear(nnx.Module):
         if x.shape[x.ndim - n_in :] != self.in_shape:
             raise ValueError(f"Linear: input {x.shape} does not end in {self.in_shape}")
         acc = self.out_dtype or x.dtype
-        y = jax.lax.dot_general(
+        y = self.product(x, acc)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(acc)
+        return y.astype(acc)
+
+    def product(self, x: jax.Array, acc) -> jax.Array:
+        """x contracted with `weight` over the input axes, accumulated in `acc`. Quantized variants
+        may compute it without materialising the float weight."""
+        n_in = len(self.in_shape)
+        return jax.lax.dot_general(
             x,
             self.weight(x.dtype),
             ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
             preferred_element_type=acc,
         )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(acc)
-        return y.astype(acc)
 
 
 class GroupedLinear(nnx.Module):

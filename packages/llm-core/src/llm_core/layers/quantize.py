@@ -50,6 +50,9 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return Linear.__call__(self, x)
 
+    def product(self, x: jax.Array, acc) -> jax.Array:
+        return Linear.product(self, x, acc)
+
 
 class Int8Linear(QuantizedLinear):
     """int8 with per-output-channel scales (QLoRA's base, `weight_quantization: int8`)."""
@@ -61,26 +64,19 @@ class Int8Linear(QuantizedLinear):
         out_axes = axes[:n_lead] + axes[n_lead + len(self.in_shape) :]
         self.scale = nnx.Param(scale, out_sharding=out_axes, eager_sharding=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def product(self, x: jax.Array, acc) -> jax.Array:
         """Without leading (layer) axes, float32: llm_kernels.int8_matmul, which on the CPU reads
         the int8 kernel directly for small batches (decode) instead of a dequantized float copy."""
         if self.scale.ndim != len(self.out_shape) or x.dtype != jnp.float32:
-            return Linear.__call__(self, x)
+            return Linear.product(self, x, acc)
         from llm_kernels import int8_matmul
 
-        n_in = len(self.in_shape)
-        if x.shape[x.ndim - n_in :] != self.in_shape:
-            raise ValueError(f"Int8Linear: input {x.shape} does not end in {self.in_shape}")
+        lead = x.shape[: x.ndim - len(self.in_shape)]
         k, n = math.prod(self.in_shape), math.prod(self.out_shape)
         y = int8_matmul(
-            x.reshape(*x.shape[: x.ndim - n_in], k),
-            self.kernel_q[...].reshape(k, n),
-            self.scale[...].reshape(n),
-        ).reshape(*x.shape[: x.ndim - n_in], *self.out_shape)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        acc = self.out_dtype or x.dtype
-        return y.astype(acc)
+            x.reshape(*lead, k), self.kernel_q[...].reshape(k, n), self.scale[...].reshape(n)
+        )
+        return y.reshape(*lead, *self.out_shape).astype(acc)
 
     def weight(self, dtype) -> jax.Array:
         # leading (layer) axes from the scale's rank: inside a scan they are gone
