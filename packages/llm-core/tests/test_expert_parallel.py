@@ -44,6 +44,8 @@ LAYOUTS = {
     ],
     # capacity path through EP; factor 8 drops nothing on one device or under EP
     "ep8_capacity": ["ici_expert_parallelism=8", "moe_capacity_factor=8"],
+    # quantized training: the local experts' products round their operands like one device's
+    "ep4_dp2_int8": ["ici_expert_parallelism=4", "ici_data_parallelism=2", "quantization=int8"],
 }
 METHODS = ["grouped_matmul", "ragged_dot", "tiled", "dense"]
 # layer checks: EP=4 x DP=2, so 2 local experts per shard and 8 token sources

@@ -207,7 +207,7 @@ class Config:
     # inputs (must be even and divide every quantized Linear's input size) and output channel
     weight_quantization: Literal["none", "int8", "int4"] = "none"
     weight_quantization_group_size: int = 128
-    # quantized training through qwix (llm_core/layers/qat.py): the attention and MLP Linear
+    # quantized training through qwix (llm_core/layers/qat.py): the attention, MLP and MoE expert
     # matmuls run on int8 or float8 (e4m3) operands, gradients pass straight through; fp8_full also
     # quantizes the backward's incoming gradients to e5m2. Weights and checkpoints stay float.
     quantization: Literal["none", "int8", "fp8", "fp8_full"] = "none"

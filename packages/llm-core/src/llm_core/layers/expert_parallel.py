@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
 
 from llm_core.layers.experts import ExpertWeights, sorted_expert_ffn
+from llm_core.layers.qat import ExpertQuantization
 
 EXPERT_AXIS = "expert"
 
@@ -79,6 +80,7 @@ class ExpertParallel:
         act: Callable,
         method: str,
         capacity_factor: float | None,
+        quant: ExpertQuantization | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """tokens [T, D], expert ids [T, k], stacked weights -> ([T, k, D] outputs, number of
         dropped assignments)."""
@@ -94,6 +96,7 @@ class ExpertParallel:
             capacity=capacity,
             act=act,
             method=method,
+            quant=quant,
             token_axes=self.token_axes,
         )
         run = jax.shard_map(
@@ -151,7 +154,9 @@ def _all_to_all(x: jax.Array) -> jax.Array:
     return jax.lax.all_to_all(x, EXPERT_AXIS, 0, 0, tiled=True)
 
 
-def _dispatch_and_compute(x, experts, w: ExpertWeights, *, ep, capacity, act, method, token_axes):
+def _dispatch_and_compute(
+    x, experts, w: ExpertWeights, *, ep, capacity, act, method, quant, token_axes
+):
     """Per device: local tokens [t, D], expert ids [t, k], local expert weights [E / EP, ...]."""
     t, k = experts.shape
     d, e_local = x.shape[-1], w.gate.shape[0]
@@ -174,6 +179,7 @@ def _dispatch_and_compute(x, experts, w: ExpertWeights, *, ep, capacity, act, me
         w,
         act,
         method,
+        quant,
     )
     back = _all_to_all(rows.reshape(ep, capacity, d))
     y = back.at[dest, slot].get(mode="fill", fill_value=0)
@@ -181,13 +187,15 @@ def _dispatch_and_compute(x, experts, w: ExpertWeights, *, ep, capacity, act, me
     return y.reshape(t, k, d), dropped
 
 
-def _local_experts(rows, ids, w: ExpertWeights, act, method):
+def _local_experts(rows, ids, w: ExpertWeights, act, method, quant=None):
     """Received rows [N, D] with local expert ids [N] (E_local: empty slot) -> [N, D], in the
     received order; empty slots give zeros."""
     e_local = w.gate.shape[0]
     order = jnp.argsort(ids, stable=True)  # empty slots last
     sorted_ids = ids[order]
     sizes = jnp.zeros((e_local,), jnp.int32).at[ids].add(1, mode="drop")
-    ys = sorted_expert_ffn(rows[order], jnp.minimum(sorted_ids, e_local - 1), sizes, w, act, method)
+    ys = sorted_expert_ffn(
+        rows[order], jnp.minimum(sorted_ids, e_local - 1), sizes, w, act, method, quant
+    )
     ys = jnp.where((sorted_ids < e_local)[:, None], ys, 0)
     return jnp.zeros_like(ys).at[order].set(ys)

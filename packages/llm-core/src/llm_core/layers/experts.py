@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llm_core.layers.qat import ExpertQuantization
+
 MIN_ROWS_FOR_TILES = 16  # fewer rows per expert (decoding): tiles would be mostly padding
 
 
@@ -71,10 +73,18 @@ def resolve_matmul(method: str) -> str:
 
 
 def gated_ffn(
-    x: jax.Array, w: ExpertWeights, act: Callable, matmul: Callable, rows_bias: Callable
+    x: jax.Array,
+    w: ExpertWeights,
+    act: Callable,
+    matmul: Callable,
+    rows_bias: Callable,
+    quant: ExpertQuantization | None = None,
 ) -> jax.Array:
     """down(act(gate(x), up(x))), with `matmul(x, kernel)` doing each expert-weight product and
-    `rows_bias(bias [E, F])` giving each row its expert's bias, broadcastable to the product."""
+    `rows_bias(bias [E, F])` giving each row its expert's bias, broadcastable to the product;
+    `quant` (quantized training) rounds both operands of every product first."""
+    if quant is not None:
+        matmul = quant.wrap(matmul)
 
     def product(x, kernel, bias):
         y = matmul(x, kernel)
@@ -91,13 +101,11 @@ def sorted_expert_ffn(
     w: ExpertWeights,
     act: Callable,
     method: str,
+    quant: ExpertQuantization | None = None,
 ) -> jax.Array:
     """Rows [N, D] sorted by expert (`sizes` [E] int32 rows each, `expert_of_row` [N]) -> [N, D].
     Rows past sum(sizes) come out as zeros (grouped_matmul, ragged_dot) or are unused padding."""
     method = resolve_matmul(method)
-    if method == "grouped_matmul":
-        from llm_kernels import grouped_matmul
-
     e = w.gate.shape[0]
     row_expert = jnp.minimum(expert_of_row, e - 1)
 
@@ -107,25 +115,27 @@ def sorted_expert_ffn(
     if method == "grouped_matmul":
         from llm_kernels import grouped_matmul
 
-        return gated_ffn(xs, w, act, lambda x, k: grouped_matmul(x, k, sizes), by_row)
+        return gated_ffn(xs, w, act, lambda x, k: grouped_matmul(x, k, sizes), by_row, quant)
     if method == "ragged_dot":
-        return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes), by_row)
+        return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes), by_row, quant)
     if method == "dense":
         x_all = jnp.broadcast_to(xs, (e, *xs.shape))
         y = gated_ffn(
-            x_all, w, act, lambda x, k: jnp.einsum("end,edf->enf", x, k), lambda b: b[:, None]
-        )
+            x_all, w, act, lambda x, k: jnp.einsum("end,edf->enf", x, k), lambda b: b[:, None],
+            quant,
+        )  # fmt: skip
         return jnp.take_along_axis(y, row_expert[None, :, None], 0)[0]
     if method == "tiled":
         rows_per_expert = xs.shape[0] / e
         if rows_per_expert < MIN_ROWS_FOR_TILES:
-            return gated_ffn(xs, w, act, lambda x, k: jax.lax.ragged_dot(x, k, sizes), by_row)
+            matmul = lambda x, k: jax.lax.ragged_dot(x, k, sizes)  # noqa: E731
+            return gated_ffn(xs, w, act, matmul, by_row, quant)
         tile = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
-        return _tiled_ffn(xs, expert_of_row, sizes, w, act, tile)
+        return _tiled_ffn(xs, expert_of_row, sizes, w, act, tile, quant)
     raise ValueError(f"moe_matmul: unknown method {method!r}")
 
 
-def _tiled_ffn(xs, expert_of_row, sizes, w: ExpertWeights, act, tile: int):
+def _tiled_ffn(xs, expert_of_row, sizes, w: ExpertWeights, act, tile: int, quant=None):
     """Each expert's rows padded to whole tiles -> one batched matmul per weight over the tiles
     -> back to the sorted rows."""
     n, e = xs.shape[0], w.gate.shape[0]
@@ -140,13 +150,15 @@ def _tiled_ffn(xs, expert_of_row, sizes, w: ExpertWeights, act, tile: int):
     tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), starts, side="right"), e - 1)
     y = gated_ffn(
         x, w, act, lambda x, k: jnp.einsum("tri,tio->tro", x, k[tile_expert]),
-        lambda b: b[tile_expert][:, None],
+        lambda b: b[tile_expert][:, None], quant,
     )  # fmt: skip
     return y.reshape(num_tiles * tile, -1)[dest]
 
 
-def capacity_buffer_ffn(buf: jax.Array, w: ExpertWeights, act: Callable) -> jax.Array:
+def capacity_buffer_ffn(
+    buf: jax.Array, w: ExpertWeights, act: Callable, quant: ExpertQuantization | None = None
+) -> jax.Array:
     """Dense buffer [E, capacity, D] -> [E, capacity, D], expert e on its own rows."""
     return gated_ffn(
-        buf, w, act, lambda x, k: jnp.einsum("gri,gio->gro", x, k), lambda b: b[:, None]
+        buf, w, act, lambda x, k: jnp.einsum("gri,gio->gro", x, k), lambda b: b[:, None], quant
     )

@@ -51,6 +51,7 @@ from llm_core.layers.experts import (
 from llm_core.layers.linear import GroupedLinear, Linear
 from llm_core.layers.mlp import MLP
 from llm_core.layers.params import dtype_of
+from llm_core.layers.qat import ExpertQuantization
 
 
 def empty_aux(cfg) -> dict[str, jax.Array]:
@@ -142,6 +143,7 @@ class MoE(nnx.Module):
         self.num_experts, self.routing = cfg.num_experts, Routing.from_config(cfg)
         self.capacity_factor = cfg.moe_capacity_factor
         self.matmul = cfg.moe_matmul
+        self.quant = ExpertQuantization.from_config(cfg)
         self.batch_axes = expert_parallel.batch_axes(cfg.logical_axis_rules)
         e, m, n, wd = (
             cfg.emb_dim,
@@ -186,7 +188,9 @@ class MoE(nnx.Module):
         ep = expert_parallel.plan(tokens.shape[0], self.num_experts, self.batch_axes)
         if ep is not None:  # context mesh with an `expert` axis > 1: see expert_parallel.py
             w = self.expert_weights(tokens.dtype)
-            y_assign, dropped = ep(tokens, experts, w, self.act, self.matmul, self.capacity_factor)
+            y_assign, dropped = ep(
+                tokens, experts, w, self.act, self.matmul, self.capacity_factor, self.quant
+            )
         elif self.capacity_factor is None:
             y_assign, dropped = self._dropless(tokens, experts), jnp.zeros((), jnp.float32)
         else:
@@ -220,7 +224,9 @@ class MoE(nnx.Module):
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
         w = self.expert_weights(tokens.dtype)
-        ys = sorted_expert_ffn(tokens[order // k], flat[order], sizes, w, self.act, self.matmul)
+        ys = sorted_expert_ffn(
+            tokens[order // k], flat[order], sizes, w, self.act, self.matmul, self.quant
+        )
         return jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
 
     def _with_capacity(self, tokens, experts):
@@ -234,7 +240,7 @@ class MoE(nnx.Module):
         slot = jnp.where(keep, slot, capacity)  # out of range: dropped by mode="drop"
         buf = jnp.zeros((self.num_experts, capacity, tokens.shape[-1]), tokens.dtype)
         buf = buf.at[flat, slot].set(jnp.repeat(tokens, k, axis=0), mode="drop")
-        out = capacity_buffer_ffn(buf, self.expert_weights(tokens.dtype), self.act)
+        out = capacity_buffer_ffn(buf, self.expert_weights(tokens.dtype), self.act, self.quant)
         ys = out.at[flat, slot].get(mode="fill", fill_value=0)
         dropped = jnp.sum(~keep).astype(jnp.float32)
         return ys.reshape(t, k, -1), dropped
