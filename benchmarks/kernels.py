@@ -15,11 +15,12 @@ interleaved per round, median of 3 rounds, with the CPU model and load average p
     python benchmarks/kernels.py --quick    # seq 512, 2048 + a smaller RMSNorm, fewer repeats
     python benchmarks/kernels.py --only grouped_matmul
     python benchmarks/kernels.py --only int8_matmul
+    python benchmarks/kernels.py --only int4_matmul
 
-int8 matmul (weight-only int8 serving, float32 activations): our C++ kernel against XLA's program for
-the same jnp code (dequantize q * scale, then matmul), on bench-small's projection and head shapes at
-decode (1 and 8 rows) and prefill (64 rows) sizes; interleaved, median of 5 rounds, with the weight
-bytes each side reads per call (GB/s).
+int8 / int4 matmul (weight-only serving, float32 activations): our C++ kernels against XLA's program
+for the same jnp code (dequantize, then matmul; int4 grouped by 128 inputs, two values per byte), on
+bench-small's projection and head shapes at decode (1 and 8 rows) and prefill (64 rows) sizes;
+interleaved, median of 5 rounds, with the weight bytes the kernel reads per second.
 
 Memory: XLA's temporaries + outputs of the compiled program (compiled.memory_analysis()) plus
 the peak scratch the C++ kernels allocate themselves (counted by the module), inputs excluded. Do not run this next to the test suite: both want every core.
@@ -231,26 +232,37 @@ def _bench_gmm_shape(experts, top_k, d_model, width, *, tokens, rounds, rng) -> 
         )
 
 
-def bench_int8_matmul(rounds: int = 5) -> None:
-    from llm_kernels.int8_matmul.ops import CPU_MAX_ROWS
+WEIGHT_ONLY_SHAPES = [(1, 512, 1408), (1, 512, 32000), (8, 512, 1408), (8, 512, 32000),
+                      (64, 512, 1408)]  # fmt: skip
 
-    print(f"\nint8 matmul, CPU {cpu_model()}, load average {load_average()}")
-    print(f"(the default backend takes the kernel up to {CPU_MAX_ROWS} rows)")
+
+def bench_weight_only_matmul(mode: str, rounds: int = 5, group: int = 128) -> None:
+    """int8 (per-channel) or int4 (grouped, two per byte) weights: C++ kernel vs XLA's program."""
+    import importlib
+
+    ops = importlib.import_module(f"llm_kernels.{mode}_matmul.ops")
+    kernel = getattr(llm_kernels, f"{mode}_matmul")
+    reference = getattr(llm_kernels, f"{mode}_matmul_reference")
+    print(f"\n{mode} matmul, CPU {cpu_model()}, load average {load_average()}")
+    print(f"(the default backend takes the kernel up to {ops.CPU_MAX_ROWS} rows)")
     rng = np.random.default_rng(0)
-    for rows, k, n in [(1, 512, 1408), (1, 512, 32000), (8, 512, 1408), (8, 512, 32000),
-                       (64, 512, 1408)]:  # fmt: skip
+    for rows, k, n in WEIGHT_ONLY_SHAPES:
         x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
-        q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
-        scale = jnp.asarray(rng.uniform(0.001, 0.02, n), jnp.float32)
+        if mode == "int8":
+            q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+            scale = jnp.asarray(rng.uniform(0.001, 0.02, n), jnp.float32)
+        else:
+            q = jnp.asarray(rng.integers(0, 256, (k // 2, n)), jnp.uint8)
+            scale = jnp.asarray(rng.uniform(0.001, 0.02, (k // group, n)), jnp.float32)
         fns = {
-            "c++": jax.jit(lambda x, q, s: llm_kernels.int8_matmul(x, q, s, backend="cpu")),
-            "xla": jax.jit(llm_kernels.int8_matmul_reference),
+            "c++": jax.jit(lambda x, q, s: kernel(x, q, s, backend="cpu")),
+            "xla": jax.jit(reference),
         }
         t = _interleaved(fns, (x, q, scale), rounds)
         print(
             f"  [{rows:3d}, {k}] x [{k}, {n:5d}]: c++ {t['c++'] * 1e3:7.3f} ms "
-            f"({k * n / t['c++'] / 1e9:5.1f} GB/s of int8 weights), xla {t['xla'] * 1e3:7.3f} ms, "
-            f"xla / c++ {t['xla'] / t['c++']:5.2f}x"
+            f"({q.nbytes / t['c++'] / 1e9:5.1f} GB/s of {mode} weights), "
+            f"xla {t['xla'] * 1e3:7.3f} ms, xla / c++ {t['xla'] / t['c++']:5.2f}x"
         )
     print(f"load average after: {load_average()}")
 
@@ -261,7 +273,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
     parser.add_argument(
         "--only",
-        choices=["attention", "rms_norm", "grouped_matmul", "int8_matmul"],
+        choices=["attention", "rms_norm", "grouped_matmul", "int8_matmul", "int4_matmul"],
         help="run one benchmark",
     )
     args = parser.parse_args()
@@ -277,8 +289,9 @@ def main() -> None:
         bench_rms_norm((2048, 4096) if args.quick else (8192, 4096), repeats)
     if args.only in (None, "grouped_matmul"):
         bench_grouped_matmul(rounds=3)
-    if args.only in (None, "int8_matmul"):
-        bench_int8_matmul()
+    for mode in ("int8", "int4"):
+        if args.only in (None, f"{mode}_matmul"):
+            bench_weight_only_matmul(mode)
 
 
 if __name__ == "__main__":

@@ -55,26 +55,33 @@ def test_int4_model_close_to_float_and_bad_group_size():
         load_config(None, {**TINY, "weight_quantization_group_size": 3})
 
 
-def test_int8_linear_on_the_cpu_kernel_equals_its_dequantized_matmul(monkeypatch):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_linear_on_the_cpu_kernel_equals_its_dequantized_matmul(monkeypatch, mode):
+    import importlib
+
     import jax
 
     import llm_kernels
-    from llm_kernels.int8_matmul import ops
 
     if not llm_kernels.cpu_kernels_available():
         pytest.skip("C++ kernels not built")
-    cfg = load_config(None, [f"{k}={v}" for k, v in TINY.items()] + ["weight_quantization=int8"])
+    ops = importlib.import_module(f"llm_kernels.{mode}_matmul.ops")
+    overrides = [f"{k}={v}" for k, v in TINY.items()]
+    cfg = load_config(
+        None, [*overrides, f"weight_quantization={mode}", "weight_quantization_group_size=16"]
+    )
     model = build_model(cfg, rngs=nnx.Rngs(0))
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8)).astype(np.int32)
     graphdef, state = nnx.split(model)
+    target = f"llm_kernels_{mode}_matmul"
 
     def run() -> tuple[np.ndarray, str]:  # a new function each time: no cached trace
         forward = jax.jit(lambda s: nnx.merge(graphdef, s)(ids))
         return np.asarray(forward(state)), str(jax.make_jaxpr(forward)(state))
 
     with_kernel, jaxpr = run()
-    assert "llm_kernels_int8_matmul" in jaxpr
+    assert target in jaxpr
     monkeypatch.setattr(ops, "CPU_MAX_ROWS", 0)  # every call on XLA's dequantize-then-matmul
     without, jaxpr = run()
-    assert "llm_kernels_int8_matmul" not in jaxpr
+    assert target not in jaxpr
     np.testing.assert_allclose(with_kernel, without, rtol=1e-5, atol=1e-5)

@@ -209,6 +209,29 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   return ffi::Error::Success();
 }
 
+ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  const bool shapes_ok = xd.size() == 2 && qd.size() == 2 && sd.size() == 2 && yd.size() == 2 &&
+                         xd[1] == 2 * qd[0] && sd[1] == qd[1] && sd[0] > 0 &&
+                         xd[1] % sd[0] == 0 && (xd[1] / sd[0]) % 2 == 0 && yd[0] == xd[0] &&
+                         yd[1] == qd[1];
+  if (!shapes_ok)
+    return ffi::Error::InvalidArgument(
+        "int4_matmul: expected x [m, k], q [k / 2, n], scale [groups, n] with an even group size");
+  Int4MatmulArgs a{};
+  a.m = xd[0];
+  a.k = xd[1];
+  a.n = qd[1];
+  a.group = xd[1] / sd[0];
+  a.x = x.typed_data();
+  a.q = q.typed_data();
+  a.scale = scale.typed_data();
+  a.y = y->typed_data();
+  if (a.m > 0 && a.n > 0) int4_matmul(a);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace llmk
 
@@ -285,5 +308,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkInt8Matmul, llmk::Int8MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkInt4Matmul, llmk::Int4MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

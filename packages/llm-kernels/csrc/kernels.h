@@ -62,6 +62,14 @@ struct Int8MatmulArgs {
   float* y;             // [m, n]
 };
 
+struct Int4MatmulArgs {
+  int64_t m, k, n, group;
+  const float* x;       // [m, k]
+  const uint8_t* q;     // [k / 2, n], two int4 per byte along k (low nibble: even row)
+  const float* scale;   // [k / group, n]
+  float* y;             // [m, n]
+};
+
 #define LLMK_DECLARE_KERNELS(ns)                 \
   namespace ns {                                 \
   void attention_fwd(const AttnFwdArgs& a);      \
@@ -71,6 +79,7 @@ struct Int8MatmulArgs {
   void gmm(const GmmArgs& a);                    \
   void tgmm(const TgmmArgs& a);                  \
   void int8_matmul(const Int8MatmulArgs& a);     \
+  void int4_matmul(const Int4MatmulArgs& a);     \
   const char* isa_name();                        \
   }
 
@@ -86,6 +95,7 @@ void rms_norm_bwd(const RmsNormArgs& a);
 void gmm(const GmmArgs& a);
 void tgmm(const TgmmArgs& a);
 void int8_matmul(const Int8MatmulArgs& a);
+void int4_matmul(const Int4MatmulArgs& a);
 const char* isa_name();
 
 }  // namespace llmk

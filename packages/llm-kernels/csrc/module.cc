@@ -16,7 +16,7 @@ nb::capsule encapsulate(T* fn) {
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul, int8 matmul).";
+  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul, int8 / int4 matmul).";
   m.def("registrations", []() {
     nb::dict d;
     d["llm_kernels_attention_fwd"] = encapsulate(LlmkAttentionFwd);
@@ -26,6 +26,7 @@ NB_MODULE(_cpu_kernels, m) {
     d["llm_kernels_gmm"] = encapsulate(LlmkGmm);
     d["llm_kernels_tgmm"] = encapsulate(LlmkTgmm);
     d["llm_kernels_int8_matmul"] = encapsulate(LlmkInt8Matmul);
+    d["llm_kernels_int4_matmul"] = encapsulate(LlmkInt4Matmul);
     return d;
   });
   m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");

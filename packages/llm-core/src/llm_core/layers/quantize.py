@@ -53,6 +53,13 @@ class QuantizedLinear(nnx.Module):
     def product(self, x: jax.Array, acc) -> jax.Array:
         return Linear.product(self, x, acc)
 
+    def _flat_product(self, x: jax.Array, matmul, acc) -> jax.Array:
+        """x [..., in...] -> matmul(x [..., k]) [..., n] (a weight-only kernel over the flattened
+        axes) -> [..., out...] in `acc`."""
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        y = matmul(x.reshape(*lead, math.prod(self.in_shape)))
+        return y.reshape(*lead, *self.out_shape).astype(acc)
+
 
 class Int8Linear(QuantizedLinear):
     """int8 with per-output-channel scales (QLoRA's base, `weight_quantization: int8`)."""
@@ -71,12 +78,9 @@ class Int8Linear(QuantizedLinear):
             return Linear.product(self, x, acc)
         from llm_kernels import int8_matmul
 
-        lead = x.shape[: x.ndim - len(self.in_shape)]
         k, n = math.prod(self.in_shape), math.prod(self.out_shape)
-        y = int8_matmul(
-            x.reshape(*lead, k), self.kernel_q[...].reshape(k, n), self.scale[...].reshape(n)
-        )
-        return y.reshape(*lead, *self.out_shape).astype(acc)
+        q, scale = self.kernel_q[...].reshape(k, n), self.scale[...].reshape(n)
+        return self._flat_product(x, lambda x2: int8_matmul(x2, q, scale), acc)
 
     def weight(self, dtype) -> jax.Array:
         # leading (layer) axes from the scale's rank: inside a scan they are gone
@@ -134,6 +138,18 @@ class Int4Linear(QuantizedLinear):
         # leading (layer) axes from the scale's rank: inside a scan they are gone
         n_lead = self.scale.ndim - 1 - len(self.out_shape)
         return dequantize_int4(self.kernel_q[...], self.scale[...], n_lead, self.in_shape, dtype)
+
+    def product(self, x: jax.Array, acc) -> jax.Array:
+        """Without leading (layer) axes, float32: llm_kernels.int4_matmul, which on the CPU unpacks
+        the int4 kernel in registers for small batches (decode) instead of a float copy."""
+        if self.scale.ndim != 1 + len(self.out_shape) or x.dtype != jnp.float32:
+            return Linear.product(self, x, acc)
+        from llm_kernels import int4_matmul
+
+        n = math.prod(self.out_shape)
+        q = self.kernel_q[...].reshape(-1, n)
+        scale = self.scale[...].reshape(-1, n)
+        return self._flat_product(x, lambda x2: int4_matmul(x2, q, scale), acc)
 
 
 def set_module(model: nnx.Module, path: tuple, module: nnx.Module) -> None:

@@ -1,5 +1,5 @@
-"""Public int8_matmul: validation, backend choice, and a custom_vjp (gradient for x only: the
-quantized weights are frozen wherever they are used, in serving and as QLoRA's base).
+"""Public int8_matmul: validation and backend choice (the differentiable CPU op, gradient for x
+only, comes from `_weight_only`).
 
 On the CPU the C++ kernel (csrc/int8_matmul_kernels.cc) widens int8 weight segments in registers
 and reads 1 byte per weight; XLA's own program for the same jnp code first writes a float32 copy
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from llm_kernels import _ffi
 from llm_kernels._platform import current_platform
+from llm_kernels._weight_only import weight_only_cpu_op
 from llm_kernels.int8_matmul.reference import int8_matmul_reference
 
 BACKENDS = ("reference", "cpu")
@@ -22,44 +23,10 @@ BACKENDS = ("reference", "cpu")
 CPU_MAX_ROWS = 16
 
 
-@jax.custom_batching.custom_vmap
-def _cpu_forward(x2: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    return jax.ffi.ffi_call(
-        "llm_kernels_int8_matmul",
-        jax.ShapeDtypeStruct((x2.shape[0], q.shape[1]), jnp.float32),
-    )(x2.astype(jnp.float32), q, scale.astype(jnp.float32))
-
-
-@_cpu_forward.def_vmap
-def _cpu_forward_vmap(axis_size, in_batched, x2, q, scale):
-    """vmap over x only folds the batch into the rows (one call); batched weights map one by one."""
-    x_b, q_b, s_b = in_batched
-    if not (q_b or s_b):
-        x = x2 if x_b else jnp.broadcast_to(x2, (axis_size, *x2.shape))
-        y = _cpu_forward(x.reshape(-1, x.shape[-1]), q, scale)
-        return y.reshape(axis_size, x.shape[1], q.shape[1]), True
-    bcast = lambda a, b: a if b else jnp.broadcast_to(a, (axis_size, *a.shape))  # noqa: E731
-    args = (bcast(x2, x_b), bcast(q, q_b), bcast(scale, s_b))
-    return jax.lax.map(lambda a: _cpu_forward(*a), args), True
-
-
-@jax.custom_vjp
-def _int8_matmul_cpu(x2: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    return _cpu_forward(x2, q, scale)
-
-
-def _fwd(x2, q, scale):
-    return _cpu_forward(x2, q, scale), (q, scale)
-
-
-def _bwd(res, dy):
-    q, scale = res
-    # d x = (dy * scale) q^T: the float copy of q lives only inside the backward's program
-    dx = jnp.matmul(dy * scale.astype(jnp.float32), q.astype(jnp.float32).T)
-    return dx, None, None
-
-
-_int8_matmul_cpu.defvjp(_fwd, _bwd)
+_int8_matmul_cpu = weight_only_cpu_op(
+    "llm_kernels_int8_matmul",
+    lambda q, scale: q.astype(jnp.float32) * scale.astype(jnp.float32),
+)
 
 
 def _validate(x: jax.Array, q: jax.Array, scale: jax.Array, backend: str | None) -> None:
