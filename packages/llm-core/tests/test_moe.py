@@ -203,7 +203,7 @@ def test_active_parameter_count():
         (["mlp_only_layers=[4]"], "mlp_only_layers"),
         (["num_experts=0"], "num_experts"),
         (["ici_expert_parallelism=3", "ici_fsdp_parallelism=1"], "num_experts"),
-        (["ici_stage_parallelism=2"], "ici_stage_parallelism"),
+        (["ici_stage_parallelism=2", "num_pipeline_repeats=4"], "num_pipeline_repeats \\(4\\)"),
         (["ici_context_parallelism=2", "attention_backend=flash"], "dcn_context_parallelism"),
         (["ici_context_parallelism=3", "ici_fsdp_parallelism=1"], "seq_len"),
         (["ici_sequence_parallelism=2"], "ici_sequence_parallelism"),

@@ -34,6 +34,18 @@ LAYOUTS = {
         "ici_fsdp_parallelism=2",
         "ici_tensor_parallelism=2",
     ],
+    # pipeline: one layer per stage, 2 microbatches of 4 rows (one on each data shard)
+    "pp2_dp4": [
+        "ici_stage_parallelism=2",
+        "ici_data_parallelism=4",
+        "ici_fsdp_parallelism=1",
+    ],
+    "pp2_fsdp2_tp2": [
+        "ici_stage_parallelism=2",
+        "ici_data_parallelism=1",
+        "ici_fsdp_parallelism=2",
+        "ici_tensor_parallelism=2",
+    ],
 }
 
 
@@ -78,6 +90,11 @@ try:
     out["batch_error"] = ""
 except ConfigError as err:
     out["batch_error"] = str(err)
+try:
+    train(load_config(None, base + layouts["pp2_dp4"] + ["num_pipeline_microbatches=4", "run_name=bad"]))
+    out["pipeline_error"] = ""
+except ConfigError as err:
+    out["pipeline_error"] = str(err)
 print("RESULT", json.dumps(out))
 """
 
@@ -94,6 +111,7 @@ def test_losses_agree_across_mesh_layouts(tmp_path):
         np.testing.assert_allclose(out[name], want, rtol=1e-5, err_msg=name)
     assert out["fsdp8_max_shard_fraction"] <= 1 / 8  # every weight matrix is split 8 ways
     assert "not divisible by the data-parallel size 8" in out["batch_error"]
+    assert "do not split into num_pipeline_microbatches (4)" in out["pipeline_error"]
 
 
 MOE = [
@@ -142,7 +160,7 @@ from llm_core import load_config
 from llm_train.trainer import train
 
 base, layouts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-new = layouts["dp2_fsdp2_tp2"]
+new = layouts["pp2_fsdp2_tp2"]
 straight = train(load_config(None, base + new + ["run_name=straight"]))
 first = train(load_config(None, base + layouts["fsdp8"] + ["run_name=moved"]), max_steps=3)
 resumed = train(load_config(None, base + new + ["run_name=moved"]))  # same run, another mesh
@@ -156,8 +174,9 @@ print("RESULT", json.dumps({
 
 
 def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
-    """Saved under FSDP=8, resumed under DP=2 x FSDP=2 x TP=2: the same losses as a run that used
-    the second mesh throughout (orbax reshards the arrays to the new mesh on restore)."""
+    """Saved under FSDP=8, resumed under PP=2 x FSDP=2 x TP=2: the same losses as a run that used
+    the second mesh throughout (orbax reshards the arrays to the new mesh on restore, the stacked
+    layers now split over the pipeline stages)."""
     base = tiny_overrides(tmp_path, steps=6, warmup_steps=0, learning_rate=3e-3, checkpoint_every=3)
     out = run_on_8_devices(RESHARD_CHILD, base, LAYOUTS)
     assert out["resumed_from"] == 3

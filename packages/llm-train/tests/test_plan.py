@@ -54,3 +54,48 @@ def test_compile_for_simulated_devices():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "for 4 cpu devices" in proc.stdout
+
+
+PIPELINES = {
+    "pp2_fsdp4": ["ici_stage_parallelism=2", "ici_fsdp_parallelism=4"],
+    "pp2_dp4_remat": [
+        "ici_stage_parallelism=2", "ici_data_parallelism=4", "ici_fsdp_parallelism=1",
+        "remat_policy=full",
+    ],
+    "pp4_dp2": ["ici_stage_parallelism=4", "ici_data_parallelism=2", "ici_fsdp_parallelism=1"],
+    "pp2_repeats2_dp2_tp2": [
+        "ici_stage_parallelism=2", "num_pipeline_repeats=2", "num_pipeline_microbatches=4",
+        "ici_data_parallelism=2", "ici_tensor_parallelism=2", "ici_fsdp_parallelism=1",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(PIPELINES))
+def test_pipeline_plan_within_15_percent_of_compiled_on_8_devices(layout):
+    """`compile --devices 8` prints the compiled peak beside the plan's estimate; `plan` reports
+    the pipeline's bubble."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    over = [*BASE, "num_layers=4", "global_batch_size=16", *PIPELINES[layout]]
+    env = subprocess_env()
+    env.pop("XLA_FLAGS")
+    run = [sys.executable, "-m", "llm_train.cli"]
+    proc = subprocess.run(
+        [*run, "compile", "pretrain.yml", "--devices", "8", *over],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak, estimate = map(
+        float, re.search(r"peak\s+([\d.]+) GiB / device \(plan: ([\d.]+)", proc.stdout).groups()
+    )
+    assert 0.85 < estimate / peak < 1.15, (estimate, peak)
+    proc = subprocess.run(
+        [*run, "plan", "pretrain.yml", "--devices", "8", *over],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"pipeline\s+\d stages x \d repeats, \d microbatches, bubble", proc.stdout)

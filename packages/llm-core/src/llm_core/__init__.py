@@ -26,6 +26,7 @@ from llm_core.layers.lora import (
 from llm_core.layers.moe import RouterBias
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
 from llm_core.models.counting import count_params, matmul_params
+from llm_core.models.pipeline import bubble_fraction
 from llm_core.sharding import create_mesh, logical_sharding, logical_to_mesh_spec, state_shardings
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "Transformer",
     "__version__",
     "apply_lora",
+    "bubble_fraction",
     "build_model",
     "count_params",
     "create_mesh",

@@ -23,6 +23,8 @@ EPILOG = """examples:
       'reward_functions=[llm_train.rewards:exact_match_number]'   # GRPO, in-process rollouts
   llm-train plan bench-small ici_fsdp_parallelism=8              # memory / FLOPs estimate
   llm-train compile bench-small --devices 8 ici_fsdp_parallelism=8   # 8 simulated CPU devices
+  llm-train plan bench-small --devices 8 ici_stage_parallelism=2 ici_fsdp_parallelism=4 \
+      global_batch_size=16 num_pipeline_microbatches=4   # pipeline stages: memory, bubble
 
 Output goes to <base_output_dir>/<run_name>/: checkpoints/, metrics.jsonl, tensorboard/, config.yml.
 """

@@ -48,6 +48,14 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             f"({cfg.grad_accum_steps}) = {micro} is not divisible by the data-parallel size {dp} "
             f"(mesh {dict(mesh.shape)}): change global_batch_size or the ici_*/dcn_* settings."
         )
+    stages = mesh.shape.get("stage", 1)
+    pipeline_micro = cfg.num_pipeline_microbatches or stages
+    if stages > 1 and (micro // dp) % pipeline_micro:
+        raise ConfigError(
+            f"each data-parallel shard holds {micro // dp} rows of a step's batch, which do not "
+            f"split into num_pipeline_microbatches ({pipeline_micro}): every microbatch needs "
+            "rows on every shard. Raise global_batch_size or lower num_pipeline_microbatches."
+        )
     if micro % jax.process_count():
         raise ConfigError(
             f"global_batch_size per microbatch ({micro}) is not divisible by the number of "

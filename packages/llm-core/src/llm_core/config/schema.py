@@ -64,7 +64,7 @@ Family = Literal[
 ]
 
 # Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
-UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ("stage", "sequence")
+UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ("sequence",)
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,12 @@ class Config:
     context_parallel_strategy: Literal["all_gather", "ring"] = "all_gather"
     ici_tensor_parallelism: int = 1
     ici_expert_parallelism: int = 1
+    # pipeline parallelism (`stage` axis > 1; llm_core/models/pipeline.py): the batch is cut into
+    # num_pipeline_microbatches (a multiple of the stage count; 0: one per stage) that flow through
+    # the stages; num_pipeline_repeats > 1 places the layers circularly (stage s holds layer chunks
+    # s, s + stages, ...), which shrinks the idle share to (S - 1) / (microbatches * repeats + S - 1)
+    num_pipeline_microbatches: int = 0
+    num_pipeline_repeats: int = 1
     dcn_data_parallelism: int = -1
     dcn_stage_parallelism: int = 1
     dcn_fsdp_parallelism: int = 1

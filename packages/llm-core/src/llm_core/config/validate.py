@@ -88,6 +88,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"seq_len ({cfg.seq_len}) must be divisible by the context parallelism ({context})."
         )
+    _validate_pipeline(cfg)
     _validate_mla(cfg)
     _validate_llama4_attention(cfg)
     _validate_mtp(cfg)
@@ -118,6 +119,59 @@ def validate(cfg: Config) -> Config:
                 f"logical_axis_rules: '{rule[0]}' maps to unknown mesh axes {unknown}; known: {list(MESH_AXES)}."
             )
     return cfg
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    stages = cfg.ici_stage_parallelism * cfg.dcn_stage_parallelism
+    if cfg.num_pipeline_repeats < 1 or cfg.num_pipeline_microbatches < 0:
+        raise ConfigError(
+            "num_pipeline_repeats must be >= 1 and num_pipeline_microbatches >= 0 (0: one per "
+            f"stage), got {cfg.num_pipeline_repeats} and {cfg.num_pipeline_microbatches}."
+        )
+    if stages == 1:
+        if cfg.num_pipeline_microbatches or cfg.num_pipeline_repeats != 1:
+            raise ConfigError(
+                "num_pipeline_microbatches / num_pipeline_repeats only apply with pipeline "
+                "parallelism: set ici_stage_parallelism (or dcn_stage_parallelism) > 1."
+            )
+        return
+    if stages < 0:
+        raise ConfigError("ici/dcn_stage_parallelism cannot be -1: give the stage count.")
+    micro = cfg.num_pipeline_microbatches or stages
+    if micro % stages:
+        raise ConfigError(
+            f"num_pipeline_microbatches ({micro}) must be a multiple of the stage count ({stages})."
+        )
+    batch = cfg.global_batch_size // cfg.grad_accum_steps
+    if batch % micro:
+        raise ConfigError(
+            f"the batch of one step ({batch} = global_batch_size / grad_accum_steps) must divide "
+            f"into num_pipeline_microbatches ({micro})."
+        )
+    from llm_core.models.placement import layer_placement
+
+    chunks = stages * cfg.num_pipeline_repeats
+    for seg in layer_placement(cfg).segments:
+        if not seg.stacked or seg.repeats % chunks:
+            raise ConfigError(
+                f"num_layers ({cfg.num_layers}) cannot be cut into ici/dcn_stage_parallelism "
+                f"({stages}) x num_pipeline_repeats ({cfg.num_pipeline_repeats}) equal chunks: "
+                f"its {seg.name} part has {seg.num_layers} layers in groups of {len(seg.kinds)}."
+            )
+    others = {
+        "ici/dcn_context_parallelism": cfg.ici_context_parallelism * cfg.dcn_context_parallelism,
+        "ici/dcn_expert_parallelism": cfg.ici_expert_parallelism * cfg.dcn_expert_parallelism,
+    }
+    for key, size in others.items():
+        if size != 1:
+            raise ConfigError(
+                f"pipeline parallelism with {key} > 1 is not implemented yet: set one of them to 1."
+            )
+    if cfg.router_bias_update_rate > 0:
+        raise ConfigError(
+            "pipeline parallelism with router_bias_update_rate > 0 (aux-loss-free balancing) is "
+            "not implemented yet."
+        )
 
 
 def _validate_grpo(cfg: Config) -> None:

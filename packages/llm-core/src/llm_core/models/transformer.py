@@ -21,6 +21,7 @@ from flax import nnx
 
 from llm_core.layers.attention import Attention
 from llm_core.layers.embeddings import Embedder
+from llm_core.layers.expert_parallel import batch_axes
 from llm_core.layers.kv_cache import stack_cache
 from llm_core.layers.linear import Linear
 from llm_core.layers.mla import MLAttention
@@ -28,6 +29,7 @@ from llm_core.layers.mlp import MLP
 from llm_core.layers.moe import MoE, empty_aux
 from llm_core.layers.norms import make_norm
 from llm_core.layers.params import dtype_of
+from llm_core.models import pipeline
 from llm_core.models.placement import LayerKind, Segment, layer_kinds, layer_placement
 
 REMAT_POLICIES = {
@@ -297,17 +299,36 @@ class Transformer(nnx.Module):
             return module(x, positions, segment_ids, cache)
         graphdef, state = nnx.split(module)
 
-        def body(x, xs):
-            group_state, group_cache = xs
+        def group(group_state, x, positions, segment_ids, group_cache=None):
             x, group_cache, aux = nnx.merge(graphdef, group_state)(
                 x, positions, segment_ids, group_cache
             )
             return x, (group_cache, aux)
 
         if self.cfg.remat_policy != "none":
-            body = jax.checkpoint(
-                body, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False
+            group = jax.checkpoint(
+                group, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False
             )
+        if pipeline.stage_count() > 1:  # pipeline parallelism (models/pipeline.py)
+            if cache is not None:
+                raise ValueError("a KV cache under a `stage` mesh axis > 1: decode without one")
+
+            def without_cache(group_state, x, positions, segment_ids):
+                x, (_, aux) = group(group_state, x, positions, segment_ids)
+                return x, aux
+
+            x, aux = pipeline.run_pipelined(
+                without_cache, state, x, positions, segment_ids,
+                microbatches=self.cfg.num_pipeline_microbatches or pipeline.stage_count(),
+                repeats=self.cfg.num_pipeline_repeats,
+                batch_axes=batch_axes(self.cfg.logical_axis_rules),
+            )  # fmt: skip
+            return x, None, aux
+
+        def body(x, xs):
+            group_state, group_cache = xs
+            return group(group_state, x, positions, segment_ids, group_cache)
+
         if self.cfg.scan_layers:
             x, (cache, aux) = jax.lax.scan(body, x, (state, cache))
         else:
