@@ -1,9 +1,14 @@
 """Pipeline parallelism (llm_core.models.pipeline) on 8 simulated CPU devices: the model's loss and
 gradients under PP=4 x DP=2, PP=2 x FSDP=2 x TP=2, PP=2 with circular repeats and a MoE model equal
 one device; the compiled step passes activations with collective-permutes and each stage holds only
-its own layers; the bubble formula; config errors before any compile."""
+its own layers; stages in two `jax.distributed` processes match one process; the bubble formula;
+config errors before any compile."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 from test_sharding import _run_on_8_devices
@@ -132,3 +137,103 @@ def test_bubble_fraction():
 def test_bad_pipeline_settings_name_the_key(extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, TINY + extra)
+
+
+def _worker(process_id: int, port: int) -> None:
+    """One of two processes x 2 CPU devices: the mesh orders devices by process and `stage` comes
+    before `fsdp`, so stage 0 lives in one process and stage 1 in the other (FSDP=2 within each;
+    on CPU, create_mesh treats the processes as one slice, so the axis is ici); loss and gradients
+    against this process's own one-device run."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from llm_core import build_model, create_mesh, state_shardings
+
+    single = load_config(None, [*TINY, "ici_data_parallelism=1", "ici_fsdp_parallelism=1"])
+    cfg = load_config(None, [*TINY, "ici_stage_parallelism=2", "ici_data_parallelism=1"])
+    ids = jax.random.randint(jax.random.key(0), (8, 16), 0, 64)
+    targets = jax.random.randint(jax.random.key(1), (8, 16), 0, 64)
+
+    def loss_and_grads(graphdef):
+        def loss(state, ids, targets):
+            logp = jax.nn.log_softmax(nnx.merge(graphdef, state)(ids))
+            return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+
+        return jax.value_and_grad(loss)
+
+    graphdef, state = nnx.split(build_model(single, rngs=nnx.Rngs(0)))
+    want = jax.jit(loss_and_grads(graphdef))(state, ids, targets)  # this process alone
+    mesh = create_mesh(cfg)
+    stages = np.moveaxis(mesh.devices, list(mesh.axis_names).index("stage"), 0).reshape(2, -1)
+    owners = [sorted({d.process_index for d in row}) for row in stages]
+    assert dict(mesh.shape)["stage"] == 2 and owners in ([[0], [1]], [[1], [0]]), owners
+
+    def put(a, sharding):  # a global array from the same host values in every process
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    graphdef, state = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
+    rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+    args = (
+        jax.tree.map(put, state, state_shardings(state, mesh, cfg)),
+        put(ids, rows),
+        put(targets, rows),
+    )
+    with jax.set_mesh(mesh):
+        replicated = NamedSharding(mesh, PartitionSpec())
+        compiled = (
+            jax.jit(loss_and_grads(graphdef), out_shardings=replicated).lower(*args).compile()
+        )
+        got = compiled(*args)
+    errs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got, want))
+    print(
+        "RESULT",
+        json.dumps({"err": max(errs), "permutes": "collective-permute" in compiled.as_text()}),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_stages_in_two_processes_match_one_process():
+    port = _free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(pid), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    results = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, stderr[-4000:]
+        results.append(json.loads(stdout.split("RESULT ")[1]))
+    for res in results:
+        assert res["err"] < 1e-5 and res["permutes"], res
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]))
