@@ -53,3 +53,15 @@ print("ok", worst)
 def test_context_parallel_attention_equals_one_device():
     out = _run_on_8_devices(SCRIPT)
     assert "ok" in out, out
+
+
+def test_load_balanced_order_pairs_early_and_late_chunks():
+    import numpy as np
+
+    from llm_core.layers.attention_ops import load_balanced_order
+
+    order = load_balanced_order(16, 4)  # 8 chunks of 2: device i holds chunks i and 7 - i
+    assert sorted(order) == list(range(16))
+    slices = np.asarray(order).reshape(4, 4) // 2
+    assert [sorted(set(s)) for s in slices.tolist()] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert load_balanced_order(16, 1) is None

@@ -28,6 +28,14 @@ LAYOUTS = {
         "ici_context_parallelism=8",
         "context_parallel_strategy=ring",
     ],
+    # device i holds sequence chunks i and 15 - i (2 tokens each); the ring skips hidden blocks
+    "cp8_ring_balanced": [
+        "ici_data_parallelism=1",
+        "ici_fsdp_parallelism=1",
+        "ici_context_parallelism=8",
+        "context_parallel_strategy=ring",
+        "context_parallel_load_balance=true",
+    ],
     "cp2_fsdp2_tp2": [
         "ici_data_parallelism=1",
         "ici_context_parallelism=2",

@@ -247,6 +247,10 @@ class Config:
     # its queries and gathers K/V (and their positions) across the axis; ring: K/V blocks travel
     # around the axis with ppermute under an online softmax (no device holds the whole sequence)
     context_parallel_strategy: Literal["all_gather", "ring"] = "all_gather"
+    # causal load balance: the sequence is reordered inside the model so that device i of N holds
+    # chunks i and 2N - 1 - i of 2N (positions travel with the tokens; the loss sees the original
+    # order); the ring then skips the same share of fully masked blocks on every device
+    context_parallel_load_balance: bool = False
     ici_tensor_parallelism: int = 1
     ici_expert_parallelism: int = 1
     # pipeline parallelism (`stage` axis > 1; llm_core/models/pipeline.py): the batch is cut into

@@ -88,6 +88,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"seq_len ({cfg.seq_len}) must be divisible by the context parallelism ({context})."
         )
+    if cfg.context_parallel_load_balance and context > 1 and cfg.seq_len % (2 * context):
+        raise ConfigError(
+            f"context_parallel_load_balance cuts seq_len ({cfg.seq_len}) into 2 x the context "
+            f"parallelism ({context}) chunks: make seq_len divisible by {2 * context}."
+        )
     _validate_pipeline(cfg)
     _validate_mla(cfg)
     _validate_llama4_attention(cfg)

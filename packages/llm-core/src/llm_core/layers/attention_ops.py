@@ -157,7 +157,7 @@ def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None):
     each visiting block. No device ever holds the whole sequence's K/V; masks use the travelling
     positions, so they stay exact. The backward is autodiff of the same loop."""
     mesh, axis = jax.sharding.get_abstract_mesh(), CONTEXT_AXIS
-    n = _context_size()
+    n = context_size()
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
     seq = jax.sharding.PartitionSpec(None, axis)
     ring = [(i, (i + 1) % n) for i in range(n)]
@@ -165,20 +165,47 @@ def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None):
     def local(q, k, v, pos, seg, sinks):
         b, s, h, d = q.shape
         kh = k.shape[2]
-        qg = q.reshape(b, s, kh, h // kh, d)
+        halves = 2 if s % 2 == 0 else 1
+        hs = s // halves
 
-        def fold(carry, block):
-            return _online_softmax_step(carry, qg, pos, seg, *block, None, spec)
+        def half(a, i):  # the i-th half of the local sequence (axis 1)
+            return jax.lax.slice_in_dim(a, i * hs, (i + 1) * hs, axis=1)
+
+        queries = [
+            (half(q, i).reshape(b, hs, kh, h // kh, d), half(pos, i), half(seg, i))
+            for i in range(halves)
+        ]
+
+        def fold(carries, block):
+            """Each (query half, key half) pair joins the softmax unless the causal mask hides
+            the whole pair (every key after every query): such pairs are skipped, so a causal
+            ring does about half the work, and with `context_parallel_load_balance` every device
+            skips the same share."""
+            out = []
+            for carry, (qg, qp, qs) in zip(carries, queries, strict=True):
+                for j in range(halves):
+                    kb = tuple(half(a, j) for a in block)
+
+                    def step(carry, qg=qg, qp=qp, qs=qs, kb=kb):
+                        return _online_softmax_step(carry, qg, qp, qs, *kb, None, spec)
+
+                    if spec.causal:
+                        visible = jnp.min(kb[2]) <= jnp.max(qp)
+                        carry = jax.lax.cond(visible, step, lambda c: c, carry)
+                    else:
+                        carry = step(carry)
+                out.append(carry)
+            return out
 
         def hop(_, state):  # the next device's block arrives, then joins the softmax
-            carry, block = state
+            carries, block = state
             block = jax.lax.ppermute(block, axis, ring)
-            return fold(carry, block), block
+            return fold(carries, block), block
 
-        init = _online_softmax_init(b, kh, h // kh, s, v.shape[-1], sinks)
+        init = [_online_softmax_init(b, kh, h // kh, hs, v.shape[-1], sinks)] * halves
         block = (k, v, pos, seg)
-        carry, _ = jax.lax.fori_loop(0, n - 1, hop, (fold(init, block), block))
-        return _online_softmax_out(carry, q.dtype)
+        carries, _ = jax.lax.fori_loop(0, n - 1, hop, (fold(init, block), block))
+        return jnp.concatenate([_online_softmax_out(c, q.dtype) for c in carries], axis=1)
 
     sink_spec = None if sinks is None else jax.sharding.PartitionSpec()
     return jax.shard_map(
@@ -241,7 +268,7 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
         if spec.chunk is not None:  # the flash kernels mask by segment: one per (sequence, chunk)
             segment_ids = chunk_segments(positions, segment_ids, spec.chunk)
         return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids, sinks)[..., :dv]
-    if spec.context_strategy == "ring" and _context_size() > 1:
+    if spec.context_strategy == "ring" and context_size() > 1:
         return ring_attention(q, k, v, positions, segment_ids, spec, sinks)
     k, v, k_pos, k_seg = gathered_over_context(k, v, positions, segment_ids)
     if backend == "chunked":
@@ -251,7 +278,7 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
     return dot_product_attention(q, k, v, positions, k_pos, spec, segment_ids, k_seg, sinks=sinks)
 
 
-def _context_size() -> int:
+def context_size() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT_AXIS, 1)
 
@@ -262,7 +289,7 @@ def gathered_over_context(*arrays):
     across it, while the queries keep their own slice of the sequence; the masks use the gathered
     positions, so they stay exact. Other axes are left to the partitioner. Without such a mesh:
     unchanged."""
-    if _context_size() == 1:
+    if context_size() == 1:
         return arrays
     mesh = jax.sharding.get_abstract_mesh()
     free = jax.sharding.PartitionSpec.UNCONSTRAINED
@@ -274,3 +301,16 @@ def gathered_over_context(*arrays):
         return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, spec))
 
     return tuple(gather(a) for a in arrays)
+
+
+def load_balanced_order(seq_len: int, parts: int):
+    """Causal load balance for context parallelism: the permutation of [0, seq_len) whose i-th of
+    `parts` contiguous slices holds chunks i and 2 * parts - 1 - i of 2 * parts, so every device
+    has as many early as late queries. None for one part."""
+    import numpy as np
+
+    if parts <= 1:
+        return None
+    c = seq_len // (2 * parts)
+    chunks = [(i, 2 * parts - 1 - i) for i in range(parts)]
+    return np.concatenate([np.arange(j * c, (j + 1) * c) for pair in chunks for j in pair])

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llm_core.layers.attention import Attention
+from llm_core.layers.attention_ops import context_size, load_balanced_order
 from llm_core.layers.embeddings import Embedder
 from llm_core.layers.expert_parallel import batch_axes
 from llm_core.layers.kv_cache import stack_cache
@@ -185,6 +187,12 @@ class Transformer(nnx.Module):
                 jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
             )
         x = self.embedder.encode(input_ids, positions, dtype_of(self.cfg.dtype))
+        order = None
+        if self.cfg.context_parallel_load_balance and cache is None:
+            order = load_balanced_order(x.shape[1], context_size())
+        if order is not None:  # positions travel with the tokens, so every mask stays exact
+            x, positions = x[:, order], positions[:, order]
+            segment_ids = None if segment_ids is None else segment_ids[:, order]
         new_cache, aux, loads = {}, {}, {}
         for seg in self.placement.segments:
             seg_cache = None if cache is None else cache[seg.name]
@@ -194,6 +202,8 @@ class Transformer(nnx.Module):
                 loads[seg.name] = seg_aux.pop("router_load")
             aux = _add(aux, seg_aux)
         aux = self._finish_aux(aux)
+        if order is not None:
+            x = x[:, np.argsort(order)]
         if loads:  # {segment: {layer_j: [groups, experts] or [experts]}}, shaped like the biases
             aux["router_load"] = loads
         return x, (None if cache is None else new_cache), aux
