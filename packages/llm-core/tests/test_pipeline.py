@@ -1,6 +1,6 @@
 """Pipeline parallelism (llm_core.models.pipeline) on 8 simulated CPU devices: the model's loss and
-gradients under PP=4 x DP=2, PP=2 x FSDP=2 x TP=2, PP=2 with circular repeats and a MoE model equal
-one device; the compiled step passes activations with collective-permutes and each stage holds only
+gradients under PP=4 x DP=2, PP=2 x FSDP=2 x TP=2, PP=2 with circular repeats and a MoE model (also
+with PP=2 x EP=2 x DP=2) equal one device; the compiled step passes activations with collective-permutes and each stage holds only
 its own layers; stages in two `jax.distributed` processes match one process; the bubble formula;
 config errors before any compile."""
 
@@ -34,6 +34,11 @@ LAYOUTS = {
     "moe_pp2_dp4": [
         *MOE, "ici_stage_parallelism=2", "ici_data_parallelism=4", "ici_fsdp_parallelism=1",
     ],  # 2 microbatches of 4 rows
+    # experts split over `expert` inside each stage (a shard_map within the pipeline's)
+    "moe_pp2_ep2_dp2": [
+        *MOE, "ici_stage_parallelism=2", "ici_expert_parallelism=2", "ici_data_parallelism=2",
+        "ici_fsdp_parallelism=1",
+    ],
 }  # fmt: skip
 
 SCRIPT = r"""
@@ -80,6 +85,7 @@ for name, extra in layouts.items():
         "grad_err": max(errs),
         "counts_err": float(jnp.abs(counts - want_counts).max()),
         "permutes": hlo.count("collective-permute"),
+        "all_to_all": "all-to-all" in hlo,
         "layers_per_device": kernel.sharding.shard_shape(kernel.shape)[0],
         "layers": kernel.shape[0],
         "stages": mesh.shape["stage"],
@@ -114,6 +120,8 @@ def test_activations_move_between_stages_and_each_holds_its_layers(results, layo
     r = results[layout]
     assert r["permutes"] > 0, r
     assert r["layers_per_device"] == r["layers"] // r["stages"], r
+    if "_ep" in layout:  # expert parallelism inside the stages dispatches with all-to-all
+        assert r["all_to_all"], r
 
 
 def test_bubble_fraction():

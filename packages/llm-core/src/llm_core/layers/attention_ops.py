@@ -306,10 +306,11 @@ def gathered_over_context(*arrays):
 def load_balanced_order(seq_len: int, parts: int):
     """Causal load balance for context parallelism: the permutation of [0, seq_len) whose i-th of
     `parts` contiguous slices holds chunks i and 2 * parts - 1 - i of 2 * parts, so every device
-    has as many early as late queries. None for one part."""
+    has as many early as late queries. None for one part, or a length that does not cut into
+    2 * parts chunks (left in order: correct, just not balanced)."""
     import numpy as np
 
-    if parts <= 1:
+    if parts <= 1 or seq_len % (2 * parts):
         return None
     c = seq_len // (2 * parts)
     chunks = [(i, 2 * parts - 1 - i) for i in range(parts)]

@@ -99,9 +99,12 @@ class ExpertParallel:
             quant=quant,
             token_axes=self.token_axes,
         )
+        manual = _manual_axes(self.mesh)  # inside pipeline stages: the rest become manual here
+        free = {"axis_names": set(self.mesh.axis_names) - manual} if manual else {}
         run = jax.shard_map(
             body,
             mesh=self.mesh,
+            **free,
             in_specs=(tok, tok, jax.tree.map(lambda _: exp, weights)),
             out_specs=(tok, PartitionSpec()),
             # custom calls inside (the grouped_matmul FFI kernel's custom_vjp) carry no
@@ -112,22 +115,32 @@ class ExpertParallel:
         return run(tokens, experts, weights)
 
 
+def _manual_axes(mesh) -> set[str]:
+    return {
+        a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == AxisType.Manual
+    }
+
+
 def plan(
     num_tokens: int, num_experts: int, rules_batch_axes: Sequence[str]
 ) -> ExpertParallel | None:
     """The expert-parallel split for a MoE call, or None for the single-program path: no context
-    mesh, an `expert` axis of size 1 (or already manual: inside another shard_map), experts not
+    mesh, an `expert` axis of size 1 (or already manual: inside another shard_map; other manual
+    axes, such as pipeline stages, are left out of the token split), experts not
     divisible by it, or too few tokens to give every expert shard its own."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) <= 1:
         return None
-    if any(t == AxisType.Manual for t in mesh.axis_types):
+    manual = _manual_axes(mesh)  # inside another shard_map (pipeline stages): off limits
+    if EXPERT_AXIS in manual:
         return None
     ep = mesh.shape[EXPERT_AXIS]
     if num_experts % ep:
         return None
-    present = [a for a in rules_batch_axes if mesh.shape.get(a, 1) > 1]
-    candidates = present + [a for a, n in mesh.shape.items() if n > 1 and a not in present]
+    present = [a for a in rules_batch_axes if mesh.shape.get(a, 1) > 1 and a not in manual]
+    candidates = present + [
+        a for a, n in mesh.shape.items() if n > 1 and a not in present and a not in manual
+    ]
     axes, size = [], 1
     for a in candidates:  # the longest prefix of candidates whose size divides the tokens
         if num_tokens % (size * mesh.shape[a]):
