@@ -1,11 +1,13 @@
 """Context parallelism on 8 simulated CPU devices: attention with the sequence split over the
-`context` axis (all_gather and ring) equals attention on one device, values and gradients, with
+`context` axis (all_gather and ring, whose backward is its own second trip around the ring) equals
+attention on one device, values and q / k / v / sink gradients, with
 packed sequences, sliding windows, chunked attention, soft-capping and sinks."""
 
 from test_sharding import _run_on_8_devices
 
 SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
+from functools import partial
 from jax.sharding import NamedSharding, PartitionSpec as P
 from llm_core.layers import attention_ops as ops
 
@@ -28,20 +30,21 @@ mesh = jax.sharding.Mesh(np.array(jax.devices()), ("context",))  # as llm_core.c
 worst = 0.0
 for name, extra in specs.items():
     for with_sinks in (False, True):
-        sk = sinks if with_sinks else None
-        def loss(q, k, v, spec):
+        def loss(q, k, v, sk, spec):
+            sk = sk if with_sinks else None
             out = ops.self_attention(q, k, v, pos, seg, spec, "dot_product", 16, sk)
             return jnp.sum(out * jnp.cos(jnp.arange(d))), out
         base = ops.AttentionSpec(scale=d ** -0.5, **extra)
-        (_, want), g_want = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, base)
+        grad = partial(jax.value_and_grad, argnums=(0, 1, 2, 3), has_aux=True)
+        (_, want), g_want = grad(loss)(q, k, v, sinks, base)
         for strategy in ("all_gather", "ring"):
             spec = ops.AttentionSpec(scale=d ** -0.5, context_strategy=strategy, **extra)
             shard = NamedSharding(mesh, P(None, "context"))
             args = [jax.device_put(a, shard) for a in (q, k, v)]
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                f = jax.jit(jax.value_and_grad(lambda q, k, v: loss(q, k, v, spec), argnums=(0, 1, 2), has_aux=True))
-                (_, got), g_got = f(*args)
-                text = f.lower(*args).compile().as_text()
+                f = jax.jit(grad(lambda q, k, v, sk: loss(q, k, v, sk, spec)))
+                (_, got), g_got = f(*args, sinks)
+                text = f.lower(*args, sinks).compile().as_text()
             assert ("collective-permute" in text) == (strategy == "ring"), (name, strategy)
             err = max(float(jnp.abs(a - b_).max()) for a, b_ in zip((got, *g_got), (want, *g_want)))
             assert err < 1e-5, (name, with_sinks, strategy, err)

@@ -150,74 +150,6 @@ def _online_softmax_out(carry, dtype):
     return jnp.einsum("bkgsd->bskgd", out).reshape(b, s, kh * g, dv).astype(dtype)
 
 
-def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None):
-    """Context parallelism, `ring` strategy: inside a shard_map that is manual over `context` only,
-    each device keeps its slice of the queries; its K/V slice, with positions and segment ids,
-    travels around the ring with `ppermute`, one hop per step, while an online softmax folds in
-    each visiting block. No device ever holds the whole sequence's K/V; masks use the travelling
-    positions, so they stay exact. The backward is autodiff of the same loop."""
-    mesh, axis = jax.sharding.get_abstract_mesh(), CONTEXT_AXIS
-    n = context_size()
-    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
-    seq = jax.sharding.PartitionSpec(None, axis)
-    ring = [(i, (i + 1) % n) for i in range(n)]
-
-    def local(q, k, v, pos, seg, sinks):
-        b, s, h, d = q.shape
-        kh = k.shape[2]
-        halves = 2 if s % 2 == 0 else 1
-        hs = s // halves
-
-        def half(a, i):  # the i-th half of the local sequence (axis 1)
-            return jax.lax.slice_in_dim(a, i * hs, (i + 1) * hs, axis=1)
-
-        queries = [
-            (half(q, i).reshape(b, hs, kh, h // kh, d), half(pos, i), half(seg, i))
-            for i in range(halves)
-        ]
-
-        def fold(carries, block):
-            """Each (query half, key half) pair joins the softmax unless the causal mask hides
-            the whole pair (every key after every query): such pairs are skipped, so a causal
-            ring does about half the work, and with `context_parallel_load_balance` every device
-            skips the same share."""
-            out = []
-            for carry, (qg, qp, qs) in zip(carries, queries, strict=True):
-                for j in range(halves):
-                    kb = tuple(half(a, j) for a in block)
-
-                    def step(carry, qg=qg, qp=qp, qs=qs, kb=kb):
-                        return _online_softmax_step(carry, qg, qp, qs, *kb, None, spec)
-
-                    if spec.causal:
-                        visible = jnp.min(kb[2]) <= jnp.max(qp)
-                        carry = jax.lax.cond(visible, step, lambda c: c, carry)
-                    else:
-                        carry = step(carry)
-                out.append(carry)
-            return out
-
-        def hop(_, state):  # the next device's block arrives, then joins the softmax
-            carries, block = state
-            block = jax.lax.ppermute(block, axis, ring)
-            return fold(carries, block), block
-
-        init = [_online_softmax_init(b, kh, h // kh, hs, v.shape[-1], sinks)] * halves
-        block = (k, v, pos, seg)
-        carries, _ = jax.lax.fori_loop(0, n - 1, hop, (fold(init, block), block))
-        return jnp.concatenate([_online_softmax_out(c, q.dtype) for c in carries], axis=1)
-
-    sink_spec = None if sinks is None else jax.sharding.PartitionSpec()
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(seq, seq, seq, seq, seq, sink_spec),
-        out_specs=seq,
-        axis_names={axis},
-        check_vma=False,
-    )(q, k, v, positions, seg, sinks)
-
-
 def flash_attention(q, k, v, spec, segment_ids=None, sinks=None):
     """The llm-kernels flash kernel (index-based causal masking: training / full-prefix path)."""
     try:
@@ -269,6 +201,8 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
             segment_ids = chunk_segments(positions, segment_ids, spec.chunk)
         return flash_attention(pad(q), pad(k), pad(v), spec, segment_ids, sinks)[..., :dv]
     if spec.context_strategy == "ring" and context_size() > 1:
+        from llm_core.layers.ring_attention import ring_attention
+
         return ring_attention(q, k, v, positions, segment_ids, spec, sinks)
     k, v, k_pos, k_seg = gathered_over_context(k, v, positions, segment_ids)
     if backend == "chunked":
