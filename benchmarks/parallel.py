@@ -46,7 +46,7 @@ from llm_train.step import Steps
 
 CP_MODEL = [
     "num_layers=2", "emb_dim=128", "num_heads=2", "num_kv_heads=2", "head_dim=64", "mlp_dim=256",
-    "vocab_size=1024", "global_batch_size=1", "attention_backend=chunked", "attention_chunk_size=2048",
+    "vocab_size=1024", "global_batch_size=1", "attention_backend=chunked", "attention_chunk_size=512",
     "remat_policy=full",
 ]  # fmt: skip
 CP_LAYOUTS = {

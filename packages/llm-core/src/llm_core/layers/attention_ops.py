@@ -203,7 +203,7 @@ def self_attention(q, k, v, positions, segment_ids, spec, backend: str, chunk: i
     if spec.context_strategy == "ring" and context_size() > 1:
         from llm_core.layers.ring_attention import ring_attention
 
-        return ring_attention(q, k, v, positions, segment_ids, spec, sinks)
+        return ring_attention(q, k, v, positions, segment_ids, spec, sinks, chunk)
     k, v, k_pos, k_seg = gathered_over_context(k, v, positions, segment_ids)
     if backend == "chunked":
         return chunked_attention(

@@ -36,16 +36,17 @@ from llm_core.layers.attention_ops import (
 )
 
 
-def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None):
+def ring_attention(q, k, v, positions, segment_ids, spec, sinks=None, chunk: int = 512):
     """q [B,S,H,D]; k, v [B,S,K,D] split over `context` on S -> [B,S,H,Dv], as one device would
-    compute it with the sequence whole."""
+    compute it with the sequence whole. Each visiting block is taken `chunk` keys at a time
+    (`attention_chunk_size`), so a device's scores stay O(S / context x chunk)."""
     mesh, axis = jax.sharding.get_abstract_mesh(), CONTEXT_AXIS
     n = context_size()
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
     seq = jax.sharding.PartitionSpec(None, axis)
     has_sinks = sinks is not None
     sinks = jnp.zeros((q.shape[2],), jnp.float32) if sinks is None else sinks
-    local = partial(_ring, spec=spec, n=n, has_sinks=has_sinks)
+    local = partial(_ring, spec=spec, n=n, has_sinks=has_sinks, chunk=chunk)
     return jax.shard_map(
         lambda q, k, v, pos, seg, sinks: local(q, k, v, pos, seg, sinks),
         mesh=mesh,
@@ -82,7 +83,15 @@ def _ring_shift(tree, n: int):
 
 
 # ------------------------------------------------------------------------------------ forward
-def _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks):
+def _key_chunks(kb, chunk: int):
+    """A key block (k, v, pos, seg) [B, T, ...] -> the same stacked [T / c, B, c, ...] in chunks of
+    c = `chunk` keys (the whole block when `chunk` does not divide T)."""
+    t = kb[0].shape[1]
+    c = chunk if 0 < chunk < t and t % chunk == 0 else t
+    return tuple(jnp.moveaxis(a.reshape(a.shape[0], t // c, c, *a.shape[2:]), 1, 0) for a in kb)
+
+
+def _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks, chunk):
     """(out [B,S,H,Dv] in q's dtype, lse [halves] x [B,K,G,S/halves])."""
     b, s, h, _ = q.shape
     kh, parts = k.shape[2], _halves(s)
@@ -98,7 +107,10 @@ def _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks):
                 kb = tuple(_half(a, j, parts) for a in block)
 
                 def step(carry, qg=qg, qp=qp, qs=qs, kb=kb):
-                    return _online_softmax_step(carry, qg, qp, qs, *kb, None, spec)
+                    def one(carry, kc):
+                        return _online_softmax_step(carry, qg, qp, qs, *kc, None, spec), None
+
+                    return jax.lax.scan(one, carry, _key_chunks(kb, chunk))[0]
 
                 carry = jax.lax.cond(_may_see(spec, qp, kb[2]), step, lambda c: c, carry)
             out.append(carry)
@@ -123,13 +135,13 @@ def _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks):
     return out.reshape(b, s, h, -1).astype(q.dtype), lses
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ring(q, k, v, pos, seg, sinks, spec, n, has_sinks):
-    return _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ring(q, k, v, pos, seg, sinks, spec, n, has_sinks, chunk):
+    return _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks, chunk)[0]
 
 
-def _ring_fwd(q, k, v, pos, seg, sinks, spec, n, has_sinks):
-    out, lses = _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks)
+def _ring_fwd(q, k, v, pos, seg, sinks, spec, n, has_sinks, chunk):
+    out, lses = _forward(q, k, v, pos, seg, sinks, spec, n, has_sinks, chunk)
     return out, (q, k, v, pos, seg, sinks, out, lses)
 
 
@@ -153,7 +165,24 @@ def _pair_grads(qg, qp, qs, lse, delta, dout, kb, spec):
     return dq, dk, dv
 
 
-def _ring_bwd(spec, n, has_sinks, res, dout):
+def _chunked_pair_grads(qg, qp, qs, lse, delta, dout, kb, spec, chunk):
+    """`_pair_grads` over the key block `chunk` keys at a time: dq summed, dk / dv per chunk."""
+
+    def one(dq, kc):
+        gq, gk, gv = _pair_grads(qg, qp, qs, lse, delta, dout, kc, spec)
+        return dq + gq, (gk, gv)
+
+    chunks = _key_chunks(kb, chunk)
+    dq, (dk, dv) = jax.lax.scan(one, jnp.zeros(qg.shape, jnp.float32), chunks)
+
+    def whole(a):  # [T / c, B, c, ...] -> [B, T, ...]
+        a = jnp.moveaxis(a, 0, 1)
+        return a.reshape(a.shape[0], -1, *a.shape[3:])
+
+    return dq, whole(dk), whole(dv)
+
+
+def _ring_bwd(spec, n, has_sinks, chunk, res, dout):
     q, k, v, pos, seg, sinks, out, lses = res
     s, h = q.shape[1:3]
     kh, parts = k.shape[2], _halves(s)
@@ -177,7 +206,7 @@ def _ring_bwd(spec, n, has_sinks, res, dout):
                 kb = tuple(_half(a, j, parts) for a in kv)
 
                 def step(acc, qg=qg, qp=qp, qs=qs, lse=lse, delta=delta, do=do, kb=kb):
-                    gq, gk, gv = _pair_grads(qg, qp, qs, lse, delta, do, kb, spec)
+                    gq, gk, gv = _chunked_pair_grads(qg, qp, qs, lse, delta, do, kb, spec, chunk)
                     return acc[0] + gq, acc[1] + gk, acc[2] + gv
 
                 acc = (dq, _half(grads[0], j, parts), _half(grads[1], j, parts))
