@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from multiprocess_testutil import run_workers
 
 TINY_MOE = [
     "num_layers=2",
@@ -292,36 +292,9 @@ def test_low_capacity_drops_by_the_documented_rule(eight_device_results):
     assert eight_device_results["capacity:output"] == ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_experts_split_across_two_processes_match_one_process():
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "worker", str(pid), str(port)],
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, stderr[-4000:]
-        results.append(json.loads(stdout.split("RESULT ")[1]))
-    for res in results:
+    for res in run_workers(__file__, "worker"):
         assert res == {"error": "", "all_to_all": True}
 
 

@@ -5,12 +5,10 @@ its own layers; stages in two `jax.distributed` processes match one process; the
 config errors before any compile."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
+from multiprocess_testutil import run_workers
 from test_sharding import _run_on_8_devices
 
 from llm_core import ConfigError, bubble_fraction, load_config
@@ -205,41 +203,9 @@ def _worker(process_id: int, port: int) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_stages_in_two_processes_match_one_process():
-    port = _free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(pid), str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, stderr[-4000:]
-        results.append(json.loads(stdout.split("RESULT ")[1]))
-    for res in results:
+    for res in run_workers(__file__):
         assert res["err"] < 1e-5 and res["permutes"], res
 
 

@@ -9,6 +9,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from llm_kernels import _ffi
+from llm_kernels._platform import current_platform
+
 
 def weight_only_cpu_op(target: str, dequantize: Callable) -> Callable:
     """(x2 [m, k], q, scale) -> [m, n] float32 through the FFI `target`; `dequantize(q, scale)`
@@ -46,3 +49,27 @@ def weight_only_cpu_op(target: str, dequantize: Callable) -> Callable:
 
     op.defvjp(fwd, bwd)
     return op
+
+
+def dispatch(
+    name: str,
+    x,
+    q,
+    scale,
+    backend: str | None,
+    max_rows: int,
+    cpu_op: Callable,
+    reference: Callable,
+):
+    """The public op's body: backend None takes the CPU kernel when it is built, on the CPU, for
+    at most `max_rows` rows of x (decode-sized calls, where reading quantized weights wins), else
+    the jnp reference; x's leading axes are folded into rows for the kernel."""
+    if backend is None:
+        rows = x.size // x.shape[-1] if x.shape[-1] else 0
+        kernels = current_platform() == "cpu" and _ffi.cpu_kernels_available()
+        backend = "cpu" if kernels and rows <= max_rows else "reference"
+    if backend == "reference":
+        return reference(x, q, scale)
+    _ffi.require_cpu_kernels(name)
+    y = cpu_op(x.reshape(-1, x.shape[-1]), q, scale)
+    return y.reshape(*x.shape[:-1], q.shape[1])

@@ -11,9 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llm_kernels import _ffi
-from llm_kernels._platform import current_platform
-from llm_kernels._weight_only import weight_only_cpu_op
+from llm_kernels._weight_only import dispatch, weight_only_cpu_op
 from llm_kernels.int4_matmul.reference import dequantize_int4, int4_matmul_reference
 
 BACKENDS = ("reference", "cpu")
@@ -57,13 +55,7 @@ def int4_matmul(
     else the reference), "cpu", "reference".
     """
     _validate(x, q, scale, backend)
-    if backend is None:
-        rows = x.size // x.shape[-1] if x.shape[-1] else 0
-        kernels = current_platform() == "cpu" and _ffi.cpu_kernels_available()
-        backend = "cpu" if kernels and rows <= CPU_MAX_ROWS else "reference"
-    if backend == "reference":
-        return int4_matmul_reference(x, q, scale)
-    _ffi.require_cpu_kernels("int4_matmul")
-    lead = x.shape[:-1]
-    y = _int4_matmul_cpu(x.reshape(-1, x.shape[-1]), q, scale)
-    return y.reshape(*lead, q.shape[1])
+    return dispatch(
+        "int4_matmul", x, q, scale, backend, CPU_MAX_ROWS, _int4_matmul_cpu,
+        int4_matmul_reference,
+    )  # fmt: skip
