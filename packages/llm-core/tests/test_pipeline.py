@@ -1,6 +1,6 @@
 """Pipeline parallelism (llm_core.models.pipeline) on 8 simulated CPU devices: the model's loss and
 gradients under PP=4 x DP=2, PP=2 x FSDP=2 x TP=2, PP=2 with circular repeats and a MoE model (also
-with PP=2 x EP=2 x DP=2) equal one device; the compiled step passes activations with collective-permutes and each stage holds only
+with PP=2 x EP=2 x DP=2), and PP with context parallelism (ring and all_gather), equal one device; the compiled step passes activations with collective-permutes and each stage holds only
 its own layers; stages in two `jax.distributed` processes match one process; the bubble formula;
 config errors before any compile."""
 
@@ -32,6 +32,15 @@ LAYOUTS = {
     "moe_pp2_dp4": [
         *MOE, "ici_stage_parallelism=2", "ici_data_parallelism=4", "ici_fsdp_parallelism=1",
     ],  # 2 microbatches of 4 rows
+    # the sequence split over `context` inside each stage (the ring's shard_map nests too)
+    "pp2_cp2_ring_dp2": [
+        "ici_stage_parallelism=2", "ici_context_parallelism=2", "context_parallel_strategy=ring",
+        "ici_data_parallelism=2", "ici_fsdp_parallelism=1",
+    ],
+    "pp2_cp4_all_gather": [
+        "ici_stage_parallelism=2", "ici_context_parallelism=4", "ici_data_parallelism=1",
+        "ici_fsdp_parallelism=1",
+    ],
     # experts split over `expert` inside each stage (a shard_map within the pipeline's)
     "moe_pp2_ep2_dp2": [
         *MOE, "ici_stage_parallelism=2", "ici_expert_parallelism=2", "ici_data_parallelism=2",
@@ -136,7 +145,6 @@ def test_bubble_fraction():
         (["ici_stage_parallelism=4", "num_pipeline_repeats=2"], "cannot be cut into"),
         (["num_layers=3", "ici_stage_parallelism=2"], "num_layers \\(3\\)"),
         (["num_pipeline_repeats=2"], "only apply with pipeline"),
-        (["ici_stage_parallelism=2", "ici_context_parallelism=2"], "context_parallelism"),
         (["ici_stage_parallelism=2", "num_pipeline_repeats=0"], "num_pipeline_repeats"),
     ],
 )

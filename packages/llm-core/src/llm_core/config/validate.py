@@ -163,11 +163,6 @@ def _validate_pipeline(cfg: Config) -> None:
                 f"({stages}) x num_pipeline_repeats ({cfg.num_pipeline_repeats}) equal chunks: "
                 f"its {seg.name} part has {seg.num_layers} layers in groups of {len(seg.kinds)}."
             )
-    if cfg.ici_context_parallelism * cfg.dcn_context_parallelism != 1:
-        raise ConfigError(
-            "pipeline parallelism with ici/dcn_context_parallelism > 1 is not implemented yet: "
-            "set one of them to 1."
-        )
     if cfg.router_bias_update_rate > 0:
         raise ConfigError(
             "pipeline parallelism with router_bias_update_rate > 0 (aux-loss-free balancing) is "
