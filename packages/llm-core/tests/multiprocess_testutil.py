@@ -46,3 +46,13 @@ def run_workers(script: str, *args: str, processes: int = 2, devices: int = 2) -
         assert p.returncode == 0, stderr[-4000:]
         results.append(json.loads(stdout.split("RESULT ")[1]))
     return results
+
+
+def global_array(value, sharding):
+    """A global jax array built in every process from the same host values (each process fills
+    its own devices' shards)."""
+    import jax
+    import numpy as np
+
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

@@ -209,7 +209,6 @@ def _worker(process_id: int, port: int) -> None:
     live in one process and 4-7 in the other; loss and gradients against this process's own
     one-device run. (On CPU, create_mesh treats the processes as one slice, so the axis is ici.)"""
     import jax
-    import numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -228,9 +227,7 @@ def _worker(process_id: int, port: int) -> None:
     owners = [d.process_index for d in mesh.devices.reshape(-1)]  # along the expert axis
     assert owners[:2] != owners[2:] and sorted(set(owners)) == [0, 1], owners
 
-    def put(a, sharding):  # a global array from the same host values in every process
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+    from multiprocess_testutil import global_array as put
 
     batch = NamedSharding(mesh, PartitionSpec("expert"))
     args = (

@@ -163,11 +163,6 @@ def _validate_pipeline(cfg: Config) -> None:
                 f"({stages}) x num_pipeline_repeats ({cfg.num_pipeline_repeats}) equal chunks: "
                 f"its {seg.name} part has {seg.num_layers} layers in groups of {len(seg.kinds)}."
             )
-    if cfg.router_bias_update_rate > 0:
-        raise ConfigError(
-            "pipeline parallelism with router_bias_update_rate > 0 (aux-loss-free balancing) is "
-            "not implemented yet."
-        )
 
 
 def _validate_grpo(cfg: Config) -> None:

@@ -29,6 +29,9 @@ STAGE_AXIS = "stage"
 # auxiliary losses that are means over tokens: the pipeline averages them over microbatches
 # (as gradient accumulation does); counts (tokens per expert, dropped) are summed
 MEAN_OVER_MICROBATCHES = ("moe_lb_loss", "moe_z_loss")
+# aux-loss-free routing: tokens per expert of every layer group, kept per group (each has its own
+# router bias) and summed over microbatches
+PER_GROUP = "router_load"
 
 
 def stage_count() -> int:
@@ -55,7 +58,8 @@ def run_pipelined(
 ):
     """The stacked groups `state` (leaves [G, ...]) applied in order to x [B, T, E] as a pipeline;
     `group_fn(group_state, x, positions, segment_ids) -> (x, aux)` runs one group. Returns
-    (x, aux summed over the groups). `batch_axes`: the mesh axes the batch rows are split over."""
+    (x, aux summed over the groups, except `router_load`: [groups, ...] per group).
+    `batch_axes`: the mesh axes the batch rows are split over."""
     stages, v_count, m_count = stage_count(), repeats, microbatches
     groups = jax.tree.leaves(state)[0].shape[0]
     per_chunk = groups // (stages * v_count)
@@ -88,47 +92,56 @@ def run_pipelined(
                 return group_fn(group_state, x, p, None if segment_ids is None else sg)
 
             x, aux = jax.lax.scan(one_group, x, chunk)
-            return x, jax.tree.map(lambda a: a.sum(0), aux)
+            loads = aux.pop(PER_GROUP, {})  # [L, experts]: each layer keeps its own
+            return x, jax.tree.map(lambda a: a.sum(0), aux), loads
 
         zero = jnp.zeros_like(xs[0])
-        _, aux_shape = jax.eval_shape(run_chunk, 0, zero, pos[0], segs[0])
+        _, aux_shape, loads_shape = jax.eval_shape(run_chunk, 0, zero, pos[0], segs[0])
         aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+        loads0 = jax.tree.map(lambda a: jnp.zeros((v_count, *a.shape), a.dtype), loads_shape)
 
         def tick(carry, t):
-            received, buf, outs, aux_sum = carry
+            received, buf, outs, aux_sum, loads_sum = carry
             i = t - s
             valid = (i >= 0) & (i < iterations)
             ic = jnp.clip(i, 0, iterations - 1)
             v, m = ic // m_count, ic % m_count
             first_in = jnp.where(v == 0, xs[m], buf[m])
-            y, aux = run_chunk(v, jnp.where(s == 0, first_in, received), pos[m], segs[m])
+            y, aux, loads = run_chunk(v, jnp.where(s == 0, first_in, received), pos[m], segs[m])
             last = valid & (s == stages - 1) & (v == v_count - 1)
             outs = outs.at[m].set(jnp.where(last, y, outs[m]))
             aux_sum = jax.tree.map(lambda acc, a: acc + jnp.where(valid, a, 0), aux_sum, aux)
+            loads_sum = jax.tree.map(
+                lambda acc, a: acc.at[v].add(jnp.where(valid, a, 0)), loads_sum, loads
+            )
             received = jax.lax.ppermute(y, STAGE_AXIS, ring)
             # stage 0 keeps what the last stage finished this tick (iteration t - S + 1)
             j = t - (stages - 1)
             jm = jnp.clip(j, 0, iterations - 1) % m_count
             keep = (s == 0) & (j >= 0) & (j < iterations)
             buf = buf.at[jm].set(jnp.where(keep, received, buf[jm]))
-            return (received, buf, outs, aux_sum), None
+            return (received, buf, outs, aux_sum, loads_sum), None
 
-        init = (zero, jnp.zeros_like(xs), jnp.zeros_like(xs), aux0)
+        init = (zero, jnp.zeros_like(xs), jnp.zeros_like(xs), aux0, loads0)
         ticks = jnp.arange(iterations + stages - 1)
-        (_, _, outs, aux_sum), _ = jax.lax.scan(tick, init, ticks)
-        # a leading stage axis: the caller reads the last stage's outputs, sums the aux
-        return outs[None], jax.tree.map(lambda a: a[None], aux_sum)
+        (_, _, outs, aux_sum, loads_sum), _ = jax.lax.scan(tick, init, ticks)
+        # a stage axis: the caller reads the last stage's outputs, sums the aux over stages and
+        # lays the per-group loads out as [V, S, L, ...] (the groups' order)
+        loads_sum = jax.tree.map(lambda a: a[:, None], loads_sum)
+        return outs[None], jax.tree.map(lambda a: a[None], aux_sum), loads_sum
 
     stage_spec = PartitionSpec(None, STAGE_AXIS)
-    outs, aux = jax.shard_map(
+    outs, aux, loads = jax.shard_map(
         local,
         mesh=jax.sharding.get_abstract_mesh(),
         in_specs=(jax.tree.map(lambda _: stage_spec, staged), PartitionSpec(), PartitionSpec(),
                   PartitionSpec()),
-        out_specs=(PartitionSpec(STAGE_AXIS), PartitionSpec(STAGE_AXIS)),
+        out_specs=(PartitionSpec(STAGE_AXIS), PartitionSpec(STAGE_AXIS), stage_spec),
         axis_names={STAGE_AXIS},
         check_vma=False,
     )(staged, xs, pos, segs)  # fmt: skip
     out = constrain(outs[stages - 1], PartitionSpec(None, rows)).swapaxes(0, 1).reshape(x.shape)
     aux = {k: a.sum(0) / (m_count if k in MEAN_OVER_MICROBATCHES else 1) for k, a in aux.items()}
+    if loads:  # [V, S, L, experts] -> [groups, experts], like the stacked router biases
+        aux[PER_GROUP] = jax.tree.map(lambda a: a.reshape(groups, *a.shape[3:]), loads)
     return out, aux
