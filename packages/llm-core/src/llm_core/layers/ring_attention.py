@@ -29,7 +29,6 @@ from llm_core.layers.attention_ops import (
     NEG_INF,
     _online_softmax_init,
     _online_softmax_step,
-    _scores,
     _sink_logits,
     _visible,
     context_size,
@@ -151,14 +150,15 @@ def _pair_grads(qg, qp, qs, lse, delta, dout, kb, spec):
     from the saved log-sum-exp (softmax probabilities recomputed, as flash attention does)."""
     kc, vc, pc, segc = kb
     raw = jnp.einsum("bskgd,btkd->bkgst", qg, kc, preferred_element_type=jnp.float32) * spec.scale
-    sc = _scores(qg, kc, spec)
+    cap = spec.logit_softcap
+    sc = raw if cap is None else cap * jnp.tanh(raw / cap)  # as attention_ops._scores
     mask = _visible(qp, pc, qs, segc, None, spec)[:, None, None]
     p = jnp.where(mask, jnp.exp(sc - lse[..., None]), 0.0)
     dv = jnp.einsum("bkgst,bskgd->btkd", p, dout)
     dp = jnp.einsum("bskgd,btkd->bkgst", dout, vc.astype(jnp.float32))
     ds = p * (dp - delta[..., None])
-    if spec.logit_softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
-        ds = ds * (1.0 - jnp.tanh(raw / spec.logit_softcap) ** 2)
+    if cap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2 = 1 - (sc / cap)^2
+        ds = ds * (1.0 - (sc / cap) ** 2)
     ds = ds * spec.scale
     dq = jnp.einsum("bkgst,btkd->bskgd", ds, kc.astype(jnp.float32))
     dk = jnp.einsum("bkgst,bskgd->btkd", ds, qg.astype(jnp.float32))
