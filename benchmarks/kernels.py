@@ -243,7 +243,11 @@ def bench_weight_only_matmul(mode: str, rounds: int = 5, group: int = 128) -> No
     ops = importlib.import_module(f"llm_kernels.{mode}_matmul.ops")
     kernel = getattr(llm_kernels, f"{mode}_matmul")
     reference = getattr(llm_kernels, f"{mode}_matmul_reference")
-    print(f"\n{mode} matmul, CPU {cpu_model()}, load average {load_average()}")
+    from train import matmul_ceiling
+
+    ceiling = matmul_ceiling()
+    print(f"\n{mode} matmul, CPU {cpu_model()}, load average {load_average()}, fp32 matmul "
+          f"ceiling (2048^3, jax, this run) {ceiling / 1e9:,.1f} GFLOP/s")  # fmt: skip
     print(f"(the default backend takes the kernel up to {ops.CPU_MAX_ROWS} rows)")
     rng = np.random.default_rng(0)
     for rows, k, n in WEIGHT_ONLY_SHAPES:
@@ -259,10 +263,13 @@ def bench_weight_only_matmul(mode: str, rounds: int = 5, group: int = 128) -> No
             "xla": jax.jit(reference),
         }
         t = _interleaved(fns, (x, q, scale), rounds)
+        gf = {side: 2 * rows * k * n / t[side] / 1e9 for side in t}
         print(
             f"  [{rows:3d}, {k}] x [{k}, {n:5d}]: c++ {t['c++'] * 1e3:7.3f} ms "
-            f"({q.nbytes / t['c++'] / 1e9:5.1f} GB/s of {mode} weights), "
-            f"xla {t['xla'] * 1e3:7.3f} ms, xla / c++ {t['xla'] / t['c++']:5.2f}x"
+            f"({q.nbytes / t['c++'] / 1e9:5.1f} GB/s of {mode} weights, {gf['c++']:5.1f} GFLOP/s "
+            f"= {100e9 * gf['c++'] / ceiling:4.1f}% of the ceiling), xla {t['xla'] * 1e3:7.3f} ms "
+            f"({gf['xla']:5.1f} GFLOP/s = {100e9 * gf['xla'] / ceiling:4.1f}%), "
+            f"xla / c++ {t['xla'] / t['c++']:5.2f}x"
         )
     print(f"load average after: {load_average()}")
 

@@ -3,7 +3,8 @@ prompt at batch 1 and 8, llm-serve's engine, float32 weights vs bfloat16 vs int8
 weights (`llm-convert quantize`, group 128) vs an int8 KV cache (`kv_cache_dtype: int8`).
 
 Batch-1 decode reads every weight once per step, so its speed follows the weight bytes; the script
-prints tokens/s (median of --repeats rounds, the variants interleaved within each round), the
+prints tokens/s and the achieved GFLOP/s against the fp32 matmul ceiling measured in the same run
+(median of --repeats rounds, the variants interleaved within each round), the
 weight bytes read per decode step, the weights' serving memory and checkpoint size on disk
 (`llm_core.save`), and the KV cache bytes per token, with the CPU model and the load average before
 and after.
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 from kernels import cpu_model, load_average
 from serve import ours
+from train import matmul_ceiling
 
 from llm_core import build_model, load_config
 from llm_core.io import abstract_model, model_from_params
@@ -79,6 +81,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     print(f"CPU: {cpu_model()}; load average before: {load_average()}")
+    ceiling = matmul_ceiling()
+    print(f"matmul ceiling (fp32 2048^3, jax, this run): {ceiling / 1e9:,.1f} GFLOP/s")
     new, prompt_len = 128, 32
     cfg = load_config("bench-small.yml", ["kv_cache_max_length=160", "max_prefill_length=64"])
     models = variants(cfg)
@@ -88,6 +92,11 @@ def main() -> None:
         print(f"{name:<17} weights read per step {weight_bytes(m, c) / 1e6:7.1f} MB, "
               f"in memory {memory / 1e6:7.1f} MB, checkpoint {disk / 1e6:7.1f} MB, "
               f"KV cache {cache_bytes_per_token(m) / 1e3:6.1f} kB/token")  # fmt: skip
+    # useful work: 2 FLOPs per matmul weight per token (prompt and generated), embedding excluded
+    matmul_weights = sum(
+        x.size for x in jax.tree.leaves(nnx.state(models["float32"][1], nnx.Param))
+    )
+    matmul_weights -= cfg.vocab_size * cfg.emb_dim * (1 if not cfg.tie_embeddings else 0)
     for batch in args.batches:
         runs = {name: ours(c, m, batch, prompts, new) for name, (c, m) in models.items()}
         times = {name: [] for name in runs}
@@ -97,8 +106,10 @@ def main() -> None:
         base = statistics.median(times["float32"])
         for name, ts in times.items():
             t = statistics.median(ts)
+            flops = 2 * matmul_weights * batch * (prompt_len + new) / t
             print(
                 f"batch {batch} {name:<17} {batch * new / t:8.1f} tok/s  {base / t:5.2f}x float32"
+                f"  {flops / 1e9:6.1f} GFLOP/s ({100 * flops / ceiling:4.1f}% of the ceiling)"
             )
     print(f"load average after: {load_average()}")
 
