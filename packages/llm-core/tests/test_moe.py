@@ -206,7 +206,7 @@ def test_active_parameter_count():
         (["ici_stage_parallelism=2", "num_pipeline_repeats=4"], "num_pipeline_repeats \\(4\\)"),
         (["ici_context_parallelism=2", "attention_backend=flash"], "dcn_context_parallelism"),
         (["ici_context_parallelism=3", "ici_fsdp_parallelism=1"], "seq_len"),
-        (["ici_sequence_parallelism=2"], "ici_sequence_parallelism"),
+        (["ici_sequence_parallelism=3", "ici_fsdp_parallelism=1"], "ici_sequence_parallelism"),
     ],
 )
 def test_bad_moe_and_mesh_configs_name_the_key(overrides, key):

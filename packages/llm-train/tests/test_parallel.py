@@ -42,6 +42,13 @@ LAYOUTS = {
         "ici_fsdp_parallelism=2",
         "ici_tensor_parallelism=2",
     ],
+    # sequence parallelism: norms and residuals split over `sequence`, matmuls over tensor x sequence
+    "sp2_tp2_fsdp2": [
+        "ici_data_parallelism=1",
+        "ici_sequence_parallelism=2",
+        "ici_fsdp_parallelism=2",
+        "ici_tensor_parallelism=2",
+    ],
     # pipeline: one layer per stage, 2 microbatches of 4 rows (one on each data shard)
     "pp2_dp4": [
         "ici_stage_parallelism=2",

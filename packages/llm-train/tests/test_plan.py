@@ -56,7 +56,7 @@ def test_compile_for_simulated_devices():
     assert "for 4 cpu devices" in proc.stdout
 
 
-PIPELINES = {
+LAYOUTS = {
     "pp2_fsdp4": ["ici_stage_parallelism=2", "ici_fsdp_parallelism=4"],
     "pp2_dp4_remat": [
         "ici_stage_parallelism=2", "ici_data_parallelism=4", "ici_fsdp_parallelism=1",
@@ -67,20 +67,33 @@ PIPELINES = {
         "ici_stage_parallelism=2", "num_pipeline_repeats=2", "num_pipeline_microbatches=4",
         "ici_data_parallelism=2", "ici_tensor_parallelism=2", "ici_fsdp_parallelism=1",
     ],
+    "fsdp8": ["ici_fsdp_parallelism=8"],
+    "tp2_fsdp4": ["ici_tensor_parallelism=2", "ici_fsdp_parallelism=4"],
+    "sp2_tp2_fsdp2": [
+        "ici_sequence_parallelism=2", "ici_tensor_parallelism=2", "ici_fsdp_parallelism=2",
+    ],
+    "sp2_tp2_fsdp2_remat": [
+        "ici_sequence_parallelism=2", "ici_tensor_parallelism=2", "ici_fsdp_parallelism=2",
+        "remat_policy=full",
+    ],
+    "cp2_fsdp4": ["ici_context_parallelism=2", "ici_fsdp_parallelism=4"],
+    "cp2_ring_fsdp4": [
+        "ici_context_parallelism=2", "context_parallel_strategy=ring", "ici_fsdp_parallelism=4",
+    ],
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", list(PIPELINES))
-def test_pipeline_plan_within_15_percent_of_compiled_on_8_devices(layout):
-    """`compile --devices 8` prints the compiled peak beside the plan's estimate; `plan` reports
-    the pipeline's bubble."""
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_plan_within_15_percent_of_compiled_on_8_devices(layout):
+    """`compile --devices 8` prints the compiled peak beside the plan's estimate, for pipeline,
+    FSDP, tensor, sequence and context parallelism; `plan` reports a pipeline's bubble."""
     import re
     import subprocess
     import sys
 
     from conftest import subprocess_env
 
-    over = [*BASE, "num_layers=4", "global_batch_size=16", *PIPELINES[layout]]
+    over = [*BASE, "num_layers=4", "global_batch_size=16", *LAYOUTS[layout]]
     env = subprocess_env()
     env.pop("XLA_FLAGS")
     run = [sys.executable, "-m", "llm_train.cli"]
@@ -93,6 +106,8 @@ def test_pipeline_plan_within_15_percent_of_compiled_on_8_devices(layout):
         float, re.search(r"peak\s+([\d.]+) GiB / device \(plan: ([\d.]+)", proc.stdout).groups()
     )
     assert 0.85 < estimate / peak < 1.15, (estimate, peak)
+    if not layout.startswith("pp"):
+        return
     proc = subprocess.run(
         [*run, "plan", "pretrain.yml", "--devices", "8", *over],
         env=env, capture_output=True, text=True, timeout=300,

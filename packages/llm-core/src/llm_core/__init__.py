@@ -24,6 +24,7 @@ from llm_core.layers.lora import (
     strip_lora,
 )
 from llm_core.layers.moe import RouterBias
+from llm_core.layers.sequence_parallel import length_axes
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
 from llm_core.models.counting import count_params, matmul_params
 from llm_core.models.pipeline import bubble_fraction
@@ -56,6 +57,7 @@ __all__ = [
     "iter_linears",
     "iter_lora",
     "layer_placement",
+    "length_axes",
     "lift_into_lora",
     "load",
     "load_config",

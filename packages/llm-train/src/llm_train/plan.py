@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm_core import Config, bubble_fraction, count_params
+from llm_core import Config, bubble_fraction, count_params, layer_placement
 from llm_train.metrics import flops_per_token
 from llm_train.optim import make_optimizer
 from llm_train.sharding import build_mesh, check_batch, data_parallel_size
@@ -34,26 +34,40 @@ def _per_device_bytes(tree) -> int:
 def _activation_bytes(cfg: Config, mesh) -> dict[str, float]:
     """Bytes per device the backward pass holds: saved per-layer tensors, logits, working set."""
     b = cfg.global_batch_size // cfg.grad_accum_steps / data_parallel_size(mesh)
-    tp = mesh.shape.get("tensor", 1)
-    s = cfg.seq_len / mesh.shape.get("sequence", 1)
+    # context parallelism: each device keeps its slice of the queries (and of every activation);
+    # sequence parallelism: heads and MLP columns split over tensor x sequence inside the matmuls,
+    # the residual stream (what is d wide) split over `sequence` on the length axis as well
+    sp = mesh.shape.get("sequence", 1)
+    s = cfg.seq_len / mesh.shape.get("context", 1)
     d, m, h = cfg.emb_dim, cfg.mlp_dim, cfg.num_heads
     hd, kv = cfg.resolved_head_dim, cfg.resolved_num_kv_heads
     if cfg.attention_kind == "mla":  # the expanded form: per-head keys and values
         hd, kv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, h
+
+    def split(n: int) -> float:  # n heads or columns over the tensor x sequence axes that divide n
+        ways = 1
+        for axis in ("tensor", "sequence"):
+            ways *= mesh.shape.get(axis, 1) if n % (ways * mesh.shape.get(axis, 1)) == 0 else 1
+        return n / ways
+
     act = jnp.dtype(cfg.dtype).itemsize
-    # per token, per layer, every intermediate of a decoder layer (elements)
-    matmul_outs = (h * hd + 2 * kv * hd) / tp + d + (3 * m if cfg.gated_mlp else 2 * m) / tp
-    rope_and_gates = (h * hd + kv * hd) / tp + 2 * m / tp  # rotated q/k, activation and product
-    norms_residual = 4 * d
-    scores = 4 * (h / tp) * cfg.seq_len  # scores, masked scores, exp and probabilities
-    per_token = matmul_outs + rope_and_gates + norms_residual + scores + (h * hd) / tp
+    # per token, per layer, every intermediate of a decoder layer (elements); d-wide ones / sp
+    qh, kvh, mm = split(h) * hd, split(kv) * hd, split(m)
+    matmul_outs = qh + 2 * kvh + d / sp + (3 * mm if cfg.gated_mlp else 2 * mm)
+    rope_and_gates = qh + kvh + 2 * mm  # rotated q/k, activation and product
+    norms_residual = 4 * d / sp
+    # scores, masked scores, exp and probabilities against every key (the ring keeps none: its
+    # backward recomputes each block's)
+    ring = mesh.shape.get("context", 1) > 1 and cfg.context_parallel_strategy == "ring"
+    scores = 0 if ring else 4 * split(h) * cfg.seq_len
+    per_token = matmul_outs + rope_and_gates + norms_residual + scores + qh
     full_layer = b * s * per_token * act
     saved_per_layer = {
         "none": full_layer,
-        "full": b * s * d * act,
-        "save_dots": b * s * (matmul_outs + d) * act,
-        "save_dots_no_batch": b * s * (matmul_outs + d) * act,
-        "offload_dots": b * s * d * act,
+        "full": b * s * d / sp * act,
+        "save_dots": b * s * (matmul_outs + d / sp) * act,
+        "save_dots_no_batch": b * s * (matmul_outs + d / sp) * act,
+        "offload_dots": b * s * d / sp * act,
     }[cfg.remat_policy]
     stages, micro = pipeline_shape(cfg, mesh)
     # a stage keeps its own layers' tensors for every tick of the schedule (GPipe; the idle ticks
@@ -61,12 +75,33 @@ def _activation_bytes(cfg: Config, mesh) -> dict[str, float]:
     # plus the pipeline's input, hand-over and output buffers (three copies of the hidden states)
     ticks = micro * cfg.num_pipeline_repeats
     layers = cfg.num_layers / stages * saved_per_layer * (ticks + stages - 1) / ticks
-    buffers = 3 * b * s * d * act if stages > 1 else 0.0
+    buffers = 3 * b * s * d / sp * act if stages > 1 else 0.0
     # one layer recomputed at a time (pipelined too: the compiled backward was measured to keep
     # about a whole batch's layer, not one microbatch's)
     working = 0.0 if cfg.remat_policy == "none" else full_layer
-    logits = 3 * b * s * cfg.vocab_size / tp * 4  # float32 logits, softmax and their gradient
+    # float32 logits, softmax and their gradient: vocab over `tensor`, tokens over `sequence`
+    logits = 3 * b * s / sp * cfg.vocab_size / mesh.shape.get("tensor", 1) * 4
     return {"layers": layers + buffers, "working": working, "logits": logits}
+
+
+def _gathered_bytes(cfg: Config, params, stages: int) -> float:
+    """Whole weights and their whole gradients held beside the shards. Scanned layers are gathered
+    one layer group at a time (compiled FSDP=8 steps of 4 and 8 layers hold the same 4-6 MiB
+    beyond state and activations); the embedding and head stay whole through the step. Pipeline
+    stages gather nothing, yet their compiled steps were measured to hold about twice the
+    difference between whole and shard over every layer (PP=4 x DP=2: 0.078 GiB planned without
+    it, 0.092 compiled), so that term stays in for them: measured, not explained."""
+
+    def full_minus_shard(tree) -> float:
+        whole = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+        return whole - _per_device_bytes(tree)
+
+    if stages > 1:
+        return 2 * full_minus_shard(params)
+    stacked = {s.name: s.repeats for s in layer_placement(cfg).segments if s.stacked}
+    group = max((full_minus_shard(params[n]) / r for n, r in stacked.items()), default=0.0)
+    rest = full_minus_shard({k: v for k, v in params.items() if k not in stacked})
+    return 2 * group + rest
 
 
 def pipeline_shape(cfg: Config, mesh) -> tuple[int, int]:
@@ -102,14 +137,7 @@ def plan(cfg: Config) -> dict:
             "repeats": cfg.num_pipeline_repeats,
             "bubble_fraction": bubble_fraction(stages, micro, cfg.num_pipeline_repeats),
         }
-    # FSDP / TP gather each weight (and produce its full gradient) before the reduce-scatter.
-    # Pipeline stages gather nothing, yet their compiled steps were measured to hold about as much
-    # more (2x the other stages' layers; PP=4 x DP=2: 0.078 GiB planned without it, 0.092
-    # compiled), so the term stays in for them: measured, not explained
-    full_params = sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state["params"])
-    )
-    out["gathered_bytes"] = 2 * (full_params - params) if full_params > params else 0
+    out["gathered_bytes"] = _gathered_bytes(cfg, state["params"], stages)
     out["total_bytes"] = out["gathered_bytes"] + sum(
         out[k] for k in ("params_bytes", "optimizer_bytes", "gradients_bytes", "activations_bytes")
     )

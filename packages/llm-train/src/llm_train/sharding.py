@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm_core import Config, ConfigError
+from llm_core import Config, ConfigError, length_axes
 from llm_train.model import create_mesh, state_shardings
 
 __all__ = [
@@ -32,11 +32,10 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """[batch, seq] arrays: batch over the data-parallel axes, sequence over `sequence` and
-    `context` (context parallelism)."""
+    """[batch, seq] arrays: batch over the data-parallel axes, sequence over `context` and
+    `sequence` (context and sequence parallelism, in the model's order)."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
-    seq = tuple(a for a in ("sequence", "context") if mesh.shape.get(a, 1) > 1) or None
-    return NamedSharding(mesh, PartitionSpec(axes, seq))
+    return NamedSharding(mesh, PartitionSpec(axes, length_axes(dict(mesh.shape))))
 
 
 def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:

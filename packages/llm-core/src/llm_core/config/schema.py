@@ -25,18 +25,19 @@ MESH_AXES: tuple[str, ...] = (
 # Logical axis name -> mesh axes it is sharded over (first match that fits the mesh wins).
 DEFAULT_LOGICAL_AXIS_RULES: list[list] = [
     ["batch", ["data", "fsdp", "fsdp_transpose", "expert"]],
-    ["activation_length", ["sequence", "context"]],
+    ["activation_length", ["context", "sequence"]],
     ["activation_embed", ["tensor"]],
-    ["activation_heads", ["tensor"]],
-    ["activation_kv_heads", ["tensor"]],
-    ["activation_mlp", ["tensor"]],
+    ["activation_heads", ["tensor", "sequence"]],
+    ["activation_kv_heads", ["tensor", "sequence"]],
+    ["activation_mlp", ["tensor", "sequence"]],
     ["activation_vocab", ["tensor"]],
     ["vocab", ["tensor"]],
-    ["embed", ["fsdp", "fsdp_transpose", "sequence", "context"]],
-    ["heads", ["tensor"]],
-    ["kv_heads", ["tensor"]],
+    # `sequence` joins `tensor` inside the matmuls (sequence parallelism gathers their inputs)
+    ["embed", ["fsdp", "fsdp_transpose", "context"]],
+    ["heads", ["tensor", "sequence"]],
+    ["kv_heads", ["tensor", "sequence"]],
     ["head_dim", []],
-    ["mlp", ["tensor", "fsdp_transpose"]],
+    ["mlp", ["tensor", "sequence", "fsdp_transpose"]],
     ["exp", ["expert"]],
     ["layers", ["stage"]],
     ["norm", []],
@@ -64,7 +65,7 @@ Family = Literal[
 ]
 
 # Mesh axes that no code path implements yet: setting one above 1 is an error naming the key.
-UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ("sequence",)
+UNIMPLEMENTED_MESH_AXES: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ class Config:
     ici_stage_parallelism: int = 1
     ici_fsdp_parallelism: int = -1
     ici_fsdp_transpose_parallelism: int = 1
+    # sequence parallelism (Megatron-style; llm_core/layers/sequence_parallel.py): norms and residuals
+    # split over `sequence` on the length axis; attention and MLP matmuls gather their input and run
+    # tensor-parallel over `tensor` x `sequence`, reduce-scattering their output back
     ici_sequence_parallelism: int = 1
     ici_context_parallelism: int = 1
     # context parallelism: the sequence split over the `context` axis; all_gather: each device keeps

@@ -93,6 +93,20 @@ def validate(cfg: Config) -> Config:
             f"context_parallel_load_balance cuts seq_len ({cfg.seq_len}) into 2 x the context "
             f"parallelism ({context}) chunks: make seq_len divisible by {2 * context}."
         )
+    sequence = cfg.ici_sequence_parallelism * cfg.dcn_sequence_parallelism
+    if sequence > 1 and cfg.seq_len % (sequence * context):
+        raise ConfigError(
+            f"seq_len ({cfg.seq_len}) must be divisible by ici_sequence_parallelism x "
+            f"dcn_sequence_parallelism ({sequence})"
+            + (f" x the context parallelism ({context})." if context > 1 else ".")
+        )
+    tensor = cfg.ici_tensor_parallelism * cfg.dcn_tensor_parallelism
+    if sequence > 1 and tensor > 0 and cfg.num_heads % (sequence * tensor):
+        raise ConfigError(
+            f"sequence parallelism splits the attention heads over tensor x sequence "
+            f"({tensor} x {sequence}), which must divide num_heads ({cfg.num_heads}): change "
+            "ici_sequence_parallelism or ici_tensor_parallelism."
+        )
     _validate_pipeline(cfg)
     _validate_mla(cfg)
     _validate_llama4_attention(cfg)

@@ -31,10 +31,13 @@ from llm_core.layers.mlp import MLP
 from llm_core.layers.moe import MoE, empty_aux
 from llm_core.layers.norms import make_norm
 from llm_core.layers.params import dtype_of
+from llm_core.layers.sequence_parallel import gather_sequence, sequence_size, split_sequence
+from llm_core.layers.sequence_parallel import remat_policy as sp_remat_policy
 from llm_core.models import pipeline
 from llm_core.models.placement import LayerKind, Segment, layer_kinds, layer_placement
 
-REMAT_POLICIES = {
+REMAT_POLICIES = {  # None: save nothing
+    "none": jax.checkpoint_policies.everything_saveable,
     "full": None,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -54,6 +57,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg, kind: LayerKind, rngs: nnx.Rngs):
         self.cfg = cfg
         self.moe = kind.ffn == "moe"
+        self.batch_axes = batch_axes(cfg.logical_axis_rules)
         self.pre_attn_norm = make_norm(cfg, rngs=rngs)
         self.attn = ATTENTION_KINDS[kind.attention](cfg, kind, rngs=rngs)
         self.pre_mlp_norm = make_norm(cfg, rngs=rngs)
@@ -64,15 +68,22 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, segment_ids=None, cache=None):
         """Returns (x, new cache or None, aux dict: empty for dense-only models)."""
-        h, cache = self.attn(self.pre_attn_norm(x), positions, segment_ids, cache)
+        # sequence parallelism: norms and residuals split over `sequence`, matmuls gathered
+        rows = self.batch_axes
+        x = split_sequence(x, rows)
+        h, cache = self.attn(
+            gather_sequence(self.pre_attn_norm(x), rows), positions, segment_ids, cache
+        )
+        h = split_sequence(h, rows)
         if self.cfg.post_norms:
             h = self.post_attn_norm(h)
         x = x + h
         if self.moe:
-            h, aux = self.mlp(self.pre_mlp_norm(x))
+            h, aux = self.mlp(gather_sequence(self.pre_mlp_norm(x), rows))
         else:
-            h = self.mlp(self.pre_mlp_norm(x))
+            h = self.mlp(gather_sequence(self.pre_mlp_norm(x), rows))
             aux = empty_aux(self.cfg) if self.cfg.ffn_kind == "moe" else {}
+        h = split_sequence(h, rows)
         if self.cfg.post_norms:
             h = self.post_mlp_norm(h)
         return x + h, cache, aux
@@ -305,8 +316,6 @@ class Transformer(nnx.Module):
                 a.pop("router_load", None)  # decode view: serving has no use for it
                 aux = _add(aux, a)
             return x, (None if cache is None else new), aux
-        if not seg.stacked:
-            return module(x, positions, segment_ids, cache)
         graphdef, state = nnx.split(module)
 
         def group(group_state, x, positions, segment_ids, group_cache=None):
@@ -315,10 +324,13 @@ class Transformer(nnx.Module):
             )
             return x, (group_cache, aux)
 
-        if self.cfg.remat_policy != "none":
-            group = jax.checkpoint(
-                group, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False
-            )
+        remat = self.cfg.remat_policy
+        if remat != "none" or (cache is None and sequence_size() > 1):
+            policy = None if remat == "full" else sp_remat_policy(REMAT_POLICIES[remat])
+            group = jax.checkpoint(group, policy=policy, prevent_cse=False)
+        if not seg.stacked:
+            x, (cache, aux) = group(state, x, positions, segment_ids, cache)
+            return x, cache, aux
         if pipeline.stage_count() > 1:  # pipeline parallelism (models/pipeline.py)
             if cache is not None:
                 raise ValueError("a KV cache under a `stage` mesh axis > 1: decode without one")
