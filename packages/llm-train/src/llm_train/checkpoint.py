@@ -3,6 +3,7 @@
 A training checkpoint is one orbax step folder holding two items saved together:
   state/  the train state pytree (params, optimizer state, step, RNG), sharded arrays
   data/   JSON: every process's grain iterator state, {"processes": [state_0, state_1, ...]}
+          (all equal: the pipelines follow one global data order, so any process count resumes)
 Orbax writes a step into a temporary folder and renames it when complete, so a save killed half-way
 never damages the last good checkpoint.
 """
@@ -74,13 +75,18 @@ class Checkpointer:
         processes = (out[DATA] or {}).get("processes", [])
         data_state = None
         if processes:
-            if len(processes) != jax.process_count():
+            if len(processes) == jax.process_count():
+                data_state = processes[jax.process_index()]
+            elif all(p == processes[0] for p in processes):
+                data_state = processes[0]  # one global data order: any process count resumes
+            else:
                 raise RuntimeError(
                     f"Checkpoint step {step} in {self.directory} was written by "
-                    f"{len(processes)} processes but {jax.process_count()} are running: the data "
-                    "iterator position cannot be carried over; start a new run_name."
+                    f"{len(processes)} processes whose data iterators differ (a per-process data "
+                    f"order), but {jax.process_count()} are running: the data iterator position "
+                    "cannot be carried over; resume with the same process count or start a new "
+                    "run_name."
                 )
-            data_state = processes[jax.process_index()]
         return out[STATE], data_state
 
     def wait(self) -> None:

@@ -1,7 +1,8 @@
-"""grain pipelines: documents -> shuffle -> tokenize -> pack (or pad) -> batch, per process.
+"""grain pipelines: documents -> shuffle -> tokenize -> pack (or pad) -> global batch -> rows.
 
 Every pipeline yields this process's rows of the global batch as numpy arrays (see step.BATCH_KEYS)
-and is a grain DatasetIterator, so `get_state()` / `set_state()` make resume exact.
+and is a grain DatasetIterator, so `get_state()` / `set_state()` make resume exact. The order of
+the global batches does not depend on the number of processes: a checkpoint resumes on any.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def _local_rows(cfg: Config) -> tuple[int, int]:
     return per_process, jax.process_index() * per_process
 
 
+def _this_process(it, cfg: Config, rows_per_item: int = 1):
+    """Whole global batches, then this process's rows of each. The data order is a function of the
+    global batch alone, so every process's iterator is in the same state and a checkpoint resumes
+    on any number of processes. The price: every process reads and tokenizes every document."""
+    local, offset = _local_rows(cfg)
+    it = it.batch(cfg.global_batch_size // rows_per_item, drop_remainder=True)
+    if local == cfg.global_batch_size:
+        return it
+    lo, hi = offset // rows_per_item, (offset + local) // rows_per_item
+    return it.map(lambda b: {k: v[lo:hi] for k, v in b.items()})
+
+
 def synthetic_dataset(cfg: Config, seed: int) -> grain.IterDataset:
     """Row j of global batch b is record b * global_batch_size + j, whatever the process count."""
     local, offset = _local_rows(cfg)
@@ -97,14 +110,9 @@ def _pad(cfg: Config):
 
 
 def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bool):
-    local, _ = _local_rows(cfg)
     ds = grain.MapDataset.source(docs)
-    ds = ds[jax.process_index() :: jax.process_count()]
     if len(ds) == 0:
-        raise ValueError(
-            f"Process {jax.process_index()} got no documents ({len(docs)} documents for "
-            f"{jax.process_count()} processes): add data or use fewer processes."
-        )
+        raise ValueError("No documents to train on: add data.")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat().map(_tokenize_fn(tokenizer, cfg.tokenizer_add_eos))
@@ -115,7 +123,7 @@ def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bo
         it = it.map(lambda x: _finish(x["tokens"], x["tokens_segment_ids"]))
     else:
         it = it.map(_pad(cfg))
-    it = it.batch(local, drop_remainder=True)
+    it = _this_process(it, cfg)
     if cfg.data_workers > 0:
         from absl import flags  # grain's worker processes read absl flags
 
@@ -129,13 +137,9 @@ def sft_dataset(cfg: Config, examples: list, seed: int, shuffle: bool):
     """Encoded SFT examples -> rows. Packing places whole examples into rows (first fit; an
     example longer than a row is truncated), never splitting one across rows, and keeps them
     apart with segment ids; the loss mask travels with the tokens."""
-    local, _ = _local_rows(cfg)
-    ds = grain.MapDataset.source(examples)[jax.process_index() :: jax.process_count()]
+    ds = grain.MapDataset.source(examples)
     if len(ds) == 0:
-        raise ValueError(
-            f"Process {jax.process_index()} got no SFT examples ({len(examples)} for "
-            f"{jax.process_count()} processes): add data or use fewer processes."
-        )
+        raise ValueError("No SFT examples to train on: add data.")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat().map(lambda e: {"tokens": e.tokens, "mask": e.mask})
@@ -143,12 +147,15 @@ def sft_dataset(cfg: Config, examples: list, seed: int, shuffle: bool):
     n = cfg.seq_len + 1
     if cfg.packing:
         it = gx.FirstFitPackIterDataset(
-            it, length_struct={"tokens": n, "mask": n}, num_packing_bins=max(local, 2), seed=seed
+            it,
+            length_struct={"tokens": n, "mask": n},
+            num_packing_bins=max(cfg.global_batch_size, 2),
+            seed=seed,
         )
         it = it.map(lambda x: _finish(x["tokens"], x["tokens_segment_ids"], x["mask"]))
     else:
         it = it.map(_pad_sft(cfg))
-    return it.batch(local, drop_remainder=True)
+    return _this_process(it, cfg)
 
 
 def preference_dataset(cfg: Config, pairs: list, seed: int, shuffle: bool):
@@ -160,9 +167,9 @@ def preference_dataset(cfg: Config, pairs: list, seed: int, shuffle: bool):
             f"global_batch_size={cfg.global_batch_size} gives {local} rows per process "
             f"({jax.process_count()} processes); DPO needs an even number (chosen + rejected)."
         )
-    ds = grain.MapDataset.source(pairs)[jax.process_index() :: jax.process_count()]
+    ds = grain.MapDataset.source(pairs)
     if len(ds) == 0:
-        raise ValueError(f"Process {jax.process_index()} got no preference pairs.")
+        raise ValueError("No preference pairs to train on: add data.")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     pad = _pad_sft(cfg)
@@ -171,7 +178,7 @@ def preference_dataset(cfg: Config, pairs: list, seed: int, shuffle: bool):
         a, b = (pad({"tokens": e.tokens, "mask": e.mask}) for e in pair)
         return {k: np.stack([a[k], b[k]]) for k in a}
 
-    it = ds.repeat().map(rows).to_iter_dataset().batch(local // 2, drop_remainder=True)
+    it = _this_process(ds.repeat().map(rows).to_iter_dataset(), cfg, rows_per_item=2)
     return it.map(lambda b: {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()})
 
 
