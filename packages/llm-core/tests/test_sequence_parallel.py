@@ -5,15 +5,10 @@ carry the residual stream split over `sequence` and gather each block's input; c
 the key before any compile."""
 
 import pytest
-from test_pipeline import _run_on_8_devices_with_args
+from test_pipeline import MOE, TINY, _run_on_8_devices_with_args
 
 from llm_core import ConfigError, load_config
 
-TINY = [
-    "num_layers=4", "emb_dim=32", "num_heads=4", "num_kv_heads=2", "head_dim=8", "mlp_dim=48",
-    "vocab_size=64", "global_batch_size=8", "seq_len=16",
-]  # fmt: skip
-MOE = ["ffn_kind=moe", "num_experts=4", "num_experts_per_tok=2", "moe_mlp_dim=24"]
 ONE = ["ici_data_parallelism=1", "ici_fsdp_parallelism=1"]
 LAYOUTS = {
     "sp2_tp2_fsdp2": [
