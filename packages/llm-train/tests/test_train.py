@@ -177,3 +177,24 @@ def test_multi_token_prediction_is_logged_in_metrics(tmp_path):
     result = train(tiny_config(tmp_path, run_name="mtp", steps=3, mtp_num_layers=1))
     rows = [r for r in read_metrics(result.out_dir) if "loss" in r]
     assert len(rows) == 3 and all(np.isfinite(r["mtp_loss"]) for r in rows)
+
+
+def test_tensorboard_writer_does_not_import_torch():
+    """tensorboardX imports torch whenever it is installed (2.5 s of start-up); the writer hides it
+    for that import and restores it, so torch still imports afterwards."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed: nothing to hide")
+    code = (
+        "import sys\n"
+        "from llm_train.metrics import _import_summary_writer\n"
+        "_import_summary_writer()\n"
+        "assert 'torch' not in sys.modules, sys.modules.get('torch')\n"
+        "import torch\n"
+        "print('ok', torch.ones(1).item())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "ok 1.0" in out.stdout, out.stderr[-2000:]
