@@ -7,9 +7,9 @@ child process with 2 threads), and the start-up: seconds from launching `llm-tra
 bench-small` to its first progress line, with an empty and with a warm compilation cache.
 
 Each side runs alone in its own child process, the sides alternating for --rounds rounds; the
-figures are medians over the rounds. The CPU model
-and the load average are printed before and after, and each side's achieved FLOP/s against the
-fp32 matmul ceiling measured here (jax) and by torch itself.
+figures are medians over the rounds. The CPU model and the load average are printed before and
+after, and each side's achieved FLOP/s against the fp32 matmul ceiling measured here (jax) and by
+torch itself.
 
     python benchmarks/train.py [--steps 8] [--threads 2] [--rounds 3] [--skip-torch]
     python benchmarks/train.py --also dtype=bfloat16   # one more llm-train variant, interleaved

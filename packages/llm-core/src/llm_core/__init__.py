@@ -28,7 +28,13 @@ from llm_core.layers.sequence_parallel import length_axes
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
 from llm_core.models.counting import count_params, matmul_params
 from llm_core.models.pipeline import bubble_fraction
-from llm_core.sharding import create_mesh, logical_sharding, logical_to_mesh_spec, state_shardings
+from llm_core.sharding import (
+    create_mesh,
+    logical_sharding,
+    logical_to_mesh_spec,
+    shard_count,
+    state_shardings,
+)
 
 __version__ = "0.1.0"
 
@@ -69,6 +75,7 @@ __all__ = [
     "merged_params",
     "resolve_mesh_shape",
     "save",
+    "shard_count",
     "shipped_model_names",
     "state_shardings",
     "strip_lora",

@@ -78,6 +78,14 @@ def _fits(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+def shard_count(size: int, logical_axis: str, rules: Sequence[Sequence], mesh: Mesh) -> int:
+    """How many ways a dimension of `size` named `logical_axis` is split on `mesh`, as parameters
+    are: by the rules, less the mesh axes that do not divide it."""
+    entry = _fits((size,), logical_to_mesh_spec((logical_axis,), rules, mesh), mesh)[0]
+    axes = entry if isinstance(entry, tuple) else ((entry,) if entry else ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def state_shardings(state, mesh: Mesh, cfg: Config):
     """NamedSharding for every leaf of a pytree holding nnx Variables (a model's state, or a train
     state with optimizer moments) and plain arrays. Variables carry logical axis names mapped by

@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm_core import Config, bubble_fraction, count_params, layer_placement
+from llm_core import Config, bubble_fraction, count_params, layer_placement, shard_count
 from llm_train.metrics import flops_per_token
 from llm_train.optim import make_optimizer
 from llm_train.sharding import build_mesh, check_batch, data_parallel_size
@@ -44,22 +44,19 @@ def _activation_bytes(cfg: Config, mesh) -> dict[str, float]:
     if cfg.attention_kind == "mla":  # the expanded form: per-head keys and values
         hd, kv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, h
 
-    def split(n: int) -> float:  # n heads or columns over the tensor x sequence axes that divide n
-        ways = 1
-        for axis in ("tensor", "sequence"):
-            ways *= mesh.shape.get(axis, 1) if n % (ways * mesh.shape.get(axis, 1)) == 0 else 1
-        return n / ways
+    def split(n: int, axis: str) -> float:  # n heads or columns on one device, as the rules split
+        return n / shard_count(n, axis, cfg.logical_axis_rules, mesh)
 
     act = jnp.dtype(cfg.dtype).itemsize
     # per token, per layer, every intermediate of a decoder layer (elements); d-wide ones / sp
-    qh, kvh, mm = split(h) * hd, split(kv) * hd, split(m)
+    qh, kvh, mm = split(h, "heads") * hd, split(kv, "kv_heads") * hd, split(m, "mlp")
     matmul_outs = qh + 2 * kvh + d / sp + (3 * mm if cfg.gated_mlp else 2 * mm)
     rope_and_gates = qh + kvh + 2 * mm  # rotated q/k, activation and product
     norms_residual = 4 * d / sp
     # scores, masked scores, exp and probabilities against every key (the ring keeps none: its
     # backward recomputes each block's)
     ring = mesh.shape.get("context", 1) > 1 and cfg.context_parallel_strategy == "ring"
-    scores = 0 if ring else 4 * split(h) * cfg.seq_len
+    scores = 0 if ring else 4 * split(h, "heads") * cfg.seq_len
     per_token = matmul_outs + rope_and_gates + norms_residual + scores + qh
     full_layer = b * s * per_token * act
     saved_per_layer = {
