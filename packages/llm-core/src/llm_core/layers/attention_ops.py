@@ -80,6 +80,35 @@ def dot_product_attention(
     return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
 
+def decode_attention(q, k, v, q_pos, spec, sinks=None):
+    """One new token per row over a head-major cache: q [B,1,H,D], k, v [B,K,T,D] with key j at
+    position j -> [B,1,H,D]. Same masking rule as the other backends (keys past q_pos are masked,
+    so unwritten cache positions never count). The matmuls keep (batch, kv head) as leading batch
+    dimensions of every operand, which XLA:CPU runs without copying the cache; the token-major
+    einsums of `dot_product_attention` made it transpose the whole cache every layer and step."""
+    b, _, h, d = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, kh, h // kh, d)
+    s = jnp.einsum("bkgd,bktd->bkgt", qg, k, preferred_element_type=jnp.float32) * spec.scale
+    if spec.logit_softcap is not None:
+        s = spec.logit_softcap * jnp.tanh(s / spec.logit_softcap)
+    kv_pos = jnp.arange(k.shape[2], dtype=jnp.int32)[None, :]
+    mask = _visible(q_pos, jnp.broadcast_to(kv_pos, (b, k.shape[2])), None, None, None, spec)
+    mask = mask[:, :, None, :]  # [B, 1, 1, T] against scores [B, K, G, T]
+    s = jnp.where(mask, s, NEG_INF)
+    if sinks is None:
+        probs = jax.nn.softmax(s, axis=-1)
+    else:
+        sink = sinks.astype(jnp.float32).reshape(1, kh, -1, 1)
+        probs = jax.nn.softmax(jnp.concatenate([s, jnp.broadcast_to(sink, (*s.shape[:-1], 1))], -1))
+        probs = probs[..., :-1]
+    probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum(
+        "bkgt,bktd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.reshape(b, 1, h, v.shape[-1]).astype(q.dtype)
+
+
 def chunked_attention(
     q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None, chunk=512, sinks=None
 ):

@@ -10,7 +10,8 @@ Every cache class is a pytree with two methods used by attention on one layer:
 and serving operations that work with or without leading stacked-layer axes (so llm-serve can apply
 them to a whole model's cache with `map_layer_caches`, never looking inside):
 
-- `ContiguousKV` [..., B, L, K, D]: a token at position p lives at index p; `resize(length)` cuts or
+- `ContiguousKV` [..., B, K, L, D] (head-major, as decode attention reads it): a token at position p
+  lives at index p of L; `resize(length)` cuts or
   pads L, `insert(row, slot)` copies a batch-of-one cache into row `slot`.
 - `PagedKV`: pools [..., K, num_pages, page_size, D] (the layout `llm_kernels.paged_attention` reads)
   and a page table [..., B, pages_per_slot]; token p of row b lives in page `table[b, p // page_size]`
@@ -62,8 +63,12 @@ class PagedTable:
 
 
 def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int, sinks=None):
-    kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
+    """q [B, T, H, D] over head-major k, v [B, K, L, D] (key j at position j)."""
     k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if q.shape[1] == 1:  # a decode step
+        return ops.decode_attention(q, k, v, positions, spec, sinks=sinks)
+    k, v = token_major(k), token_major(v)
+    kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
     if backend == "chunked":
         return ops.chunked_attention(q, k, v, positions, kv_pos, spec, chunk=chunk, sinks=sinks)
     return ops.dot_product_attention(q, k, v, positions, kv_pos, spec, sinks=sinks)
@@ -71,24 +76,20 @@ def _attend_contiguous(q, k, v, positions, spec, backend: str, chunk: int, sinks
 
 @struct.dataclass
 class ContiguousKV(LayerCache):
-    k: jax.Array  # [..., B, L, K, D]
+    k: jax.Array  # [..., B, K, L, D]
     v: jax.Array
 
     @classmethod
     def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> ContiguousKV:
-        shape = (batch, max_len, kv_heads, head_dim)
+        shape = (batch, kv_heads, max_len, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[-3]
+        return self.k.shape[-2]
 
     def write(self, k, v, positions) -> ContiguousKV:
-        batch = jnp.arange(k.shape[0])[:, None]
-        return ContiguousKV(
-            k=self.k.at[batch, positions].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[batch, positions].set(v.astype(self.v.dtype), mode="drop"),
-        )
+        return ContiguousKV(k=put_tokens(self.k, k, positions), v=put_tokens(self.v, v, positions))
 
     def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
         return _attend_contiguous(q, self.k, self.v, positions, spec, backend, chunk, sinks)
@@ -157,14 +158,14 @@ class Int8ContiguousKV(LayerCache):
     int8`): D + 4 bytes per token, head and K/V instead of 4 D (float32) or 2 D (bfloat16).
     Attention dequantizes one layer's cache at a time."""
 
-    k: jax.Array  # [..., B, L, K, D] int8
+    k: jax.Array  # [..., B, K, L, D] int8
     v: jax.Array
-    k_scale: jax.Array  # [..., B, L, K, 1] float32
+    k_scale: jax.Array  # [..., B, K, L, 1] float32
     v_scale: jax.Array
 
     @classmethod
     def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int) -> Int8ContiguousKV:
-        shape, scales = (batch, max_len, kv_heads, head_dim), (batch, max_len, kv_heads, 1)
+        shape, scales = (batch, kv_heads, max_len, head_dim), (batch, kv_heads, max_len, 1)
         return cls(  # four distinct buffers: the engine donates each one
             k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
             k_scale=jnp.ones(scales, jnp.float32), v_scale=jnp.ones(scales, jnp.float32),
@@ -172,14 +173,13 @@ class Int8ContiguousKV(LayerCache):
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[-3]
+        return self.k.shape[-2]
 
     def write(self, k, v, positions) -> Int8ContiguousKV:
-        batch = jnp.arange(k.shape[0])[:, None]
         (kq, ks), (vq, vs) = _quantize_rows(k), _quantize_rows(v)
 
         def put(a, x):
-            return a.at[batch, positions].set(x, mode="drop")
+            return put_tokens(a, x, positions)
 
         return Int8ContiguousKV(
             k=put(self.k, kq), v=put(self.v, vq),
@@ -265,16 +265,29 @@ class Int8PagedKV(LayerCache, PagedTable):
 
 
 # ---------------------------------------------------------------------- layout helpers
-# Shared by every cache class (and latent_cache.py). Contiguous arrays are [..., B, L, K, D]
-# (L at axis -3, B at axis -4); paged pools are [..., K, num_pages, page_size, D].
+# Shared by every cache class (and latent_cache.py). Contiguous arrays are [..., B, K, L, D]
+# (L at axis -2, B at axis -4); paged pools are [..., K, num_pages, page_size, D].
+
+
+def put_tokens(a, x, positions):
+    """Write tokens x [B, T, K, D] at positions [B, T] of a contiguous array [B, K, L, D]
+    (positions beyond L dropped)."""
+    batch = jnp.arange(x.shape[0])[:, None]
+    return a.at[batch, :, positions].set(x.astype(a.dtype), mode="drop")
+
+
+def token_major(a):
+    """[..., B, K, L, D] -> [..., B, L, K, D], the layout of the training attention backends
+    (prompt chunks only: a decode step reads the head-major cache as it is)."""
+    return jnp.swapaxes(a, -3, -2)
 
 
 def fit_length(a, length: int, fill=0):
-    """Cut or pad the length axis (-3) of a contiguous cache array to `length`."""
-    if a.shape[-3] >= length:
-        return a[..., :length, :, :]
+    """Cut or pad the length axis (-2) of a contiguous cache array to `length`."""
+    if a.shape[-2] >= length:
+        return a[..., :length, :]
     pad = [(0, 0)] * a.ndim
-    pad[-3] = (0, length - a.shape[-3])
+    pad[-2] = (0, length - a.shape[-2])
     return jnp.pad(a, pad, constant_values=fill)
 
 
@@ -297,20 +310,19 @@ def broadcast_table(current, table):
 
 
 def gather_pages(pool, table):
-    """[K, P, ps, D] -> contiguous [B, n * ps, K, D] of every row's pages (prefill only)."""
+    """[K, P, ps, D] -> contiguous [B, K, n * ps, D] of every row's pages."""
     kh, _, ps, d = pool.shape
     b, n = table.shape
     view = pool[:, table]  # [K, B, n, ps, D]
-    return jnp.moveaxis(view.reshape(kh, b, n * ps, d), 0, 2)
+    return jnp.swapaxes(view, 0, 1).reshape(b, kh, n * ps, d)
 
 
 def prefix_to_pages(pool, src, pages):
-    """Store a batch-of-one contiguous array [..., 1, L, K, D] (L = len(pages) * page_size) into
+    """Store a batch-of-one contiguous array [..., 1, K, L, D] (L = len(pages) * page_size) into
     `pages` of the pool [..., K, P, ps, D]."""
-    src = src[..., 0, :, :, :]
-    src = src.reshape(*src.shape[:-3], pages.shape[0], pool.shape[-2], *src.shape[-2:])
-    src = jnp.moveaxis(src, -2, -4).astype(pool.dtype)
-    return pool.at[..., pages, :, :].set(src)
+    src = src[..., 0, :, :, :]  # [..., K, L, D]
+    src = src.reshape(*src.shape[:-2], pages.shape[0], pool.shape[-2], src.shape[-1])
+    return pool.at[..., pages, :, :].set(src.astype(pool.dtype))
 
 
 def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk: int, sinks=None):

@@ -7,7 +7,7 @@ absorbed form (`llm_core.layers.mla`): the row serves as the single key head and
 both caches below are read like a one-head K/V cache whose K and V are the same array, with the same
 attention backends and the same paged kernel, and never hold a second copy.
 
-- `LatentKV` [..., B, L, 1, W]: token p of row b at index p (W = kv_lora_rank + qk_rope_head_dim).
+- `LatentKV` [..., B, 1, L, W]: token p of row b at index p (W = kv_lora_rank + qk_rope_head_dim).
 - `PagedLatentKV`: a pool [..., 1, num_pages, page_size, W] and a page table, as `PagedKV`.
 
 Both have the serving methods of the K/V caches (`resize`, `insert`, `write_prefix`, `with_table`).
@@ -29,26 +29,25 @@ from llm_core.layers.kv_cache import (
     page_slots,
     prefix_to_pages,
     put_row,
+    put_tokens,
 )
 
 
 @struct.dataclass
 class LatentKV(LayerCache):
-    rows: jax.Array  # [..., B, L, 1, W]
+    rows: jax.Array  # [..., B, 1, L, W]
 
     @classmethod
     def create(cls, batch: int, max_len: int, width: int, dtype) -> LatentKV:
-        return cls(rows=jnp.zeros((batch, max_len, 1, width), dtype))
+        return cls(rows=jnp.zeros((batch, 1, max_len, width), dtype))
 
     @property
     def max_len(self) -> int:
-        return self.rows.shape[-3]
+        return self.rows.shape[-2]
 
     def write(self, rows, positions) -> LatentKV:
         """rows [B, T, W] at positions [B, T] (beyond the cache: dropped)."""
-        batch = jnp.arange(rows.shape[0])[:, None]
-        new = self.rows.at[batch, positions, 0].set(rows.astype(self.rows.dtype), mode="drop")
-        return LatentKV(rows=new)
+        return LatentKV(rows=put_tokens(self.rows, rows[:, :, None], positions))
 
     def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
         """q [B, T, H, W] -> [B, T, H, W]: softmax(q . rows) . rows (callers keep the latent part)."""
