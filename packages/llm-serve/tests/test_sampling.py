@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_serve.sampling import SamplingError, SamplingParams, SlotSampling, sample
+from llm_serve.sampling import SamplingError, SamplingParams, SlotSampling, argmax, sample
 
 V = 50
 
@@ -122,3 +122,14 @@ def test_large_seeds_work_and_differ(logits):
     a = run(logits, temperature=1.0, seeds=[2**40 + 1] * 4, steps=20)
     b = run(logits, temperature=1.0, seeds=[2**41 + 1] * 4, steps=20)
     assert (a != b).any()
+
+
+def test_argmax_is_jnp_argmax_with_ties_nans_and_infs():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 50)).astype(np.float32)
+    x[1, [7, 30]] = 9.0  # tie: the first wins
+    x[2, [4, 40]] = np.nan  # NaN: the first NaN, as jnp.argmax
+    x[3] = -np.inf
+    x[4, 10] = np.inf
+    x[5] = 0.0
+    np.testing.assert_array_equal(argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), -1))

@@ -202,25 +202,31 @@ def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (first maximum; first NaN if any) as two plain reductions:
+    XLA:CPU runs argmax's (value, index) pair reduction about 4x slower (0.63 vs 0.16 ms for
+    8 x 32000 logits, a twentieth of a decode step)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, s: SlotSampling, counts: jax.Array) -> Sampled:
-    """logits [B, V] float32, counts [B, V] int32 (tokens generated so far) -> Sampled."""
+    """logits [B, V] float32, counts [B, V] int32 (tokens generated so far) -> Sampled.
+
+    Penalties and logit bias are applied unconditionally (elementwise work XLA fuses; under a
+    `lax.cond` the CPU copied the logits in and out); only the sort of the sampling filters waits
+    behind a cond, for rows with temperature > 0."""
     logits = logits.astype(jnp.float32)
-    model_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalised = jax.lax.cond(
-        jnp.any((s.presence != 0) | (s.frequency != 0)),
-        lambda: (
-            logits
-            - s.presence[:, None] * (counts > 0)
-            - s.frequency[:, None] * counts.astype(jnp.float32)
-        ),
-        lambda: logits,
+    rows = jnp.arange(logits.shape[0])[:, None]
+    penalised = (
+        logits
+        - s.presence[:, None] * (counts > 0)
+        - s.frequency[:, None] * counts.astype(jnp.float32)
     )
-    penalised = jax.lax.cond(
-        jnp.any(s.bias_values != 0),
-        lambda: penalised.at[jnp.arange(logits.shape[0])[:, None], s.bias_ids].add(s.bias_values),
-        lambda: penalised,
-    )
-    greedy_tokens = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+    penalised = penalised.at[rows, s.bias_ids].add(s.bias_values)  # padding entries add 0.0
+    greedy_tokens = argmax(penalised).astype(jnp.int32)
 
     def draw(_):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)
@@ -232,14 +238,18 @@ def sample(logits: jax.Array, s: SlotSampling, counts: jax.Array) -> Sampled:
         return jnp.where(s.temperature > 0, drawn, greedy_tokens)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tokens, None)
-    chosen = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
+    # log-probs of the model's own distribution: logit - logsumexp, without a [B, V] log-softmax
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = (jnp.take_along_axis(logits, tokens[:, None], axis=-1) - lse)[:, 0]
     k = min(TOP_LOGPROBS_MAX, logits.shape[-1])
-    top_lp, top_ids = jax.lax.cond(
-        jnp.any(s.top_n > 0),
-        lambda: tuple(jax.lax.top_k(model_logprobs, k)),
-        lambda: (
-            jnp.zeros((logits.shape[0], k), jnp.float32),
-            jnp.zeros((logits.shape[0], k), jnp.int32),
-        ),
-    )
-    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+
+    def top(_):
+        values, ids = jax.lax.top_k(logits, k)
+        return values - lse, ids.astype(jnp.int32)
+
+    def none(_):
+        shape = (logits.shape[0], k)
+        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)
+
+    top_lp, top_ids = jax.lax.cond(jnp.any(s.top_n > 0), top, none, None)
+    return Sampled(tokens, chosen, top_ids, top_lp)
