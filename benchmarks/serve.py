@@ -1,8 +1,11 @@
 """Serving benchmark: bench-small (float32) decoding 128 tokens after a 32-token prompt, batch 1 and 8.
 
-Prints tokens/s and time-to-first-token for llm-serve's engine and for Hugging Face `transformers`
-`generate` (torch, CPU) on a LlamaForCausalLM of the same dimensions with random weights, side by
-side, plus the implied weight-read bandwidth at batch 1 (every decode step reads every weight once).
+Prints tokens/s and time-to-first-token for llm-serve's engine (a batch's prompts prefilled together
+with `Engine.prefill_batch`) and for Hugging Face `transformers` `generate` (torch, CPU) on a
+LlamaForCausalLM of the same dimensions with random weights, side by side, interleaved, medians of
+`--repeats` rounds; each side's achieved GFLOP/s (2 x the weights a token passes through) against
+its own fp32 matmul ceiling measured in the same run; the implied weight-read bandwidth at batch 1
+(every decode step reads every weight once); the CPU model and the load average before and after.
 
 With `--shared-prefix N` it also measures prefix caching: the time to first token of two
 requests that share an N-token system prompt (distinct 16-token questions), each on a fresh engine
@@ -35,8 +38,8 @@ def ours(cfg, model, batch: int, prompts: np.ndarray, new_tokens: int):
     def run():
         t0 = time.perf_counter()
         state = engine.init_decode_state()
-        for slot in range(batch):
-            prefix = engine.prefill(params, prompts[slot], greedy)
+        jobs = [engine.start_prefill(prompts[slot], greedy) for slot in range(batch)]
+        for slot, prefix in enumerate(engine.prefill_batch(params, jobs)):
             state = engine.insert(prefix, state, slot)
         jax.block_until_ready(state.tokens)
         ttft = time.perf_counter() - t0
@@ -85,6 +88,23 @@ def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int):
     return lambda: (gen(1), gen(new_tokens))
 
 
+def torch_matmul_ceiling(n: int = 2048) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    x = torch.ones(n, n)
+    x @ x
+    best = min(_timed(lambda: x @ x) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def shared_prefix_ttft(cfg, model, system: int, repeats: int) -> None:
     """TTFT of a first and a second request sharing `system` tokens, without and with the cache."""
     rng = np.random.default_rng(1)
@@ -125,6 +145,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix", type=int, default=0, help="system prompt tokens (0: skip)")
     args = ap.parse_args()
+    from kernels import cpu_model, load_average
+    from train import matmul_ceiling
+
+    print(f"CPU: {cpu_model()}; load average before: {load_average()}")
     need = max(args.prompt_len + args.new_tokens, args.shared_prefix + 32)
     max_len = -(-need // 16) * 16  # the context this run needs
     cfg = load_config(
@@ -133,12 +157,18 @@ def main() -> None:
     model = build_model(cfg, rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     decode_bytes = (n_params - cfg.vocab_size * cfg.emb_dim) * 4  # the embedding is only gathered
+    flops_per_token = 2 * decode_bytes / 4  # one multiply-add per weight a token passes through
+    peaks = {"llm-serve": matmul_ceiling(), "transformers": torch_matmul_ceiling()}
+    print("fp32 2048^3 matmul ceiling: " + ", ".join(
+        f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items() if v
+    ))  # fmt: skip
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (max(args.batches), args.prompt_len)).astype(np.int32)
     print(f"bench-small: {n_params / 1e6:.1f}M params float32, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, devices {jax.devices()}")  # fmt: skip
-    print(f"{'batch':>5} | {'llm-serve tok/s':>15} {'TTFT ms':>8} | {'transformers tok/s':>18} "
-          f"{'TTFT ms':>8} | {'speed-up':>8}")  # fmt: skip
+          f"{args.new_tokens} new tokens, devices {jax.devices()}, median of {args.repeats}")  # fmt: skip
+    print(f"{'batch':>5} | {'llm-serve tok/s':>15} {'TTFT ms':>8} {'GFLOP/s':>8} | "
+          f"{'transformers tok/s':>18} {'TTFT ms':>8} {'GFLOP/s':>8} | {'speed-up':>8}")  # fmt: skip
+    ours_tok_s = {}
     for batch in args.batches:
         runners = [ours(cfg, model, batch, prompts, args.new_tokens)]
         runners.append(hf(cfg, batch, prompts, args.new_tokens))
@@ -149,23 +179,38 @@ def main() -> None:
                     times[i].append(run())
         a, b = (
             {
-                "ttft_s": min(t[0] for t in ts),
-                "tok_s": batch * args.new_tokens / min(t[1] for t in ts),
+                "ttft_s": float(np.median([t[0] for t in ts])),
+                "tok_s": batch * args.new_tokens / float(np.median([t[1] for t in ts])),
             }
             if ts
             else None
             for ts in times
         )
-        hf_cols = f"{b['tok_s']:18.1f} {b['ttft_s'] * 1e3:8.1f}" if b else f"{'n/a':>18} {'':>8}"
+        ours_tok_s[batch] = a["tok_s"]
+
+        def cols(r, peak, width):
+            if r is None:
+                return f"{'n/a':>{width}} {'':>8} {'':>8}"
+            gflops = r["tok_s"] * flops_per_token / 1e9
+            share = (
+                f"{gflops:5.1f} ({100 * gflops * 1e9 / peak:.0f}%)" if peak else f"{gflops:5.1f}"
+            )
+            return f"{r['tok_s']:{width}.1f} {r['ttft_s'] * 1e3:8.1f} {share:>8}"
+
         ratio = f"{a['tok_s'] / b['tok_s']:7.2f}x" if b else ""
-        print(f"{batch:5d} | {a['tok_s']:15.1f} {a['ttft_s'] * 1e3:8.1f} | {hf_cols} | {ratio}")
+        print(f"{batch:5d} | {cols(a, peaks['llm-serve'], 15)} | "
+              f"{cols(b, peaks['transformers'], 18)} | {ratio}")  # fmt: skip
         if batch == 1:
             gbs = a["tok_s"] * decode_bytes / 1e9
             print(
                 f"      batch 1 implied weight reads: {gbs:.1f} GB/s ({decode_bytes / 1e6:.0f} MB/step)"
             )
+    if 1 in ours_tok_s and len(ours_tok_s) > 1:
+        top = max(ours_tok_s)
+        print(f"llm-serve batch {top} / batch 1 tokens/s: {ours_tok_s[top] / ours_tok_s[1]:.2f}x")
     if args.shared_prefix:
         shared_prefix_ttft(cfg, model, args.shared_prefix, args.repeats)
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

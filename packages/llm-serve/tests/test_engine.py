@@ -1,6 +1,7 @@
 """Engine correctness: greedy == full forward (also for Gemma 2/3 attention patterns, a tail segment
 and MoE); batched == one at a time; paged == contiguous; decode view == stacked model; chunked
-prefill == whole prefill; bucketing bounds compiles; released slots and pages are reusable."""
+prefill == whole prefill; batched prefill == one prompt at a time; bucketing bounds
+compiles; released slots and pages are reusable."""
 
 from __future__ import annotations
 
@@ -91,6 +92,34 @@ def test_batched_equals_one_at_a_time_and_paged_equals_contiguous(engines):
     paged_engine, _ = engines["paged"]
     paged, _ = decode_batch(paged_engine, params, PROMPTS, STEPS, slots=[3, 1, 0, 2])
     assert paged == batched
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_prefill_batch_equals_one_at_a_time(engines, reference, kind):
+    engine, params = engines[kind]
+    prompts = [[5, 9, 13, 2], [7], list(range(1, 11))]  # one cache bucket; 3 rows padded to 4
+    greedy = SamplingParams(temperature=0.0)
+    jobs = [engine.start_prefill(p, greedy) for p in prompts]
+    batched = engine.prefill_batch(params, jobs)
+    state = engine.init_decode_state()
+    outs = {}
+    for slot, (p, prefix) in enumerate(zip(prompts, batched)):
+        alone = engine.prefill(params, p, greedy)
+        assert prefix.length == alone.length and prefix.capacity == alone.capacity
+        for x, y in zip(jax.tree.leaves(prefix.cache), jax.tree.leaves(alone.cache), strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(prefix.first.logprobs, alone.first.logprobs, atol=1e-5)
+        state = engine.insert(prefix, state, slot)
+        outs[slot] = [int(prefix.first.tokens[0])]
+    for _ in range(STEPS - 1):
+        state, out = engine.generate(params, state)
+        for slot in outs:
+            outs[slot].append(int(out.tokens[slot]))
+    for slot, p in enumerate(prompts):
+        assert outs[slot] == reference(p, STEPS)
+    long_job = engine.start_prefill(PROMPTS[1], greedy)  # 41 tokens: two chunks
+    with pytest.raises(ValueError, match="job 1 is not batchable"):
+        engine.prefill_batch(params, [engine.start_prefill([3], greedy), long_job])
 
 
 def test_chunked_prefill_equals_whole_prefill(model):

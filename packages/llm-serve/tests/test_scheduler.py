@@ -1,5 +1,6 @@
-"""Continuous batching: joins and leaves between steps, chunked prefill interleaves with decoding,
-cancellation frees slot and pages, bounded queue, stop strings / ids, max_tokens, seeds, logprobs."""
+"""Continuous batching: joins and leaves between steps, waiting short prompts prefill together,
+chunked prefill interleaves with decoding, cancellation frees slot and pages, bounded queue, stop
+strings / ids, max_tokens, seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -49,12 +50,19 @@ def test_continuous_batching_equals_one_at_a_time(engines, kind):
         for i, p in enumerate(PROMPTS)
     ]
     s = scheduler(engines, kind)
+    engine = engines[kind][0]
+    batch, sizes = engine.prefill_batch, []
+    engine.prefill_batch = lambda params, jobs: sizes.append(len(jobs)) or batch(params, jobs)
     reqs = [submit(s, p, max_tokens=4 + i, **GREEDY) for i, p in enumerate(PROMPTS)]
     peak, steps = 0, 0
-    while s._has_work():
-        s.step()
-        steps += 1
-        peak = max(peak, s.stats()["active_slots"])
+    try:
+        while s._has_work():
+            s.step()
+            steps += 1
+            peak = max(peak, s.stats()["active_slots"])
+    finally:
+        engine.prefill_batch = batch
+    assert max(sizes) >= 2  # waiting short prompts were prefilled together
     assert [r.generated for r in reqs] == alone
     assert peak == 4  # every slot in use; 7 requests on 4 slots means slots were reused
     assert all(r.finish_reason == "length" for r in reqs)
@@ -205,9 +213,10 @@ def _choices(s, prompt, n, **sampling):
 def test_n_choices_prefill_once_seeded_and_free_everything(engines, kind):
     s = scheduler(engines, kind)
     engine = engines[kind][0]
-    calls = []
-    chunk = engine.prefill_chunk
+    calls = []  # one entry per prompt prefilled (one chunk or a row of a batched prefill)
+    chunk, batch = engine.prefill_chunk, engine.prefill_batch
     engine.prefill_chunk = lambda *a: calls.append(1) or chunk(*a)
+    engine.prefill_batch = lambda params, jobs: calls.extend(jobs) or batch(params, jobs)
     try:
         other = submit(s, [7, 8, 9], max_tokens=5, **GREEDY)  # shares the batch with the group
         runs = []
@@ -217,7 +226,7 @@ def test_n_choices_prefill_once_seeded_and_free_everything(engines, kind):
             runs.append([r.generated for r in reqs])
         assert len(calls) == 3  # one prefill per group (+ `other`'s), not one per choice
     finally:
-        engine.prefill_chunk = chunk
+        engine.prefill_chunk, engine.prefill_batch = chunk, batch
     assert other.finish_reason == "length"
     assert runs[0] == runs[1]  # reproducible from the seed
     assert all(len(g) == 12 for g in runs[0])

@@ -170,6 +170,9 @@ class Engine:
         self._prefill_fn = jax.jit(
             self._prefill_impl, donate_argnums=(1,), static_argnames=("score",)
         )
+        self._prefill_batch_fn = jax.jit(
+            self._prefill_batch_impl, donate_argnums=(1,), static_argnums=(6,)
+        )
         self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._resize_fn = jax.jit(_resize, static_argnums=(1,))  # new shape: nothing to donate
@@ -313,6 +316,60 @@ class Engine:
         while (prefix := self.prefill_chunk(params, job)) is None:
             pass
         return prefix
+
+    def batchable(self, job: PrefillJob) -> bool:
+        """Whether `job` can join a batched prefill: a whole prompt in one chunk, from its start
+        (no prefix-cache hit), not scored."""
+        return job.done == 0 and job.prompt_logprobs is None and len(job.tokens) <= self.max_prefill
+
+    def prefill_batch(self, params, jobs: list[PrefillJob]) -> list[Prefix]:
+        """Prefill several prompts in one forward (each `batchable`, all of one `capacity`):
+        the weights are read once for all of them, where `prefill_chunk` reads them per prompt.
+        The row count is padded to a power of two (padding rows write nothing), so at most
+        log2(max_decode_slots) + 1 programs exist per prompt bucket."""
+        if not jobs:
+            return []
+        cap = jobs[0].capacity
+        for i, job in enumerate(jobs):
+            if not self.batchable(job) or job.capacity != cap:
+                raise ValueError(
+                    f"prefill_batch: job {i} is not batchable with job 0 (a whole prompt of at most "
+                    f"max_prefill_length={self.max_prefill} tokens, not started, not scored, "
+                    f"capacity {job.capacity} vs {cap}); use prefill_chunk"
+                )
+        n = len(jobs)
+        rows = 1 << (n - 1).bit_length()
+        width = next_bucket(max(len(j.tokens) for j in jobs), self.max_prefill)
+        ids = np.zeros((rows, width), np.int32)
+        pos = np.full((rows, width), cap, np.int32)  # padding: dropped by the cache
+        last = np.zeros((rows,), np.int32)
+        for i, job in enumerate(jobs):
+            c = len(job.tokens)
+            ids[i, :c], pos[i, :c], last[i] = job.tokens, np.arange(c), c - 1
+        samplings = [j.sampling for j in jobs] + [jobs[0].sampling] * (rows - n)
+        sampling = jax.tree.map(lambda *xs: jnp.concatenate(xs), *samplings)
+        cache = self._cache_maker.init_cache(rows, cap, self.cache_dtype)
+        caches, firsts, logits = self._prefill_batch_fn(
+            params, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(last), sampling, n
+        )
+        prefixes = []
+        for job, cache, first, row_logits in zip(jobs, caches, firsts, logits):
+            job.cache, job.first, job.logits, job.done = cache, first, row_logits, len(job.tokens)
+            prefix = Prefix(cache, cap, len(job.tokens), first, job.sampling, logits=row_logits)
+            prefixes.append(prefix)
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(job.tokens, cache, cap)
+        return prefixes
+
+    def _prefill_batch_impl(self, params, cache, ids, pos, last, sampling, n: int):
+        model = nnx.merge(self.graphdef, params)
+        x, cache, _ = model.hidden(ids, pos, None, cache)
+        last_x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [rows, 1, E]
+        last_logits = model.logits(last_x)[:, 0]
+        first = _first_token(last_logits, sampling)
+        caches = tuple(map_layer_caches(lambda c, i=i: c.row(i), cache) for i in range(n))
+        firsts = tuple(jax.tree.map(lambda a, i=i: a[i : i + 1], first) for i in range(n))
+        return caches, firsts, tuple(last_logits[i : i + 1] for i in range(n))
 
     def _prefill_impl(self, params, cache, ids, pos, last, sampling, prev, score: bool):
         model = nnx.merge(self.graphdef, params)

@@ -7,7 +7,10 @@ One loop iteration (`step`):
    so a running request never runs out of pages);
 3. one chunk (<= max_prefill_length tokens) of the oldest prompt being prefilled runs; a finished
    prefill is inserted into its slot and yields the request's first token. Long prompts are thus
-   spread over several iterations, and running requests keep decoding between their chunks;
+   spread over several iterations, and running requests keep decoding between their chunks. When
+   the oldest prompt fits in one chunk, every waiting prompt that does too (and has the same cache
+   bucket, no prefix-cache hit and no prompt scoring) is prefilled with it in one batched forward
+   (`Engine.prefill_batch`);
 4. one decode step for every slot; each request gets its token, and finished requests leave.
 
 A request with `sampling.prompt_logprobs` set gets its prompt scored by the prefill
@@ -225,14 +228,7 @@ class Scheduler:
                 self._finish(slot, "abort")
         self._admit()
         if self.prefilling:
-            slots, job, owner = self.prefilling[0]
-            prefix = self.engine.prefill_chunk(self.params, job)
-            if prefix is not None:
-                self.prefilling.pop(0)
-                if self.metrics:
-                    self.metrics.prompt_tokens.inc(prefix.length)
-                for slot in slots:
-                    self._start_decoding(slot, prefix, owner)
+            self._prefill()
         busy = {s for slots, _, _ in self.prefilling for s in slots}
         decoding = [s for s, r in enumerate(self.slots) if r is not None and s not in busy]
         if decoding:
@@ -241,6 +237,30 @@ class Scheduler:
             for slot in decoding:
                 self._deliver(slot, self.slots[slot], out, slot)
         self._update_gauges()
+
+    def _prefill(self) -> None:
+        """One chunk of the oldest prompt, or, when it fits in one chunk, that prompt together
+        with every other waiting whole prompt of its cache bucket in one batched forward."""
+        _, head, _ = self.prefilling[0]
+        if self.engine.batchable(head):
+            batch = [
+                entry
+                for entry in self.prefilling
+                if self.engine.batchable(entry[1]) and entry[1].capacity == head.capacity
+            ]
+            prefixes = self.engine.prefill_batch(self.params, [job for _, job, _ in batch])
+        else:
+            batch, prefixes = self.prefilling[:1], [self.engine.prefill_chunk(self.params, head)]
+        done = {id(entry) for entry, prefix in zip(batch, prefixes) if prefix is not None}
+        self.prefilling = [entry for entry in self.prefilling if id(entry) not in done]
+        for entry, prefix in zip(batch, prefixes):
+            if prefix is None:
+                continue
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(prefix.length)
+            slots, _, owner = entry
+            for slot in slots:
+                self._start_decoding(slot, prefix, owner)
 
     def _start_decoding(self, slot: int, prefix, owner: Request) -> None:
         """A finished prefill goes into `slot` (its own first token unless it is `owner`'s)."""

@@ -12,7 +12,8 @@ them to a whole model's cache with `map_layer_caches`, never looking inside):
 
 - `ContiguousKV` [..., B, K, L, D] (head-major, as decode attention reads it): a token at position p
   lives at index p of L; `resize(length)` cuts or
-  pads L, `insert(row, slot)` copies a batch-of-one cache into row `slot`.
+  pads L, `insert(row, slot)` copies a batch-of-one cache into row `slot`, `row(i)` is batch row
+  i as a batch-of-one cache.
 - `PagedKV`: pools [..., K, num_pages, page_size, D] (the layout `llm_kernels.paged_attention` reads)
   and a page table [..., B, pages_per_slot]; token p of row b lives in page `table[b, p // page_size]`
   at offset `p % page_size`. Page 0 is the null page: empty table entries point at it. One-token decode
@@ -101,6 +102,10 @@ class ContiguousKV(LayerCache):
     def insert(self, row: ContiguousKV, slot) -> ContiguousKV:
         """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
         return ContiguousKV(k=put_row(self.k, row.k, slot), v=put_row(self.v, row.v, slot))
+
+    def row(self, index: int) -> ContiguousKV:
+        """Batch row `index` as a batch-of-one cache."""
+        return ContiguousKV(k=take_row(self.k, index), v=take_row(self.v, index))
 
 
 @struct.dataclass
@@ -207,6 +212,10 @@ class Int8ContiguousKV(LayerCache):
             v_scale=put_row(self.v_scale, row.v_scale, slot),
         )  # fmt: skip
 
+    def row(self, index: int) -> Int8ContiguousKV:
+        """Batch row `index` as a batch-of-one cache."""
+        return jax.tree.map(lambda a: take_row(a, index), self)
+
 
 @struct.dataclass
 class Int8PagedKV(LayerCache, PagedTable):
@@ -294,6 +303,11 @@ def fit_length(a, length: int, fill=0):
 def put_row(a, row, slot):
     """Copy a batch-of-one contiguous array into batch row `slot` of `a`."""
     return jax.lax.dynamic_update_slice_in_dim(a, row.astype(a.dtype), slot, a.ndim - 4)
+
+
+def take_row(a, index: int):
+    """Batch row `index` of a contiguous array, keeping the batch axis (size 1)."""
+    return jax.lax.slice_in_dim(a, index, index + 1, axis=a.ndim - 4)
 
 
 def page_slots(table, positions, page_size: int):

@@ -10,7 +10,8 @@ attention backends and the same paged kernel, and never hold a second copy.
 - `LatentKV` [..., B, 1, L, W]: token p of row b at index p (W = kv_lora_rank + qk_rope_head_dim).
 - `PagedLatentKV`: a pool [..., 1, num_pages, page_size, W] and a page table, as `PagedKV`.
 
-Both have the serving methods of the K/V caches (`resize`, `insert`, `write_prefix`, `with_table`).
+Both have the serving methods of the K/V caches (`resize`, `insert`, `row`, `write_prefix`,
+`with_table`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from llm_core.layers.kv_cache import (
     prefix_to_pages,
     put_row,
     put_tokens,
+    take_row,
 )
 
 
@@ -59,6 +61,10 @@ class LatentKV(LayerCache):
     def insert(self, row: LatentKV, slot) -> LatentKV:
         """Copy a batch-of-one cache (length <= max_len) into row `slot`."""
         return LatentKV(rows=put_row(self.rows, row.rows, slot))
+
+    def row(self, index: int) -> LatentKV:
+        """Batch row `index` as a batch-of-one cache."""
+        return LatentKV(rows=take_row(self.rows, index))
 
 
 @struct.dataclass
