@@ -170,9 +170,8 @@ class Engine:
         self._prefill_fn = jax.jit(
             self._prefill_impl, donate_argnums=(1,), static_argnames=("score",)
         )
-        self._prefill_batch_fn = jax.jit(
-            self._prefill_batch_impl, donate_argnums=(1,), static_argnums=(6,)
-        )
+        # the batched cache is not donated: its rows come back as new arrays of another shape
+        self._prefill_batch_fn = jax.jit(self._prefill_batch_impl, static_argnums=(6,))
         self._insert_fn = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_fn = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._resize_fn = jax.jit(_resize, static_argnums=(1,))  # new shape: nothing to donate
