@@ -10,6 +10,7 @@ from test_engine import decode_batch, greedy_reference
 
 from llm_core import ConfigError
 from llm_serve.engine import Engine
+from llm_serve.kv_pages import PageAllocator
 from llm_serve.prefix_cache import PrefixCache
 
 SYSTEM = list(range(30, 70))  # 40 shared tokens
@@ -66,3 +67,46 @@ def test_negative_entries_name_the_key(model):
     cfg, m = model
     with pytest.raises(ConfigError, match="prefix_cache_entries"):
         Engine.from_model(cfg.replace(prefix_cache_entries=-1), m)
+
+
+def test_paged_slots_share_prompt_pages_and_return_them(model):
+    cfg, m = model
+    engine, params = Engine.from_model(
+        cfg.replace(prefix_cache_entries=4), m, kv_cache_kind="paged"
+    )
+    plain, _ = Engine.from_model(cfg, m, kv_cache_kind="paged")
+    page = cfg.kv_page_size
+    got, state = decode_batch(engine, params, PROMPTS, 8)  # all four in one decode state
+    want, _ = decode_batch(plain, params, PROMPTS, 8)
+    assert got == want == [greedy_reference(m)(p, 8) for p in PROMPTS]
+    a, table = engine.allocator, engine.allocator.table
+    full, part = 40 // page, 20 // page  # full pages of the system prompt, of its first half
+    assert (table[1, :full] == table[0, :full]).all()  # shared by reference
+    assert (table[2, :part] == table[0, :part]).all()
+    assert table[2, part] != table[0, part]  # where the prompts differ: its own page
+    assert not set(table[3][table[3] > 0]) & set(table[0][table[0] > 0])
+    in_use = a.capacity - a.num_free
+    assert in_use == plain.allocator.capacity - plain.allocator.num_free - full - part
+    for slot in range(4):
+        state = engine.release(state, slot)
+    assert a.num_free == a.capacity  # every page back (the indexed ones stay reusable)
+    hits = a.shared_hits
+    a.reserve(0, len(PROMPTS[1]) + 1, PROMPTS[1])  # the system prompt's pages, from the index
+    assert a.shared_hits == hits + full and a.shared(0) == full
+
+
+def test_allocator_takes_idle_indexed_pages_last():
+    a = PageAllocator(num_pages=5, page_size=2, slots=2, pages_per_slot=4, share_prefixes=True)
+    prompt = [1, 2, 3, 4, 5]
+    assert a.reserve(0, 6, prompt) == [1, 2, 3]  # two full prompt pages, one for the rest
+    a.register(0, prompt)
+    a.release(0)
+    assert a.num_free == 4
+    assert a.reserve(1, 2) == [3]  # a fresh page comes from the free list, not the index
+    assert a.reserve(0, 6, prompt) == [1, 2, 4] and a.shared(0) == 2
+    a.release(0)
+    a.release(1)
+    assert a.reserve(1, 8) == [3, 4, 2, 1]  # the idle indexed pages are taken back last
+    assert a.num_free == 0
+    a.release(1)
+    assert a.reserve(0, 6, prompt) == [3, 4, 2] and a.shared(0) == 0  # the index was dropped

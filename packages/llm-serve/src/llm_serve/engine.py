@@ -111,6 +111,7 @@ class Prefix:
     sampling: SlotSampling
     meta: dict = field(default_factory=dict)
     logits: jax.Array | None = None  # [1, V] logits at the last prompt position (for `fork`)
+    tokens: np.ndarray | None = None  # the prompt (a paged cache shares its full pages by it)
     # prefill(..., prompt_logprobs=k) only (host arrays): log p(token i | tokens < i), NaN at i = 0,
     # and the k most likely tokens at each position (row 0: zeros)
     prompt_logprobs: np.ndarray | None = None  # [length] float32
@@ -208,7 +209,8 @@ class Engine:
 
     def _new_allocator(self) -> PageAllocator:
         per_slot = self.max_len // self.page_size
-        return PageAllocator(self.num_pages, self.page_size, self.slots, per_slot)
+        share = self.prefix_cache is not None  # prefix caching also shares the prompt pages
+        return PageAllocator(self.num_pages, self.page_size, self.slots, per_slot, share)
 
     def _with_host_table(self, state: DecodeState) -> DecodeState:
         return state.replace(table=jnp.asarray(self.allocator.table))
@@ -293,7 +295,7 @@ class Engine:
             return None
         prefix = Prefix(
             cache=job.cache, capacity=job.capacity, length=n, first=job.first, sampling=job.sampling,
-            logits=job.logits,
+            logits=job.logits, tokens=job.tokens,
         )  # fmt: skip
         if self.prefix_cache is not None:
             self.prefix_cache.store(job.tokens, job.cache, job.capacity)
@@ -354,7 +356,15 @@ class Engine:
         prefixes = []
         for job, cache, first, row_logits in zip(jobs, caches, firsts, logits):
             job.cache, job.first, job.logits, job.done = cache, first, row_logits, len(job.tokens)
-            prefix = Prefix(cache, cap, len(job.tokens), first, job.sampling, logits=row_logits)
+            prefix = Prefix(
+                cache,
+                cap,
+                len(job.tokens),
+                first,
+                job.sampling,
+                logits=row_logits,
+                tokens=job.tokens,
+            )
             prefixes.append(prefix)
             if self.prefix_cache is not None:
                 self.prefix_cache.store(job.tokens, cache, cap)
@@ -401,13 +411,14 @@ class Engine:
         return dataclasses.replace(prefix, first=first, sampling=slot_sampling)
 
     # ------------------------------------------------------------------ insert / release
-    def reserve(self, slot: int, num_tokens: int) -> bool:
-        """Paged cache: reserve pages for `num_tokens` tokens of `slot`; False if too few are free."""
+    def reserve(self, slot: int, num_tokens: int, prompt=None) -> bool:
+        """Paged cache: reserve pages for `num_tokens` tokens of `slot`; False if too few are free.
+        With prefix caching, `prompt`'s leading full pages already in the pool are shared."""
         if self.allocator is None:
             return True
-        if not self.allocator.can_reserve(slot, num_tokens):
+        if not self.allocator.can_reserve(slot, num_tokens, prompt):
             return False
-        self.allocator.reserve(slot, num_tokens)
+        self.allocator.reserve(slot, num_tokens, prompt)
         return True
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
@@ -415,16 +426,19 @@ class Engine:
             raise ValueError(f"slot {slot} out of range [0, {self.slots})")
         pages = None
         if self.allocator is not None:
-            self.allocator.reserve(slot, prefix.length + 1)
+            self.allocator.reserve(slot, prefix.length + 1, prefix.tokens)
             n = prefix.capacity // self.page_size
             pages = np.zeros(n, np.int32)  # pages past the slot's own: the null page
             owned = self.allocator.owned(slot)[:n]
             pages[: len(owned)] = owned
+            pages[: self.allocator.shared(slot)] = 0  # shared pages hold the prompt: not rewritten
             state = self._with_host_table(state)
             pages = jnp.asarray(pages)
         need = max([prefix.length + 1, *(self._host_pos[self._host_active] + 1)])
         state = self._fit(state, max(need, prefix.capacity))
         state = self._insert_fn(state, prefix.cache, prefix.first, prefix.length, slot, pages)
+        if self.allocator is not None and prefix.tokens is not None:
+            self.allocator.register(slot, prefix.tokens)
         state = state.replace(sampling=_set_slot(state.sampling, prefix.sampling, slot))
         self._host_pos[slot] = prefix.length
         self._host_active[slot] = True

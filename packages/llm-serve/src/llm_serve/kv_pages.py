@@ -5,9 +5,22 @@ head_dim]`, and a page table `[slots, pages_per_slot]` of page ids. Page 0 is ne
 page-table entries point at it, so reads of them are masked by position and writes to them are
 harmless. A slot's pages are reserved when its request is admitted (prompt + max_tokens, so a running
 request never runs out) and returned the moment it finishes or its client goes away.
+
+With `share_prefixes` (the engine turns it on for a paged cache with `prefix_cache_entries` > 0),
+full pages of prompts are shared between slots, as in vLLM's prefix caching. A page whose positions
+all lie inside a prompt is never written again once the prompt is stored (decoding writes from
+the prompt's end on), so after `register` it is indexed by a hash of every token up to its end.
+A later prompt starting with the same tokens `reserve`s those pages by reference (a count per
+page) instead of taking new ones: the first page where the prompts differ, and every page after
+it, is the slot's own, written by the new prompt's prefill (the copy happens at that divergent
+page; shared pages are never written). A page whose last user leaves stays indexed and is reused
+from the index until the free list runs dry; then the least recently released is taken back.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
 
 import numpy as np
 
@@ -19,19 +32,34 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    def __init__(self, num_pages: int, page_size: int, slots: int, pages_per_slot: int):
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        slots: int,
+        pages_per_slot: int,
+        share_prefixes: bool = False,
+    ):
         if num_pages < 2:
             raise ValueError(f"kv_num_pages must be >= 2 (page 0 is reserved), got {num_pages}.")
         self.num_pages = num_pages
         self.page_size = page_size
         self.pages_per_slot = pages_per_slot
+        self.share_prefixes = share_prefixes
         self._free: list[int] = list(range(num_pages - 1, NULL_PAGE, -1))  # pop() gives 1, 2, ...
         self.table = np.full((slots, pages_per_slot), NULL_PAGE, np.int32)
         self._owned: list[list[int]] = [[] for _ in range(slots)]
+        self._shared: list[int] = [0] * slots  # leading pages of each slot taken by reference
+        self._refs = np.zeros(num_pages, np.int32)
+        self._index: dict[bytes, int] = {}  # hash of the tokens through a full page -> page
+        self._key_of: dict[int, bytes] = {}  # indexed page -> its hash
+        self._idle: OrderedDict[int, None] = OrderedDict()  # indexed pages no slot uses (LRU first)
+        self.shared_hits = 0  # pages taken by reference instead of new ones
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages a reservation can take: free ones and indexed ones no slot uses."""
+        return len(self._free) + len(self._idle)
 
     @property
     def capacity(self) -> int:
@@ -41,11 +69,40 @@ class PageAllocator:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def can_reserve(self, slot: int, num_tokens: int) -> bool:
+    def _page_keys(self, prompt) -> list[bytes]:
+        """A chained hash per full page of `prompt` (each covers every token up to its page's end)."""
+        tokens = np.asarray(prompt, np.int32)
+        keys, h = [], b""
+        for start in range(0, len(tokens) // self.page_size * self.page_size, self.page_size):
+            h = hashlib.blake2b(h + tokens[start : start + self.page_size].tobytes()).digest()
+            keys.append(h)
+        return keys
+
+    def _matching(self, prompt) -> list[int]:
+        """The indexed pages holding `prompt`'s leading full pages (none without sharing)."""
+        if not self.share_prefixes or prompt is None:
+            return []
+        pages = []
+        for key in self._page_keys(prompt):
+            page = self._index.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def new_pages_for(self, num_tokens: int, prompt=None) -> int:
+        """How many of `num_free` a reservation of a slot that owns nothing would take."""
+        matched = self._matching(prompt)[: self.pages_for(num_tokens)]
+        return self.pages_for(num_tokens) - len(matched) + sum(p in self._idle for p in matched)
+
+    def can_reserve(self, slot: int, num_tokens: int, prompt=None) -> bool:
+        if not self._owned[slot]:
+            return self.new_pages_for(num_tokens, prompt) <= self.num_free
         return self.pages_for(num_tokens) - len(self._owned[slot]) <= self.num_free
 
-    def reserve(self, slot: int, num_tokens: int) -> list[int]:
-        """Make `slot` own pages for tokens [0, num_tokens); returns its pages in order."""
+    def reserve(self, slot: int, num_tokens: int, prompt=None) -> list[int]:
+        """Make `slot` own pages for tokens [0, num_tokens); returns its pages in order. A slot
+        that owns nothing yet first takes the indexed pages of `prompt`'s leading full pages."""
         need = self.pages_for(num_tokens)
         if need > self.pages_per_slot:
             raise OutOfPages(
@@ -53,21 +110,61 @@ class PageAllocator:
                 f"({self.pages_per_slot}); raise kv_cache_max_length."
             )
         owned = self._owned[slot]
+        if not owned and prompt is not None:
+            if not self.can_reserve(slot, num_tokens, prompt):
+                raise OutOfPages(f"need {self.new_pages_for(num_tokens, prompt)} pages, "
+                                 f"{self.num_free} free")  # fmt: skip
+            for page in self._matching(prompt)[:need]:
+                self._idle.pop(page, None)
+                self._use(slot, page)
+            self._shared[slot] = len(owned)
+            self.shared_hits += len(owned)
         extra = need - len(owned)
         if extra > self.num_free:
             raise OutOfPages(f"need {extra} more pages, {self.num_free} free")
         for _ in range(max(extra, 0)):
-            page = self._free.pop()
-            self.table[slot, len(owned)] = page
-            owned.append(page)
+            self._use(slot, self._take())
         return list(owned)
 
-    def release(self, slot: int) -> int:
-        """Return every page of `slot` to the free list; returns how many."""
+    def _use(self, slot: int, page: int) -> None:
         owned = self._owned[slot]
+        self.table[slot, len(owned)] = page
+        owned.append(page)
+        self._refs[page] += 1
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        page, _ = self._idle.popitem(last=False)  # the least recently released indexed page
+        del self._index[self._key_of.pop(page)]
+        return page
+
+    def shared(self, slot: int) -> int:
+        """Leading pages of `slot` taken by reference (already hold its prompt: never written)."""
+        return self._shared[slot]
+
+    def register(self, slot: int, prompt) -> None:
+        """`slot`'s prompt is stored: index its full pages for later prompts (sharing only)."""
+        if not self.share_prefixes:
+            return
+        for key, page in zip(self._page_keys(prompt), self._owned[slot]):
+            if key not in self._index and page not in self._key_of:
+                self._index[key], self._key_of[page] = page, key
+
+    def release(self, slot: int) -> int:
+        """Give back every page of `slot` (indexed ones stay indexed while unused); returns how
+        many."""
+        owned = self._owned[slot]
+        for page in reversed(owned):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._key_of:
+                    self._idle[page] = None
+                else:
+                    self._free.append(page)
         n = len(owned)
-        self._free.extend(reversed(owned))
         self._owned[slot] = []
+        self._shared[slot] = 0
         self.table[slot] = NULL_PAGE
         return n
 

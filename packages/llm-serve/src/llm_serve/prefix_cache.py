@@ -6,8 +6,9 @@ the last position) equal an entry's starts its chunked prefill at position m fro
 entry's cache. Entries are whole finished prompts (batch-of-one prefill caches), kept least
 recently used first up to `prefix_cache_entries`; each costs its prompt's KV (capacity x layers x
 K/V) in device memory. Prompts that ask for prompt log-probs (echo) are prefilled whole, since
-every position must be scored. The decode caches are not shared: each slot still holds its own
-copy of the prompt's KV (pages are copied in by `insert`).
+every position must be scored. With the paged cache, the decode slots also share the pages of a
+common prompt prefix (`kv_pages.PageAllocator`, `share_prefixes`); the contiguous cache gives each
+slot its own copy (`insert` copies the prompt's KV into its row).
 """
 
 from __future__ import annotations

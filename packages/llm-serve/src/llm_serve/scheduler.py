@@ -289,13 +289,15 @@ class Scheduler:
                     break  # slots come back when running requests finish
                 n = len(lead.prompt_ids)
                 if alloc is not None:
-                    need = sum(alloc.pages_for(n + r.max_new) for r in group)
+                    need = sum(alloc.new_pages_for(n + r.max_new, lead.prompt_ids) for r in group)
                     if need > alloc.num_free:
                         break  # pages come back when running requests finish
                 taken = []
                 for r in group:
                     slot = free.pop(0)
-                    if not self.engine.reserve(slot, n + r.max_new):  # pragma: no cover
+                    if not self.engine.reserve(
+                        slot, n + r.max_new, lead.prompt_ids
+                    ):  # pragma: no cover
                         raise RuntimeError("pages counted free could not be reserved")
                     self.slots[slot] = r
                     taken.append(slot)

@@ -381,7 +381,7 @@ class Config:
     max_queue_size: int = 64
     # prefix caching (llm_serve/prefix_cache.py): prefill KV of this many recent prompts kept on
     # the device; a prompt starting with a cached prompt's first page-aligned tokens prefills only
-    # the rest. 0 = off
+    # the rest, and with the paged cache shares those full pages with the slots holding them. 0 = off
     prefix_cache_entries: int = 0
     # --- end of llm-serve additions
 
