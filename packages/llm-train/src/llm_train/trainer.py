@@ -150,7 +150,8 @@ def train(
     result = TrainResult(out_dir, start, start)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     flops_tok = flops_per_token(cfg)
-    peak = peak_flops_per_device() * jax.device_count()
+    peak = None  # measured at the first log line: on the CPU a matmul is timed, which must not
+    # share the cores with the train step's compile
     last_saved = latest
     t0 = time.time()
     profiling = False
@@ -178,6 +179,8 @@ def train(
                 result.losses[step + 1], result.last_step = loss, step + 1
                 if (step + 1) % max(cfg.log_every, 1) == 0 or step + 1 == end:
                     tps = tokens_per_step / dt
+                    if peak is None:
+                        peak = peak_flops_per_device() * jax.device_count()
                     record = {
                         "step": step + 1,
                         "loss": loss,
