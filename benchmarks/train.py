@@ -4,7 +4,9 @@ Model: configs/bench-small.yml (vocab 32000, d_model 512, 8 layers, 8 heads, 4 k
 64, SwiGLU 1408, seq 256, batch 4, float32), AdamW, synthetic tokens. Prints tokens/s, MFU against
 the CPU's measured fp32 matmul ceiling (timed here), the ratio to the torch baseline (run in a
 child process with 2 threads), and the start-up: seconds from launching `llm-train train
-bench-small` to its first progress line, with an empty and with a warm compilation cache.
+bench-small steps=1` to its first progress line, with an empty and with a warm compilation cache.
+The throughput child runs under glibc's huge-page tunable, as `llm-train train` re-runs itself for
+runs of at least 50 steps (llm_train.host_memory); the one-step start-up runs do not re-run.
 
 Each side runs alone in its own child process, the sides alternating for --rounds rounds; the
 figures are medians over the rounds. The CPU model and the load average are printed before and
@@ -223,8 +225,13 @@ def main() -> None:
 
 
 def run_jax_child(steps: int, overrides: list[str] | None = None) -> dict:
+    """llm-train's step in a fresh process, started as `llm-train train` restarts itself (huge
+    pages for the step's buffers: llm_train.host_memory)."""
+    from llm_train.host_memory import huge_page_env
+
     argv = [__file__, "--child-jax", "--steps", str(steps)]
-    return run_child([*argv, "--child-overrides", json.dumps(overrides or [])], "llm-train run")
+    argv += ["--child-overrides", json.dumps(overrides or [])]
+    return run_child(argv, "llm-train run", env=huge_page_env())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from llm_train.host_memory import HUGE_PAGES_MIN_STEPS, rerun_with_huge_pages
+
 EPILOG = """examples:
   llm-train train pretrain.yml model_name=llama3.2-1b dataset_kind=text \\
       dataset_path='data/**/*.txt' tokenizer_path=tok.json run_name=exp1
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if argv is None and args.command == "train" and cfg.steps >= HUGE_PAGES_MIN_STEPS:
+            rerun_with_huge_pages("llm_train.cli", sys.argv[1:])  # see llm_train.host_memory
         if args.command == "train":
             from llm_train.trainer import TrainingDiverged, train
 
