@@ -62,11 +62,17 @@ def engines(model):
 
 def decode_batch(engine, params, prompts, steps, slots=None):
     """Insert every prompt into its own slot, then decode all together."""
+    greedy = SamplingParams(temperature=0.0)
+    return decode_prefixes(engine, params, [engine.prefill(params, p, greedy) for p in prompts],
+                           steps, slots)  # fmt: skip
+
+
+def decode_prefixes(engine, params, prefixes, steps, slots=None):
+    """Insert every prefix into its own slot, then decode all together."""
     state = engine.init_decode_state()
-    slots = slots or list(range(len(prompts)))
+    slots = slots or list(range(len(prefixes)))
     outs = {}
-    for slot, p in zip(slots, prompts):
-        prefix = engine.prefill(params, p, SamplingParams(temperature=0.0))
+    for slot, prefix in zip(slots, prefixes):
         state = engine.insert(prefix, state, slot)
         outs[slot] = [int(prefix.first.tokens[0])]
     for _ in range(steps - 1):
@@ -101,22 +107,14 @@ def test_prefill_batch_equals_one_at_a_time(engines, reference, kind):
     greedy = SamplingParams(temperature=0.0)
     jobs = [engine.start_prefill(p, greedy) for p in prompts]
     batched = engine.prefill_batch(params, jobs)
-    state = engine.init_decode_state()
-    outs = {}
-    for slot, (p, prefix) in enumerate(zip(prompts, batched)):
+    for p, prefix in zip(prompts, batched):
         alone = engine.prefill(params, p, greedy)
         assert prefix.length == alone.length and prefix.capacity == alone.capacity
         for x, y in zip(jax.tree.leaves(prefix.cache), jax.tree.leaves(alone.cache), strict=True):
             np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(prefix.first.logprobs, alone.first.logprobs, atol=1e-5)
-        state = engine.insert(prefix, state, slot)
-        outs[slot] = [int(prefix.first.tokens[0])]
-    for _ in range(STEPS - 1):
-        state, out = engine.generate(params, state)
-        for slot in outs:
-            outs[slot].append(int(out.tokens[slot]))
-    for slot, p in enumerate(prompts):
-        assert outs[slot] == reference(p, STEPS)
+    got, _ = decode_prefixes(engine, params, batched, STEPS)
+    assert got == [reference(p, STEPS) for p in prompts]
     long_job = engine.start_prefill(PROMPTS[1], greedy)  # 41 tokens: two chunks
     with pytest.raises(ValueError, match="job 1 is not batchable"):
         engine.prefill_batch(params, [engine.start_prefill([3], greedy), long_job])
