@@ -19,8 +19,8 @@ glibc reads its tunables when a process starts, so `llm-train train` re-runs its
 HUGE_PAGES_MIN_STEPS steps, after loading the config (the re-run repeats the imports, about 1 s).
 Nothing happens off glibc-Linux, when the tunable is already set, or with `LLM_TRAIN_MALLOC=system`;
 where the kernel's transparent huge pages are `never`, the tunable does nothing. The quickstart's
-small model was not measured with it and does not re-run. Python callers of `llm_train.trainer.train` can start their interpreter with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
+small model was not measured with it and does not re-run. Python callers of
+`llm_train.trainer.train` can start their interpreter with GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
 """
 
 from __future__ import annotations
