@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from llm_train.host_memory import rerun_with_huge_pages
+
 MODEL = {
     "model_family": "llama",
     "vocab_size": 2048,
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_args(argv)
+    if argv is None:  # the command line: huge pages for the steps' buffers (llm_train.host_memory)
+        rerun_with_huge_pages("llm_train.quickstart", sys.argv[1:])
 
     t_start = time.time()
     import llm_core
