@@ -93,16 +93,12 @@ def torch_matmul_ceiling(n: int = 2048) -> float | None:
         import torch
     except ImportError:
         return None
+    from train import _timed
+
     x = torch.ones(n, n)
     x @ x
     best = min(_timed(lambda: x @ x) for _ in range(5))
     return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def shared_prefix_ttft(cfg, model, system: int, repeats: int) -> None:

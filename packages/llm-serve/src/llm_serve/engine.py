@@ -44,79 +44,25 @@ page table), so short requests do not pay for `kv_cache_max_length` positions pe
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
 from llm_core import ConfigError, map_layer_caches, unstack_layers
+from llm_serve.engine_types import (  # noqa: F401  (next_bucket, MIN_BUCKET: engine API)
+    DECODE_MIN_BUCKET,
+    MIN_BUCKET,
+    DecodeState,
+    PrefillJob,
+    Prefix,
+    next_bucket,
+)
 from llm_serve.kv_pages import PageAllocator
 from llm_serve.prefix_cache import PrefixCache
 from llm_serve.sampling import TOP_LOGPROBS_MAX, Sampled, SamplingParams, SlotSampling, sample
-
-MIN_BUCKET = 16
-DECODE_MIN_BUCKET = 64
-
-
-def next_bucket(n: int, limit: int, multiple: int = 1) -> int:
-    """Smallest power of two >= max(n, MIN_BUCKET), rounded up to `multiple`, capped at `limit`."""
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
-    b = -(-b // multiple) * multiple
-    return min(b, limit)
-
-
-@struct.dataclass
-class DecodeState:
-    cache: Any  # the model's cache for every slot (contiguous or paged)
-    table: jax.Array | None  # paged: [slots, pages_per_slot] int32 page table; contiguous: None
-    tokens: jax.Array  # [slots] int32: the last token of each slot (fed to the next step)
-    positions: jax.Array  # [slots] int32: the position of that token
-    active: jax.Array  # [slots] bool
-    sampling: SlotSampling
-    counts: jax.Array  # [slots, vocab] int32: tokens generated so far (for the penalties)
-
-
-@dataclass
-class PrefillJob:
-    """A prompt being prefilled chunk by chunk into a batch-of-one cache of `capacity` positions."""
-
-    tokens: np.ndarray
-    sampling: SlotSampling
-    cache: Any
-    capacity: int
-    done: int = 0
-    first: Sampled | None = None
-    logits: jax.Array | None = None  # [1, V] logits at the last prompt position (after a chunk)
-    prompt_logprobs: int | None = None  # None: not asked; k: also the k most likely tokens
-    prev: jax.Array | None = None  # [V] log-softmax at the last position of the previous chunk
-    scores: list = field(default_factory=list)  # per chunk: (logprobs [c], top_ids, top_lps)
-    reused: int = 0  # leading tokens whose KV came from the prefix cache
-
-
-@dataclass
-class Prefix:
-    """The KV of a prompt (a batch-of-one model cache of `capacity` >= length positions) and its
-    first sampled token."""
-
-    cache: Any
-    capacity: int
-    length: int
-    first: Sampled
-    sampling: SlotSampling
-    meta: dict = field(default_factory=dict)
-    logits: jax.Array | None = None  # [1, V] logits at the last prompt position (for `fork`)
-    tokens: np.ndarray | None = None  # the prompt (a paged cache shares its full pages by it)
-    # prefill(..., prompt_logprobs=k) only (host arrays): log p(token i | tokens < i), NaN at i = 0,
-    # and the k most likely tokens at each position (row 0: zeros)
-    prompt_logprobs: np.ndarray | None = None  # [length] float32
-    prompt_top_ids: np.ndarray | None = None  # [length, k] int32
-    prompt_top_logprobs: np.ndarray | None = None  # [length, k] float32
 
 
 class Engine:
@@ -254,12 +200,11 @@ class Engine:
             )
         sampling = sampling or SamplingParams(temperature=0.0)
         length = next_bucket(len(tokens), self.max_len, self.page_size)
-        cache = self._cache_maker.init_cache(1, length, self.cache_dtype)
         if prompt_logprobs is not None and not 0 <= prompt_logprobs <= TOP_LOGPROBS_MAX:
             raise ValueError(f"prompt_logprobs must be None or in [0, {TOP_LOGPROBS_MAX}].")
         job = PrefillJob(
-            tokens=tokens, sampling=SlotSampling.of(sampling), cache=cache, capacity=length
-        )
+            tokens=tokens, sampling=SlotSampling.of(sampling), cache=None, capacity=length
+        )  # the cache is made by the first chunk (a batched prefill makes its own)
         if prompt_logprobs is not None:  # every position is scored: prefilled whole
             job.prompt_logprobs = prompt_logprobs
             job.prev = jnp.zeros((self.cfg.vocab_size,), jnp.float32)
@@ -281,6 +226,8 @@ class Engine:
         pos = np.full((1, width), job.capacity, np.int32)  # padding: dropped by the cache
         pos[0, :c] = np.arange(job.done, job.done + c)
         score = job.prompt_logprobs is not None
+        if job.cache is None:
+            job.cache = self._cache_maker.init_cache(1, job.capacity, self.cache_dtype)
         job.cache, job.first, job.logits, scores = self._prefill_fn(
             params, job.cache, jnp.asarray(ids), jnp.asarray(pos), c - 1, job.sampling, job.prev,
             score=score,

@@ -90,10 +90,16 @@ class PageAllocator:
             pages.append(page)
         return pages
 
+    def _plan(self, num_tokens: int, prompt) -> tuple[list[int], int]:
+        """For a slot that owns nothing: (the indexed pages it would share, how many of
+        `num_free` it would take: new pages plus shared ones that are idle now)."""
+        need = self.pages_for(num_tokens)
+        matched = self._matching(prompt)[:need]
+        return matched, need - len(matched) + sum(page in self._idle for page in matched)
+
     def new_pages_for(self, num_tokens: int, prompt=None) -> int:
         """How many of `num_free` a reservation of a slot that owns nothing would take."""
-        matched = self._matching(prompt)[: self.pages_for(num_tokens)]
-        return self.pages_for(num_tokens) - len(matched) + sum(p in self._idle for p in matched)
+        return self._plan(num_tokens, prompt)[1]
 
     def can_reserve(self, slot: int, num_tokens: int, prompt=None) -> bool:
         if not self._owned[slot]:
@@ -111,14 +117,14 @@ class PageAllocator:
             )
         owned = self._owned[slot]
         if not owned and prompt is not None:
-            if not self.can_reserve(slot, num_tokens, prompt):
-                raise OutOfPages(f"need {self.new_pages_for(num_tokens, prompt)} pages, "
-                                 f"{self.num_free} free")  # fmt: skip
-            for page in self._matching(prompt)[:need]:
+            matched, taken = self._plan(num_tokens, prompt)
+            if taken > self.num_free:
+                raise OutOfPages(f"need {taken} more pages, {self.num_free} free")
+            for page in matched:
                 self._idle.pop(page, None)
                 self._use(slot, page)
-            self._shared[slot] = len(owned)
-            self.shared_hits += len(owned)
+            self._shared[slot] = len(matched)
+            self.shared_hits += len(matched)
         extra = need - len(owned)
         if extra > self.num_free:
             raise OutOfPages(f"need {extra} more pages, {self.num_free} free")

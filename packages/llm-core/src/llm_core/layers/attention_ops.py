@@ -58,6 +58,18 @@ def _sink_logits(sinks, kh: int, shape):
     return jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kh, -1, 1, 1), (*shape[:-1], 1))
 
 
+def _masked_probs(scores, mask, sinks, kh: int):
+    """Softmax of float32 scores [B, K, G, S, T] over the visible keys (mask broadcast to them);
+    sinks [H] join each row's softmax, then are dropped; rows that see no key get zeros."""
+    scores = jnp.where(mask, scores, NEG_INF)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # the sink column joins the softmax, then is dropped
+        sink = _sink_logits(sinks, kh, scores.shape)
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
+    return jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+
+
 def dot_product_attention(
     q, k, v, q_pos, kv_pos, spec, q_seg=None, kv_seg=None, kv_valid=None, sinks=None
 ):
@@ -67,13 +79,7 @@ def dot_product_attention(
     qg = q.reshape(b, s, kh, h // kh, d)
     scores = _scores(qg, k, spec)
     mask = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec)[:, None, None]
-    scores = jnp.where(mask, scores, NEG_INF)
-    if sinks is None:
-        probs = jax.nn.softmax(scores, axis=-1)
-    else:  # the sink column joins the softmax, then is dropped
-        sink = _sink_logits(sinks, kh, scores.shape)
-        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
-    probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+    probs = _masked_probs(scores, mask, sinks, kh)
     out = jnp.einsum(
         "bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
@@ -92,17 +98,9 @@ def decode_attention(q, k, v, q_pos, spec, sinks=None):
     s = jnp.einsum("bkgd,bktd->bkgt", qg, k, preferred_element_type=jnp.float32) * spec.scale
     if spec.logit_softcap is not None:
         s = spec.logit_softcap * jnp.tanh(s / spec.logit_softcap)
-    kv_pos = jnp.arange(k.shape[2], dtype=jnp.int32)[None, :]
-    mask = _visible(q_pos, jnp.broadcast_to(kv_pos, (b, k.shape[2])), None, None, None, spec)
-    mask = mask[:, :, None, :]  # [B, 1, 1, T] against scores [B, K, G, T]
-    s = jnp.where(mask, s, NEG_INF)
-    if sinks is None:
-        probs = jax.nn.softmax(s, axis=-1)
-    else:
-        sink = sinks.astype(jnp.float32).reshape(1, kh, -1, 1)
-        probs = jax.nn.softmax(jnp.concatenate([s, jnp.broadcast_to(sink, (*s.shape[:-1], 1))], -1))
-        probs = probs[..., :-1]
-    probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+    kv_pos = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (b, k.shape[2]))
+    mask = _visible(q_pos, kv_pos, None, None, None, spec)[:, None, None]  # [B, 1, 1, 1, T]
+    probs = _masked_probs(s[:, :, :, None], mask, sinks, kh)[:, :, :, 0]
     out = jnp.einsum(
         "bkgt,bktd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
