@@ -325,6 +325,9 @@ class Config:
     eval_batches: int = 4  # batches per periodic eval
     dataset_split: str = "train"  # Hugging Face datasets: split to read
     shuffle_data: bool = True
+    # > 1: packed rows are shuffled within windows of this many rows (grain's window shuffle), so
+    # a batch mixes many documents even when each document fills many rows; 0 or 1: off
+    shuffle_window: int = 0
     tokenizer_add_eos: bool = True  # append the tokenizer's EOS (if any) to every document
     tensorboard: bool = True
     console_progress: bool = True

@@ -27,6 +27,9 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
+    for key in ("data_workers", "shuffle_window"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"Config key '{key}' must be >= 0, got {getattr(cfg, key)}.")
     if cfg.num_heads % cfg.resolved_num_kv_heads:
         raise ConfigError(
             f"num_heads ({cfg.num_heads}) must be divisible by num_kv_heads "

@@ -123,6 +123,9 @@ def text_dataset(cfg: Config, docs, tokenizer: Tokenizer, seed: int, shuffle: bo
         it = it.map(lambda x: _finish(x["tokens"], x["tokens_segment_ids"]))
     else:
         it = it.map(_pad(cfg))
+    if shuffle and cfg.shuffle_window > 1:
+        # a long document fills consecutive rows: without this a batch holds a few documents only
+        it = gx.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=seed)
     it = _this_process(it, cfg)
     if cfg.data_workers > 0:
         from absl import flags  # grain's worker processes read absl flags
@@ -204,6 +207,18 @@ class _Subset:
         return self.docs[int(self.indices[i])]
 
 
+def _tuples_for_packer(state):
+    """A JSON round trip turns the packer's `remainder_slices` tuples into lists, and grain's
+    ConcatThenSplit compares them with its (-1, -1) "no remainder" tuple: a list reads as a
+    remainder and the resumed rows shift. Put the tuples back."""
+    if not isinstance(state, dict):
+        return state
+    return {
+        k: {f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else _tuples_for_packer(v)
+        for k, v in state.items()
+    }
+
+
 class Data:
     """The training iterator (checkpointable) and a factory for fresh eval iterators."""
 
@@ -272,4 +287,4 @@ class Data:
         return self.train_iter.get_state()
 
     def set_state(self, state: dict) -> None:
-        self.train_iter.set_state(state)
+        self.train_iter.set_state(_tuples_for_packer(state))
