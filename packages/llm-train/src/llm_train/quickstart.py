@@ -5,7 +5,7 @@ corpus is always there. The run: train a byte-level BPE tokenizer on it (`tokeni
 small model for a few minutes on the CPU (loss falls clearly), write a checkpoint, export the
 parameters, load them back with `llm_core.load` and generate code from a prompt.
 
-    python -m llm_train.quickstart                 # about 4 minutes on 2 CPU cores
+    python -m llm_train.quickstart                 # about 3 minutes on 2 CPU cores
     python -m llm_train.quickstart --minutes 1     # shorter
     python -m llm_train.quickstart --steps 1000 --out runs/qs   # longer; re-running resumes
 """
@@ -23,28 +23,33 @@ import numpy as np
 
 from llm_train.host_memory import rerun_with_huge_pages
 
+# Sized for about three minutes on 2 CPU cores (measured on the held-out loss of stdlib
+# subpackages the run never sees): at this budget a small model that takes more steps beats a larger
+# one (d_model 192: 2.4M parameters, 700 steps, 4.14 nats/token; d_model 96: 0.9M, 1300 steps, 3.79)
 MODEL = {
     "model_family": "llama",
     "vocab_size": 2048,
-    "emb_dim": 192,
+    "emb_dim": 96,
     "num_layers": 4,
-    "num_heads": 6,
-    "num_kv_heads": 2,
+    "num_heads": 3,
+    "num_kv_heads": 1,
     "head_dim": 32,
-    "mlp_dim": 512,
+    "mlp_dim": 288,
     "seq_len": 128,
     "max_position_embeddings": 512,
     "global_batch_size": 16,
 }
 TRAIN = {
     "learning_rate": 3e-3,
-    "warmup_steps": 20,
+    "warmup_steps": 30,
     "lr_schedule": "cosine",
     "weight_decay": 0.1,
     "eval_fraction": 0.03,
     "eval_batches": 4,
     "dataset_kind": "text",
-    "log_every": 10,
+    # one file fills dozens of rows: shuffled rows mix files in every batch (4.90 -> 4.30 held-out)
+    "shuffle_window": 2048,
+    "log_every": 25,
 }
 
 
@@ -122,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         "  python -m llm_train.quickstart --steps 1000 --out runs/qs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=300, help="training steps (schedule length)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (schedule length)")
     p.add_argument("--minutes", type=float, default=3.5, help="stop training after this long")
     p.add_argument(
         "--out", default="runs", help="base output folder (run folder: <out>/quickstart)"
     )
-    p.add_argument("--prompt", default="def ", help="prompt for the code sample")
+    p.add_argument("--prompt", default="def get", help="prompt for the code sample")
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
