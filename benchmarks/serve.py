@@ -88,6 +88,27 @@ def hf(cfg, batch: int, prompts: np.ndarray, new_tokens: int):
     return lambda: (gen(1), gen(new_tokens))
 
 
+def maxtext(python: str, batch: int, prompt_len: int, new_tokens: int):
+    """MaxText's engine on the same model in its own venv (benchmarks/maxtext_decode.py): each run
+    is a fresh process that compiles, then times one pass; returns (ttft_s, total_s)."""
+    import json
+    import os
+    import subprocess
+
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maxtext_decode.py")
+    argv = [python, child, str(batch), str(new_tokens), str(prompt_len)]
+
+    def run():
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode:
+            raise SystemExit(f"MaxText decode failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.split("RESULT ")[1])
+        return result["ttft_s"], result["total_s"]
+
+    return run
+
+
 def torch_matmul_ceiling(n: int = 2048) -> float | None:
     try:
         import torch
@@ -140,6 +161,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix", type=int, default=0, help="system prompt tokens (0: skip)")
+    ap.add_argument(
+        "--maxtext-python",
+        metavar="PYTHON",
+        help="interpreter of a venv with MaxText (benchmarks/maxtext_venv.sh makes one): adds "
+        "MaxText's engine on the same model, interleaved (benchmarks/maxtext_decode.py)",
+    )
     args = ap.parse_args()
     from kernels import cpu_model, load_average
     from train import matmul_ceiling
@@ -168,12 +195,14 @@ def main() -> None:
     for batch in args.batches:
         runners = [ours(cfg, model, batch, prompts, args.new_tokens)]
         runners.append(hf(cfg, batch, prompts, args.new_tokens))
-        times: list[list] = [[], []]
+        if args.maxtext_python:
+            runners.append(maxtext(args.maxtext_python, batch, args.prompt_len, args.new_tokens))
+        times: list[list] = [[] for _ in runners]
         for _ in range(args.repeats):  # alternate, so load from other processes hits both alike
             for i, run in enumerate(runners):
                 if run is not None:
                     times[i].append(run())
-        a, b = (
+        a, b, *c = (
             {
                 "ttft_s": float(np.median([t[0] for t in ts])),
                 "tok_s": batch * args.new_tokens / float(np.median([t[1] for t in ts])),
@@ -196,6 +225,10 @@ def main() -> None:
         ratio = f"{a['tok_s'] / b['tok_s']:7.2f}x" if b else ""
         print(f"{batch:5d} | {cols(a, peaks['llm-serve'], 15)} | "
               f"{cols(b, peaks['transformers'], 18)} | {ratio}")  # fmt: skip
+        if c:
+            print(f"      MaxText engine: {cols(c[0], peaks['llm-serve'], 8).strip()} "
+                  f"(tok/s, TTFT ms, GFLOP/s); llm-serve / MaxText "
+                  f"{a['tok_s'] / c[0]['tok_s']:.2f}x")  # fmt: skip
         if batch == 1:
             gbs = a["tok_s"] * decode_bytes / 1e9
             print(

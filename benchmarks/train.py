@@ -130,11 +130,11 @@ def run_jax(steps: int, overrides: list[str] | None = None) -> dict:
     }
 
 
-def run_child(argv: list[str], what: str, env: dict | None = None) -> dict:
+def run_child(
+    argv: list[str], what: str, env: dict | None = None, python: str = sys.executable
+) -> dict:
     """Run `python argv...` in a fresh process; the JSON it prints after RESULT."""
-    proc = subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=1800
-    )
+    proc = subprocess.run([python, *argv], capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.split("RESULT ")[1])
@@ -151,6 +151,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the baseline")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument(
+        "--maxtext-python",
+        metavar="PYTHON",
+        help="interpreter of a venv with MaxText (benchmarks/maxtext_venv.sh makes one): adds "
+        "MaxText's own train loop on the same model, interleaved (benchmarks/maxtext_train.py)",
+    )
     p.add_argument(
         "--also",
         nargs="*",
@@ -169,7 +175,7 @@ def main() -> None:
     print(f"CPU: {cpu_model()}; load average before: {load_average()}")
     peak = matmul_ceiling()
     print(f"matmul ceiling (fp32 2048^3, jax): {peak / 1e9:,.1f} GFLOP/s")
-    runs: dict[str, list[dict]] = {"jax": [], "torch": [], "also": []}
+    runs: dict[str, list[dict]] = {"jax": [], "torch": [], "also": [], "maxtext": []}
     starts: dict[str, list[float]] = {"cold": [], "warm": []}
     cache_root = tempfile.mkdtemp(prefix="bench_start_")
     for i in range(args.rounds):
@@ -182,6 +188,11 @@ def main() -> None:
             runs["also"].append(run_jax_child(args.steps, args.also))
         if not args.skip_torch:
             runs["torch"].append(run_torch(args.steps, args.threads))
+        if args.maxtext_python:
+            child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maxtext_train.py")
+            env = dict(os.environ, JAX_PLATFORMS="cpu")
+            run = run_child([child, str(args.steps)], "MaxText", env, args.maxtext_python)
+            runs["maxtext"].append(run)
 
     def median(side: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[side])
@@ -220,6 +231,18 @@ def main() -> None:
         )
         print(f"ratio llm-train / torch: {jx_tps / th_tps:.2f}x (target >= 1.15x)")
         result.update(torch=runs["torch"], ratio=jx_tps / th_tps)
+    if runs["maxtext"]:
+        mt_tps = median("maxtext", "tokens_per_sec")
+        mt_first = statistics.median(r["first_step_s"] for r in runs["maxtext"])
+        print(
+            f"MaxText train loop (synthetic data, no remat, no compilation cache): {mt_tps:,.0f} "
+            f"tokens/s, {mt_tps * flops_tok / 1e9:,.1f} GFLOP/s "
+            f"({100 * mt_tps * flops_tok / peak:.1f}% of the jax ceiling), first step {mt_first:.1f}s "
+            f"after process start "
+            f"(rounds: {', '.join(f'{r["tokens_per_sec"]:,.0f}' for r in runs['maxtext'])})"
+        )
+        print(f"ratio llm-train / MaxText: {jx_tps / mt_tps:.2f}x (target >= 1.5x)")
+        result.update(maxtext=runs["maxtext"], maxtext_ratio=jx_tps / mt_tps)
     print(f"load average after: {load_average()}")
     print("RESULT " + json.dumps(result))
 
