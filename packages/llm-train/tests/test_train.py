@@ -102,6 +102,7 @@ def test_sigterm_saves_and_next_run_resumes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Signal received: saved step" in err
+    assert "Compiled the train step in" in err.split("step 1/")[0]  # not inside step 1's time
     saved = int(err.split("saved step ")[1].split(";")[0])
     ck = Checkpointer(str(tmp_path / "runs" / "sig" / "checkpoints"))
     assert ck.latest_step() == saved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -145,15 +146,29 @@ class Steps:
     def start_compile(self) -> None:
         """Compile the train step in a background thread (it overlaps with state creation)."""
         lowered = self.train_step.lower(self.abstract_with_sharding(), self.abstract_batch())
+
+        def compile_timed():
+            t = time.perf_counter()
+            compiled = lowered.compile(self.compiler_options())
+            self.compile_seconds = time.perf_counter() - t
+            return compiled
+
         self._pool = ThreadPoolExecutor(1)
-        self._compiling = self._pool.submit(lowered.compile, self.compiler_options())
+        self._compiling = self._pool.submit(compile_timed)
+
+    def wait_compiled(self) -> float | None:
+        """Wait for `start_compile`'s compile (so the first step's time is the step's own); its
+        seconds, or None when none was started."""
+        if self._compiling is None:
+            return None
+        self._compiled = self._compiling.result()
+        self._compiling = None
+        self._pool.shutdown()
+        return self.compile_seconds
 
     def run_train_step(self, state, batch):
         """The train step: the AOT-compiled one when `start_compile` ran, else the jitted one."""
-        if self._compiling is not None:
-            self._compiled = self._compiling.result()
-            self._compiling = None
-            self._pool.shutdown()
+        self.wait_compiled()
         if self._compiled is not None:
             return self._compiled(state, batch)
         return self.train_step(state, batch)

@@ -163,6 +163,9 @@ def train(
                     jax.profiler.start_trace(os.path.join(out_dir, "profile"))
                     profiling = True
                 batch = _global_batch(next(data.train_iter), steps.batch_sharding)
+                if step == start and (compile_s := steps.wait_compiled()) is not None:
+                    writer.message(f"Compiled the train step in {compile_s:.1f}s.")
+                    t_start = time.perf_counter()  # the first step's time is its own
                 state, metrics = steps.run_train_step(state, batch)
                 metrics = jax.device_get(metrics)
                 if profiling and step + 1 >= cfg.profile_end_step:
