@@ -16,11 +16,16 @@ interleaved per round, median of 3 rounds, with the CPU model and load average p
     python benchmarks/kernels.py --only grouped_matmul
     python benchmarks/kernels.py --only int8_matmul
     python benchmarks/kernels.py --only int4_matmul
+    python benchmarks/kernels.py --only packed_matmul
 
 int8 / int4 matmul (weight-only serving, float32 activations): our C++ kernels against XLA's program
 for the same jnp code (dequantize, then matmul; int4 grouped by 128 inputs, two values per byte), on
 bench-small's projection and head shapes at decode (1 and 8 rows) and prefill (64 rows) sizes;
 interleaved, median of 5 rounds, with the weight bytes the kernel reads per second.
+
+packed matmul (serving's float32 weights in 32-column panels): our C++ kernel against XLA's matmul on
+the row-major weight, on the same shapes; each call multiplies x by every weight of a set of about
+200 MB (so the weights stream from memory, as in a decode step), all inside one jitted program.
 
 Memory: XLA's temporaries + outputs of the compiled program (compiled.memory_analysis()) plus
 the peak scratch the C++ kernels allocate themselves (counted by the module), inputs excluded. Do not run this next to the test suite: both want every core.
@@ -274,13 +279,53 @@ def bench_weight_only_matmul(mode: str, rounds: int = 5, group: int = 128) -> No
     print(f"load average after: {load_average()}")
 
 
+def bench_packed_matmul(rounds: int = 5) -> None:
+    """Float32 weights packed in panels (C++ kernel) vs row-major (XLA), streamed from memory."""
+    from train import matmul_ceiling
+
+    ceiling = matmul_ceiling()
+    print(f"\npacked matmul, CPU {cpu_model()}, load average {load_average()}, fp32 matmul "
+          f"ceiling (2048^3, jax, this run) {ceiling / 1e9:,.1f} GFLOP/s")  # fmt: skip
+    rng = np.random.default_rng(0)
+    for rows, k, n in WEIGHT_ONLY_SHAPES:
+        copies = max(2, int(200e6 // (k * n * 4)))
+        x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+        ws = [jnp.asarray(rng.normal(size=(k, n)), jnp.float32) for _ in range(copies)]
+        panels = [llm_kernels.pack_panels(w) for w in ws]
+
+        def ours(x, panels, n=n):
+            return sum(llm_kernels.packed_matmul(x, p, n, backend="cpu") for p in panels)
+
+        def xla(x, ws):
+            return sum(x @ w for w in ws)
+
+        t_ours = _interleaved({"c++": jax.jit(ours)}, (x, panels), rounds)["c++"] / copies
+        t_xla = _interleaved({"xla": jax.jit(xla)}, (x, ws), rounds)["xla"] / copies
+        gb = k * n * 4 / 1e9
+        gf = {side: 2 * rows * k * n / t / 1e9 for side, t in (("c++", t_ours), ("xla", t_xla))}
+        print(
+            f"  [{rows:3d}, {k}] x [{k}, {n:5d}] ({copies} weights): c++ {t_ours * 1e3:7.3f} ms "
+            f"({gb / t_ours:5.1f} GB/s, {gf['c++']:5.1f} GFLOP/s = "
+            f"{100e9 * gf['c++'] / ceiling:4.1f}%), xla {t_xla * 1e3:7.3f} ms ({gb / t_xla:5.1f} "
+            f"GB/s, {gf['xla']:5.1f} GFLOP/s), xla / c++ {t_xla / t_ours:5.2f}x"
+        )
+    print(f"load average after: {load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: seq 512 and 2048")
     parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
     parser.add_argument(
         "--only",
-        choices=["attention", "rms_norm", "grouped_matmul", "int8_matmul", "int4_matmul"],
+        choices=[
+            "attention",
+            "rms_norm",
+            "grouped_matmul",
+            "int8_matmul",
+            "int4_matmul",
+            "packed_matmul",
+        ],
         help="run one benchmark",
     )
     args = parser.parse_args()
@@ -299,6 +344,8 @@ def main() -> None:
     for mode in ("int8", "int4"):
         if args.only in (None, f"{mode}_matmul"):
             bench_weight_only_matmul(mode)
+    if args.only in (None, "packed_matmul"):
+        bench_packed_matmul()
 
 
 if __name__ == "__main__":

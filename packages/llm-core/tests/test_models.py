@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_core import build_model, load_config, unstack_layers
+from llm_core import Linear, build_model, iter_linears, load_config, pack_linears, unstack_layers
 from llm_core.models.counting import count_params
 
 # Published totals (embeddings counted once when tied).
@@ -176,6 +176,13 @@ def test_incremental_decode_matches_full_forward(name):
     np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
     # the decode view (per-group arrays, its own cache layout) runs the same forward
     view = unstack_layers(model)
+    np.testing.assert_allclose(
+        _decode(view, ids, view.init_cache(2, 16)), full, atol=1e-5, rtol=1e-5
+    )
+    # with panel-packed weights (llm-serve's CPU decode view) too, every Linear but routers packed
+    n_linears = sum(isinstance(m, Linear) for _, m in iter_linears(view))
+    assert pack_linears(view) == n_linears > 0
+    assert not any(isinstance(m, Linear) for _, m in iter_linears(view))
     np.testing.assert_allclose(
         _decode(view, ids, view.init_cache(2, 16)), full, atol=1e-5, rtol=1e-5
     )

@@ -51,6 +51,7 @@ void gmm(const GmmArgs& a) { LLMK_DISPATCH(gmm, a) }
 void tgmm(const TgmmArgs& a) { LLMK_DISPATCH(tgmm, a) }
 void int8_matmul(const Int8MatmulArgs& a) { LLMK_DISPATCH(int8_matmul, a) }
 void int4_matmul(const Int4MatmulArgs& a) { LLMK_DISPATCH(int4_matmul, a) }
+void packed_matmul(const PackedMatmulArgs& a) { LLMK_DISPATCH(packed_matmul, a) }
 const char* isa_name() {
 #if defined(LLMK_MULTI_ISA)
   switch (isa()) {

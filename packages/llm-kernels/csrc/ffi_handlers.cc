@@ -1,8 +1,12 @@
 // XLA FFI handlers: decode buffers and attributes, check shapes, call the kernels.
 // Leading dimensions beyond the op's own rank are folded into the batch, which is what
 // ffi_call(vmap_method="broadcast_all") produces under jax.vmap.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <thread>
 
 #include "ffi_handlers.h"
 #include "kernels.h"
@@ -232,6 +236,57 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
   return ffi::Error::Success();
 }
 
+// The panels are cut into chunks, claimed from an atomic counter by this thread and by helpers
+// scheduled on XLA's intra-op thread pool: no threads are spawned per call (a decode step makes
+// dozens of these calls, each tens of microseconds). A helper that starts after every chunk was
+// claimed returns at once, and the call waits only for chunks already claimed, so it never waits
+// on a helper still queued behind other work.
+struct PackedWork {
+  PackedMatmulArgs args;
+  int64_t panels = 0, chunk = 1, chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void run() {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      PackedMatmulArgs a = args;
+      a.p0 = c * chunk;
+      a.p1 = std::min(a.p0 + chunk, panels);
+      packed_matmul(a);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const bool ok = xd.size() == 2 && wd.size() == 3 && yd.size() == 2 && wd[1] == xd[1] &&
+                  wd[2] == kPackedPanel && yd[0] == xd[0] &&
+                  wd[0] == (yd[1] + kPackedPanel - 1) / kPackedPanel;
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: expected x [m, k], w [ceil(n / 32), k, 32], y [m, n]");
+  auto work = std::make_shared<PackedWork>();
+  PackedMatmulArgs& a = work->args;
+  a.m = xd[0];
+  a.k = xd[1];
+  a.n = yd[1];
+  a.x = x.typed_data();
+  a.w = w.typed_data();
+  a.y = y->typed_data();
+  if (a.m == 0 || a.n == 0) return ffi::Error::Success();
+  work->panels = wd[0];
+  const bool small = a.m * a.k * a.n < (int64_t{1} << 16);
+  const int64_t workers =
+      small ? 1 : std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), work->panels);
+  work->chunk = std::max<int64_t>(1, work->panels / (4 * workers));
+  work->chunks = (work->panels + work->chunk - 1) / work->chunk;
+  for (int64_t i = 1; i < workers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace llmk
 
@@ -315,5 +370,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkInt4Matmul, llmk::Int4MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmul, llmk::PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -11,4 +11,5 @@ XLA_FFI_Error* LlmkGmm(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkTgmm(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkInt8Matmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkInt4Matmul(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkPackedMatmul(XLA_FFI_CallFrame* call_frame);
 }

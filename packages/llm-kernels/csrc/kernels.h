@@ -70,6 +70,17 @@ struct Int4MatmulArgs {
   float* y;             // [m, n]
 };
 
+// Float32 matmul on panel-packed weights: out[m, n] = sum_k x[m, k] * w[k, n], w stored as
+// [panels, k, kPackedPanel] (column j of panel p is column p * kPackedPanel + j, zero-padded).
+constexpr int kPackedPanel = 32;
+struct PackedMatmulArgs {
+  int64_t m, k, n;
+  int64_t p0, p1;       // the panels this call computes
+  const float* x;       // [m, k]
+  const float* w;       // [ceil(n / kPackedPanel), k, kPackedPanel]
+  float* y;             // [m, n]
+};
+
 #define LLMK_DECLARE_KERNELS(ns)                 \
   namespace ns {                                 \
   void attention_fwd(const AttnFwdArgs& a);      \
@@ -80,6 +91,7 @@ struct Int4MatmulArgs {
   void tgmm(const TgmmArgs& a);                  \
   void int8_matmul(const Int8MatmulArgs& a);     \
   void int4_matmul(const Int4MatmulArgs& a);     \
+  void packed_matmul(const PackedMatmulArgs& a); \
   const char* isa_name();                        \
   }
 
@@ -96,6 +108,7 @@ void gmm(const GmmArgs& a);
 void tgmm(const TgmmArgs& a);
 void int8_matmul(const Int8MatmulArgs& a);
 void int4_matmul(const Int4MatmulArgs& a);
+void packed_matmul(const PackedMatmulArgs& a);
 const char* isa_name();
 
 }  // namespace llmk

@@ -16,7 +16,7 @@ nb::capsule encapsulate(T* fn) {
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul, int8 / int4 matmul).";
+  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul, int8 / int4 / packed matmul).";
   m.def("registrations", []() {
     nb::dict d;
     d["llm_kernels_attention_fwd"] = encapsulate(LlmkAttentionFwd);
@@ -27,6 +27,7 @@ NB_MODULE(_cpu_kernels, m) {
     d["llm_kernels_tgmm"] = encapsulate(LlmkTgmm);
     d["llm_kernels_int8_matmul"] = encapsulate(LlmkInt8Matmul);
     d["llm_kernels_int4_matmul"] = encapsulate(LlmkInt4Matmul);
+    d["llm_kernels_packed_matmul"] = encapsulate(LlmkPackedMatmul);
     return d;
   });
   m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");

@@ -213,6 +213,16 @@ def test_decode_view_equals_stacked_model(model, reference):
     got, _ = decode_batch(stacked, stacked_params, PROMPTS[:2], 6)
     assert got == decode_batch(unstacked, unstacked_params, PROMPTS[:2], 6)[0]
     assert got == [reference(p, 6) for p in PROMPTS[:2]]
+    # the CPU decode view's Linear weights are packed in panels unless packed_matmul=false
+    unpacked, unpacked_params = Engine.from_model(cfg.replace(packed_matmul=False), m)
+
+    def paths(params) -> str:
+        return " ".join(
+            jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+        )
+
+    assert "panels" in paths(unstacked_params) and "panels" not in paths(unpacked_params)
+    assert got == decode_batch(unpacked, unpacked_params, PROMPTS[:2], 6)[0]
 
 
 # ---------------------------------------------------------------------- families

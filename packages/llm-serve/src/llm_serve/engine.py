@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm_core import ConfigError, map_layer_caches, unstack_layers
+from llm_core import ConfigError, map_layer_caches, pack_linears, unstack_layers
 from llm_serve.engine_types import (  # noqa: F401  (next_bucket, MIN_BUCKET: engine API)
     DECODE_MIN_BUCKET,
     MIN_BUCKET,
@@ -127,9 +127,14 @@ class Engine:
     @classmethod
     def from_model(cls, cfg, model: nnx.Module, *, decode_view: bool = True, **kwargs):
         """(engine, params). decode_view=True (default) serves `llm_core.unstack_layers(model)`
-        (per-group weight arrays: copies, so drop `model` afterwards to free the stacked ones);
-        False serves the model as it is."""
-        graphdef, params = nnx.split(unstack_layers(model) if decode_view else model)
+        (per-group weight arrays: copies, so drop `model` afterwards to free the stacked ones),
+        with its float32 Linear weights packed for `llm_kernels.packed_matmul` on the CPU
+        (`packed_matmul`, default on); False serves the model as it is."""
+        if decode_view:
+            model = unstack_layers(model)
+            if cfg.packed_matmul and _cpu_kernels():
+                pack_linears(model)  # the view's arrays are copies: packing leaves `model` whole
+        graphdef, params = nnx.split(model)
         return cls(cfg, graphdef, params, **kwargs), params
 
     def _forward(self, params, ids, positions, cache):
@@ -455,6 +460,13 @@ class Engine:
             sampling=state.sampling.replace(step=state.sampling.step + act.astype(jnp.int32)),
         )
         return new, out
+
+
+def _cpu_kernels() -> bool:
+    """The packed matmul's conditions: the CPU, with llm-kernels' compiled kernels loaded."""
+    import llm_kernels
+
+    return jax.default_backend() == "cpu" and llm_kernels.cpu_kernels_available()
 
 
 def _resize(cache, length: int):

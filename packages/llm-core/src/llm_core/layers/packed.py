@@ -1,0 +1,71 @@
+"""Serving's CPU matmuls on panel-packed weights (`packed_matmul: true`, llm-serve's decode view).
+
+`PackedLinear` replaces a float32 `Linear` with no leading (layer) axes: its kernel flattened to
+[in, out] and stored as `llm_kernels.pack_panels` 32-column panels, multiplied by
+`llm_kernels.packed_matmul`. A decode step on the CPU is a stream of matmuls with a few rows that
+read every weight once; on a row-major weight XLA:CPU reaches a fraction of the memory bandwidth,
+on panels the kernel reaches it. The weights are frozen (the gradient flows to the input only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm_core.layers.linear import Linear, iter_linears
+from llm_core.layers.quantize import set_module
+
+
+class PackedLinear(nnx.Module):
+    """A frozen float32 `Linear` with its kernel packed in panels; same call signature."""
+
+    def __init__(self, base: Linear):
+        from llm_kernels import pack_panels
+
+        self.in_shape, self.out_shape, self.out_dtype = (
+            base.in_shape,
+            base.out_shape,
+            base.out_dtype,
+        )
+        self.bias = base.bias
+        k, n = math.prod(self.in_shape), math.prod(self.out_shape)
+        self.panels = nnx.Param(pack_panels(base.kernel[...].reshape(k, n)))
+
+    def weight(self, dtype) -> jax.Array:
+        from llm_kernels import unpack_panels
+
+        w = unpack_panels(self.panels[...], math.prod(self.out_shape))
+        return w.reshape(*self.in_shape, *self.out_shape).astype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return Linear.__call__(self, x)
+
+    def product(self, x: jax.Array, acc) -> jax.Array:
+        if x.dtype != jnp.float32:
+            return Linear.product(self, x, acc)
+        from llm_kernels import packed_matmul
+
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        n = math.prod(self.out_shape)
+        y = packed_matmul(x.reshape(*lead, math.prod(self.in_shape)), self.panels[...], n)
+        return y.reshape(*lead, *self.out_shape).astype(acc)
+
+
+def pack_linears(model: nnx.Module) -> int:
+    """Replace every float32 `Linear` without leading (layer) axes, except MoE routers, with a
+    `PackedLinear`; returns how many. Run it on a decode view (`unstack_layers`), whose layers
+    hold their own arrays."""
+    chosen = [
+        (path, lin)
+        for path, lin in iter_linears(model)
+        if isinstance(lin, Linear)
+        and path[-1] != "router"
+        and lin.kernel[...].dtype == jnp.float32
+        and lin.kernel[...].ndim == len(lin.in_shape) + len(lin.out_shape)
+    ]
+    for path, lin in chosen:
+        set_module(model, path, PackedLinear(lin))
+    return len(chosen)
