@@ -6,7 +6,7 @@ generations per round, completions of up to 64 tokens at temperature 1, a regex 
 BPE tokenizer (1000 tokens) trained here on the prompts. Rounds after the first (which compiles)
 are reported as medians, with the CPU model and the load average before and after.
 
-    python benchmarks/rl.py [--rounds 4]
+    python benchmarks/rl.py [--rounds 4] [key=value ...]   # e.g. packed_matmul=false
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _tokenizer(folder: Path, texts: list[str]) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4, help="GRPO rounds; the first is warm-up")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_args()
     print(f"CPU: {cpu_model()}; load average before: {load_average()}")
     from llm_core import load_config
@@ -63,6 +64,7 @@ def main() -> None:
                 "max_decode_slots=32", f"steps={args.rounds}", "warmup_steps=0",
                 "learning_rate=1e-6", f"base_output_dir={folder}", "run_name=rl",
                 "console_progress=false", "tensorboard=false", "compilation_cache_dir=",
+                *args.overrides,
             ],
         )  # fmt: skip
         result = train(cfg)

@@ -24,7 +24,7 @@ from llm_core.layers.lora import (
     strip_lora,
 )
 from llm_core.layers.moe import RouterBias
-from llm_core.layers.packed import PackedLinear, pack_linears
+from llm_core.layers.packed import PackedLinear, pack_linears, packs_on_this_backend
 from llm_core.layers.sequence_parallel import length_axes
 from llm_core.models import Transformer, build_model, layer_placement, unstack_layers
 from llm_core.models.counting import count_params, matmul_params
@@ -76,6 +76,7 @@ __all__ = [
     "matmul_params",
     "merged_params",
     "pack_linears",
+    "packs_on_this_backend",
     "resolve_mesh_shape",
     "save",
     "shard_count",

@@ -51,7 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm_core import ConfigError, map_layer_caches, pack_linears, unstack_layers
+from llm_core import (
+    ConfigError,
+    map_layer_caches,
+    pack_linears,
+    packs_on_this_backend,
+    unstack_layers,
+)
 from llm_serve.engine_types import (  # noqa: F401  (next_bucket, MIN_BUCKET: engine API)
     DECODE_MIN_BUCKET,
     MIN_BUCKET,
@@ -132,7 +138,7 @@ class Engine:
         (`packed_matmul`, default on); False serves the model as it is."""
         if decode_view:
             model = unstack_layers(model)
-            if cfg.packed_matmul and _cpu_kernels():
+            if packs_on_this_backend(cfg):
                 pack_linears(model)  # the view's arrays are copies: packing leaves `model` whole
         graphdef, params = nnx.split(model)
         return cls(cfg, graphdef, params, **kwargs), params
@@ -460,13 +466,6 @@ class Engine:
             sampling=state.sampling.replace(step=state.sampling.step + act.astype(jnp.int32)),
         )
         return new, out
-
-
-def _cpu_kernels() -> bool:
-    """The packed matmul's conditions: the CPU, with llm-kernels' compiled kernels loaded."""
-    import llm_kernels
-
-    return jax.default_backend() == "cpu" and llm_kernels.cpu_kernels_available()
 
 
 def _resize(cache, length: int):

@@ -54,6 +54,16 @@ class PackedLinear(nnx.Module):
         return y.reshape(*lead, *self.out_shape).astype(acc)
 
 
+def packs_on_this_backend(cfg) -> bool:
+    """Whether a decode view should be packed: `packed_matmul` on, on the CPU, with llm-kernels'
+    compiled kernels loaded (elsewhere XLA's own matmul is kept)."""
+    import llm_kernels
+
+    return (
+        cfg.packed_matmul and jax.default_backend() == "cpu" and llm_kernels.cpu_kernels_available()
+    )
+
+
 def pack_linears(model: nnx.Module) -> int:
     """Replace every float32 `Linear` without leading (layer) axes, except MoE routers, with a
     `PackedLinear`; returns how many. Run it on a decode view (`unstack_layers`), whose layers
