@@ -49,3 +49,22 @@ def test_pages_are_never_shared():
 def test_null_page_is_reserved():
     with pytest.raises(ValueError, match="kv_num_pages"):
         PageAllocator(num_pages=1, page_size=4, slots=1, pages_per_slot=1)
+
+
+def test_choices_share_the_prompt_pages_by_reference():
+    """A 10-token prompt (page size 4) fills 2 pages: another choice takes those by reference and
+    its own pages from the third on; each page is free again only when its last user leaves."""
+    a = PageAllocator(num_pages=17, page_size=4, slots=3, pages_per_slot=4)
+    first = a.reserve(0, 14)
+    assert a.choice_pages_for(14, 10) == 2
+    second = a.reserve_choice(1, 0, 14, 10)
+    assert second[:2] == first[:2] and not set(second[2:]) & set(first)
+    assert a.shared(1) == 2 and a.num_free == 16 - 6
+    with pytest.raises(ValueError, match="already owns"):
+        a.reserve_choice(1, 0, 14, 10)
+    a.release(0)  # the shared pages stay with choice 1
+    assert a.num_free == 16 - 4 and a.owned(1) == second
+    with pytest.raises(OutOfPages, match="kv_cache_max_length"):
+        a.reserve_choice(2, 1, 17, 10)
+    a.release(1)
+    assert a.num_free == 16

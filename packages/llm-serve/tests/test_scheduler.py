@@ -246,6 +246,33 @@ def test_n_choices_prefill_once_seeded_and_free_everything(engines, kind):
         assert stats["free_pages"] == stats["total_pages"]
 
 
+def test_n_choices_share_the_prompt_pages(engines):
+    """Paged: 3 choices of a 40-token prompt share the pages it fills; each owns the partial page
+    on. Every choice decodes as it does alone, and all pages come back."""
+    engine, _ = engines["paged"]
+    prompt = list(range(10, 50))
+    full = len(prompt) // engine.page_size
+    assert full >= 2
+    s = scheduler(engines, "paged")  # (a scheduler starts the engine's pool afresh)
+    alloc = engine.allocator
+    runs = []
+    for sampling in (GREEDY, dict(temperature=1.0, seed=5)):
+        reqs = _choices(s, prompt, 3, max_tokens=8, **sampling)
+        s.step()  # admit and prefill: every choice holds its pages now
+        tables = [alloc.owned(s.slots.index(r)) for r in reqs]
+        assert tables[1][:full] == tables[2][:full] == tables[0][:full]
+        own = [page for t in tables for page in t[full:]]
+        assert len(set(own)) == len(own) > 0
+        assert alloc.capacity - alloc.num_free == full + len(own)
+        s.run_until_idle()
+        runs.append((sampling, [r.generated for r in reqs]))
+    assert alloc.num_free == alloc.capacity
+    for sampling, generated in runs:
+        for i, got in enumerate(generated):
+            params = SamplingParams(max_tokens=8, **sampling).for_choice(i)
+            assert got == generate_text(scheduler(engines, "paged"), prompt, params).generated
+
+
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])
 def test_n_choices_wait_for_slots_and_cancel_frees_all(engines, kind):
     s = scheduler(engines, kind)

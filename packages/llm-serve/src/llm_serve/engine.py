@@ -369,14 +369,24 @@ class Engine:
         return dataclasses.replace(prefix, first=first, sampling=slot_sampling)
 
     # ------------------------------------------------------------------ insert / release
-    def reserve(self, slot: int, num_tokens: int, prompt=None) -> bool:
+    def reserve(
+        self, slot: int, num_tokens: int, prompt=None, choice_of: int | None = None
+    ) -> bool:
         """Paged cache: reserve pages for `num_tokens` tokens of `slot`; False if too few are free.
-        With prefix caching, `prompt`'s leading full pages already in the pool are shared."""
-        if self.allocator is None:
+        With prefix caching, `prompt`'s leading full pages already in the pool are shared. With
+        `choice_of`, `slot` is another choice of the prompt that slot holds: it shares the pages
+        the prompt fills (`PageAllocator.reserve_choice`)."""
+        alloc = self.allocator
+        if alloc is None:
             return True
-        if not self.allocator.can_reserve(slot, num_tokens, prompt):
+        if choice_of is not None:
+            if alloc.choice_pages_for(num_tokens, len(prompt)) > alloc.num_free:
+                return False
+            alloc.reserve_choice(slot, choice_of, num_tokens, len(prompt))
+            return True
+        if not alloc.can_reserve(slot, num_tokens, prompt):
             return False
-        self.allocator.reserve(slot, num_tokens, prompt)
+        alloc.reserve(slot, num_tokens, prompt)
         return True
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:

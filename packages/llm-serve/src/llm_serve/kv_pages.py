@@ -15,6 +15,10 @@ page) instead of taking new ones: the first page where the prompts differ, and e
 it, is the slot's own, written by the new prompt's prefill (the copy happens at that divergent
 page; shared pages are never written). A page whose last user leaves stays indexed and is reused
 from the index until the free list runs dry; then the least recently released is taken back.
+
+The `n` choices of one request share their prompt's full pages the same way, whatever
+`share_prefixes` says: `reserve_choice` gives a choice the pages of its group's first slot that the
+prompt fills, by reference, and pages of its own from the prompt's last partial page on.
 """
 
 from __future__ import annotations
@@ -131,6 +135,33 @@ class PageAllocator:
         for _ in range(max(extra, 0)):
             self._use(slot, self._take())
         return list(owned)
+
+    def choice_pages_for(self, num_tokens: int, prompt_len: int) -> int:
+        """New pages `reserve_choice` takes: all but the prompt's full pages."""
+        return max(self.pages_for(num_tokens) - prompt_len // self.page_size, 0)
+
+    def reserve_choice(self, slot: int, first: int, num_tokens: int, prompt_len: int) -> list[int]:
+        """Make `slot` (owning nothing) another choice of the prompt `first` holds: the pages of
+        `first` that the prompt's `prompt_len` tokens fill are taken by reference (never written:
+        decoding writes from the prompt's end on), then new pages up to `num_tokens`."""
+        if self._owned[slot]:
+            raise ValueError(f"slot {slot} already owns pages")
+        need = self.pages_for(num_tokens)
+        if need > self.pages_per_slot:
+            raise OutOfPages(
+                f"{num_tokens} tokens need {need} pages, more than a slot holds "
+                f"({self.pages_per_slot}); raise kv_cache_max_length."
+            )
+        full = min(prompt_len // self.page_size, need, len(self._owned[first]))
+        extra = need - full
+        if extra > self.num_free:
+            raise OutOfPages(f"need {extra} more pages, {self.num_free} free")
+        for page in self._owned[first][:full]:
+            self._use(slot, page)
+        self._shared[slot] = full
+        for _ in range(extra):
+            self._use(slot, self._take())
+        return list(self._owned[slot])
 
     def _use(self, slot: int, page: int) -> None:
         owned = self._owned[slot]

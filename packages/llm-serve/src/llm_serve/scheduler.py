@@ -21,7 +21,9 @@ A request for `n` > 1 choices is a group of n Requests with the same prompt (`su
 samples with `SamplingParams.for_choice(i)`). It waits until n slots (and their pages) are free, its
 prompt is prefilled once, and the prefix is inserted into each of the n slots (`Engine.fork` draws
 each choice's first token from the prompt's last logits with its own seed); from then on every
-choice is an ordinary request in its own slot. Cancelling one member cancels the group.
+choice is an ordinary request in its own slot. With the paged cache the choices share the pages
+their prompt fills (`PageAllocator.reserve_choice`), so n choices hold the prompt once. Cancelling
+one member cancels the group.
 
 The waiting queue is bounded (`max_queue_size`); `submit` raises `QueueFull` beyond it. The loop runs
 in a background thread (`start` / `stop`) or is driven by hand (`step`, `run_until_idle`) in tests.
@@ -133,7 +135,7 @@ class Scheduler:
             req.max_new = min(req.sampling.max_tokens, room)
             req.index, req.group = i, reqs
             req.stream = TextStream(self.tokenizer, req.sampling.stop)
-        pages = sum(alloc.pages_for(n + r.max_new) for r in reqs) if alloc is not None else 0
+        pages = _group_pages(alloc, reqs, indexed=False) if alloc is not None else 0
         if alloc is not None and pages > alloc.capacity:
             raise ValueError(
                 f"prompt + max_tokens need {pages} KV pages but the pool holds {alloc.capacity} "
@@ -288,17 +290,17 @@ class Scheduler:
                 if len(free) < len(group):
                     break  # slots come back when running requests finish
                 n = len(lead.prompt_ids)
-                if alloc is not None:
-                    need = sum(alloc.new_pages_for(n + r.max_new, lead.prompt_ids) for r in group)
-                    if need > alloc.num_free:
-                        break  # pages come back when running requests finish
+                if alloc is not None and _group_pages(alloc, group) > alloc.num_free:
+                    break  # pages come back when running requests finish
                 taken = []
                 for r in group:
                     slot = free.pop(0)
-                    if not self.engine.reserve(
-                        slot, n + r.max_new, lead.prompt_ids
-                    ):  # pragma: no cover
-                        raise RuntimeError("pages counted free could not be reserved")
+                    # the other choices share the first's prompt pages
+                    first = taken[0] if taken else None
+                    if not self.engine.reserve(slot, n + r.max_new, lead.prompt_ids, first):
+                        raise RuntimeError(
+                            "pages counted free could not be reserved"
+                        )  # pragma: no cover
                     self.slots[slot] = r
                     taken.append(slot)
                 self.queue.popleft()
@@ -397,3 +399,17 @@ def generate_text(scheduler: Scheduler, prompt_ids, sampling: SamplingParams) ->
 
 
 __all__ = ["Event", "QueueFull", "Request", "Scheduler", "generate_text"]
+
+
+def _group_pages(alloc, group: list, indexed: bool = True) -> int:
+    """Pages a group's reservation takes: the first choice's (less those already in the prefix
+    index, with `indexed`), then each other choice's beyond the prompt's full pages."""
+    prompt = group[0].prompt_ids
+    n = len(prompt)
+    first = group[0]
+    pages = (
+        alloc.new_pages_for(n + first.max_new, prompt)
+        if indexed
+        else alloc.pages_for(n + first.max_new)
+    )
+    return pages + sum(alloc.choice_pages_for(n + r.max_new, n) for r in group[1:])
