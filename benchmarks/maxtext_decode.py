@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from flax import struct  # noqa: E402
 from maxtext.configs import pyconfig  # noqa: E402
 from maxtext.inference.maxengine import maxengine  # noqa: E402
+from maxtext_model import BENCH_SMALL  # noqa: E402
 
 
 @struct.dataclass
@@ -54,38 +55,13 @@ if getattr(maxengine.engine_api, "_IS_STUB", False):
 def make_config(batch: int, prompt: int, target: int):
     base_yml = os.path.join(os.path.dirname(pyconfig.__file__), "base.yml")
     overrides = dict(
+        **BENCH_SMALL,
         run_name="bench_decode",
         base_output_directory=tempfile.mkdtemp(prefix="maxtext_decode_"),
-        hardware="cpu",
-        model_name="default",
-        decoder_block="llama2",
-        vocab_size=32000,
-        base_emb_dim=512,
-        base_num_decoder_layers=8,
-        base_num_query_heads=8,
-        base_num_kv_heads=4,
-        head_dim=64,
-        base_mlp_dim=1408,
-        mlp_activations="[silu,linear]",
-        normalization_layer_epsilon=1e-5,
-        rope_max_timescale=10000,
-        logits_via_embedding=False,
-        enable_dropout=False,
-        dtype="float32",
-        weight_dtype="float32",
-        matmul_precision="default",
-        attention="dot_product",
-        scan_layers=False,
         per_device_batch_size=batch,
         max_prefill_predict_length=prompt,
         max_target_length=target,
         decode_sampling_strategy="greedy",
-        enable_checkpointing=False,
-        async_checkpointing=False,
-        enable_tensorboard=False,
-        jax_cache_dir="",
-        log_config=False,
-        skip_jax_distributed_system=True,
     )
     return pyconfig.initialize(["decode.py", base_yml] + [f"{k}={v}" for k, v in overrides.items()])
 

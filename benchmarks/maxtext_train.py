@@ -36,6 +36,7 @@ STDOUT, sys.stdout = sys.stdout, sys.stderr
 
 import jax  # noqa: E402
 from maxtext.trainers.pre_train import train  # noqa: E402
+from maxtext_model import BENCH_SMALL  # noqa: E402
 
 WARMUP, BATCH, SEQ = 2, 4, 256
 
@@ -44,29 +45,9 @@ def maxtext_argv(steps, out_dir):
     """argv for MaxText's train.main: packaged base.yml + key=value overrides."""
     base_yml = os.path.join(os.path.dirname(train.pyconfig.__file__), "base.yml")
     overrides = dict(
+        **BENCH_SMALL,
         run_name="bench",
         base_output_directory=out_dir,
-        hardware="cpu",
-        # model shapes
-        model_name="default",
-        decoder_block="llama2",
-        vocab_size=32000,
-        base_emb_dim=512,
-        base_num_decoder_layers=8,
-        base_num_query_heads=8,
-        base_num_kv_heads=4,
-        head_dim=64,
-        base_mlp_dim=1408,
-        mlp_activations="[silu,linear]",
-        normalization_layer_epsilon=1e-5,
-        rope_max_timescale=10000,
-        logits_via_embedding=False,
-        enable_dropout=False,
-        dtype="float32",
-        weight_dtype="float32",
-        matmul_precision="default",
-        attention="dot_product",
-        scan_layers=False,
         remat_policy="none",
         # data / optimizer
         dataset_type="synthetic",
@@ -74,17 +55,10 @@ def maxtext_argv(steps, out_dir):
         max_target_length=SEQ,
         opt_type="adamw",
         steps=steps,
-        # no checkpoints, logging side effects or compilation cache
-        enable_checkpointing=False,
-        async_checkpointing=False,
-        enable_tensorboard=False,
         gcs_metrics=False,
         save_config_to_gcs=False,
         enable_goodput_recording=False,
         monitor_goodput=False,
-        jax_cache_dir="",
-        log_config=False,
-        skip_jax_distributed_system=True,
     )
     return ["train.py", base_yml] + [f"{k}={v}" for k, v in overrides.items()]
 
