@@ -373,21 +373,10 @@ class Engine:
         self, slot: int, num_tokens: int, prompt=None, choice_of: int | None = None
     ) -> bool:
         """Paged cache: reserve pages for `num_tokens` tokens of `slot`; False if too few are free.
-        With prefix caching, `prompt`'s leading full pages already in the pool are shared. With
-        `choice_of`, `slot` is another choice of the prompt that slot holds: it shares the pages
-        the prompt fills (`PageAllocator.reserve_choice`)."""
+        With prefix caching, `prompt`'s leading full pages already in the pool are shared; with
+        `choice_of`, `slot` shares the pages the prompt fills in that slot (another choice)."""
         alloc = self.allocator
-        if alloc is None:
-            return True
-        if choice_of is not None:
-            if alloc.choice_pages_for(num_tokens, len(prompt)) > alloc.num_free:
-                return False
-            alloc.reserve_choice(slot, choice_of, num_tokens, len(prompt))
-            return True
-        if not alloc.can_reserve(slot, num_tokens, prompt):
-            return False
-        alloc.reserve(slot, num_tokens, prompt)
-        return True
+        return alloc is None or alloc.try_reserve(slot, num_tokens, prompt, choice_of)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
         if not 0 <= slot < self.slots:

@@ -163,6 +163,21 @@ class PageAllocator:
             self._use(slot, self._take())
         return list(self._owned[slot])
 
+    def try_reserve(
+        self, slot: int, num_tokens: int, prompt=None, first: int | None = None
+    ) -> bool:
+        """`reserve` (or, with `first`, `reserve_choice` of `prompt`) when enough pages are free;
+        False, taking nothing, when not."""
+        if first is not None:
+            if self.choice_pages_for(num_tokens, len(prompt)) > self.num_free:
+                return False
+            self.reserve_choice(slot, first, num_tokens, len(prompt))
+        elif self.can_reserve(slot, num_tokens, prompt):
+            self.reserve(slot, num_tokens, prompt)
+        else:
+            return False
+        return True
+
     def _use(self, slot: int, page: int) -> None:
         owned = self._owned[slot]
         self.table[slot, len(owned)] = page
