@@ -17,6 +17,7 @@ interleaved per round, median of 3 rounds, with the CPU model and load average p
     python benchmarks/kernels.py --only int8_matmul
     python benchmarks/kernels.py --only int4_matmul
     python benchmarks/kernels.py --only packed_matmul
+    python benchmarks/kernels.py --only decode_attention
 
 int8 / int4 matmul (weight-only serving, float32 activations): our C++ kernels against XLA's program
 for the same jnp code (dequantize, then matmul; int4 grouped by 128 inputs, two values per byte), on
@@ -26,6 +27,11 @@ interleaved, median of 5 rounds, with the weight bytes the kernel reads per seco
 packed matmul (serving's float32 weights in 32-column panels): our C++ kernel against XLA's matmul on
 the row-major weight, on the same shapes; each call multiplies x by every weight of a set of about
 200 MB (so the weights stream from memory, as in a decode step), all inside one jitted program.
+
+decode attention (one decode step over bench-small's 8 layers of float32 cache: 8 heads, 4 kv heads,
+dim 64): the C++ kernel, which reads each row's own keys in place, against what ran before it, XLA's
+head-major einsums over the whole cache length, masked (llm-core's `decode_attention`, use_kernel=False),
+and for paged pools the jnp reference, which gathers every row's pages; equal and ragged lengths.
 
 Memory: XLA's temporaries + outputs of the compiled program (compiled.memory_analysis()) plus
 the peak scratch the C++ kernels allocate themselves (counted by the module), inputs excluded. Do not run this next to the test suite: both want every core.
@@ -160,8 +166,11 @@ GMM_SHAPES = [(8, 2, 1024, 2816), (64, 8, 1024, 512)]
 RAGGED_DOT_MAX_TEMP_GIB = 10.0  # ragged_dot runs with at most this many GiB of temporaries
 
 
-def _interleaved(fns: dict[str, Callable], args: tuple, rounds: int) -> dict[str, float | None]:
-    """Median seconds per call of each compiled fn, the fns interleaved within each round."""
+def _interleaved(
+    fns: dict[str, Callable], args: tuple, rounds: int, calls: int = 1
+) -> dict[str, float | None]:
+    """Median seconds per call of each compiled fn, the fns interleaved within each round (each
+    timing the mean of `calls` calls)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         if fn is not None:
@@ -171,8 +180,9 @@ def _interleaved(fns: dict[str, Callable], args: tuple, rounds: int) -> dict[str
             if fn is None:
                 continue
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - start) / calls)
     return {n: statistics.median(t) if t else None for n, t in times.items()}
 
 
@@ -312,6 +322,78 @@ def bench_packed_matmul(rounds: int = 5) -> None:
     print(f"load average after: {load_average()}")
 
 
+# (what, each row's length, cache length) for bench_decode_attention
+DECODE_CASES = [
+    ("batch 1, 2048 of 2048", [2048], 2048),
+    ("batch 8, 1024 each of 1024", [1024] * 8, 1024),
+    ("batch 8, 2000 + 7 x 100 of 2048", [2000] + [100] * 7, 2048),
+]
+
+
+def _decode_contiguous(spec, use_kernel: bool) -> Callable:
+    """llm-core's decode attention summed over the layers' contiguous caches."""
+    from llm_core.layers.attention_ops import decode_attention
+
+    def fn(q, ks, vs, lengths, *_):
+        pos = (lengths - 1)[:, None]
+        outs = [decode_attention(q[:, None], k, v, pos, spec, use_kernel=use_kernel)
+                for k, v in zip(ks, vs, strict=True)]  # fmt: skip
+        return sum(outs)
+
+    return jax.jit(fn)
+
+
+def _decode_paged(backend: str) -> Callable:
+    """llm_kernels.paged_attention summed over the layers' page pools."""
+
+    def fn(q, _ks, _vs, lengths, kps, vps, table):
+        outs = [llm_kernels.paged_attention(q, k, v, lengths, table, backend=backend)
+                for k, v in zip(kps, vps, strict=True)]  # fmt: skip
+        return sum(outs)
+
+    return jax.jit(fn)
+
+
+def _decode_operands(rng, lens, cache_len, layers, heads, kv_heads, dim, page):
+    """(q, ks, vs, lengths, k pools, v pools, table): each row's pages a shuffled block of a pool."""
+    b = len(lens)
+    q = jnp.asarray(rng.normal(size=(b, heads, dim)), jnp.float32)
+    shape = (b, kv_heads, cache_len, dim)
+    ks = [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(layers)]
+    vs = [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(layers)]
+    per_row = cache_len // page
+    perm = rng.permutation(b * per_row)
+    pools = [
+        [jnp.swapaxes(c, 0, 1).reshape(kv_heads, b * per_row, page, dim)[:, perm] for c in cs]
+        for cs in (ks, vs)
+    ]
+    table = jnp.asarray(np.argsort(perm).reshape(b, per_row), jnp.int32)
+    return q, ks, vs, jnp.asarray(lens, jnp.int32), pools[0], pools[1], table
+
+
+def bench_decode_attention(rounds: int = 5, layers: int = 8, page: int = 16) -> None:
+    """C++ decode attention against XLA's masked einsums (contiguous) and the gathering jnp
+    reference (paged), each summed over `layers` caches inside one program, as in a decode step."""
+    from llm_core.layers.attention_ops import AttentionSpec
+
+    heads, kv_heads, dim = 8, 4, 64
+    spec = AttentionSpec(scale=dim**-0.5)
+    print(f"\ndecode attention, {layers} layers of float32 cache, {heads} heads / {kv_heads} kv "
+          f"heads of {dim}, pages of {page}; CPU {cpu_model()}, load average {load_average()}")  # fmt: skip
+    fns = {"c++": _decode_contiguous(spec, True), "xla": _decode_contiguous(spec, False),
+           "c++ paged": _decode_paged("cpu"), "jnp paged": _decode_paged("reference")}  # fmt: skip
+    rng = np.random.default_rng(0)
+    for what, lens, cache_len in DECODE_CASES:
+        args = _decode_operands(rng, lens, cache_len, layers, heads, kv_heads, dim, page)
+        t = _interleaved(fns, args, rounds, calls=20)
+        gb = sum(min(n, cache_len) for n in lens) * kv_heads * dim * 4 * 2 * layers / 1e9
+        print(f"  {what}: c++ {t['c++'] * 1e3:6.2f} ms ({gb / t['c++']:5.1f} GB/s of live K/V), "
+              f"xla {t['xla'] * 1e3:6.2f} ms, xla / c++ {t['xla'] / t['c++']:5.2f}x; paged: c++ "
+              f"{t['c++ paged'] * 1e3:6.2f} ms, jnp {t['jnp paged'] * 1e3:6.2f} ms, jnp / c++ "
+              f"{t['jnp paged'] / t['c++ paged']:5.2f}x")  # fmt: skip
+    print(f"load average after: {load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: seq 512 and 2048")
@@ -325,6 +407,7 @@ def main() -> None:
             "int8_matmul",
             "int4_matmul",
             "packed_matmul",
+            "decode_attention",
         ],
         help="run one benchmark",
     )
@@ -346,6 +429,8 @@ def main() -> None:
             bench_weight_only_matmul(mode)
     if args.only in (None, "packed_matmul"):
         bench_packed_matmul()
+    if args.only in (None, "decode_attention"):
+        bench_decode_attention()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The decode-step attention over a head-major cache equals the reference backend over the same keys."""
+"""The decode-step attention over a head-major cache (XLA, and llm-kernels' C++ kernel where it
+applies) equals the reference backend over the same keys."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import llm_kernels
 from llm_core.layers import attention_ops as ops
 
 SPECS = {
@@ -15,9 +17,10 @@ SPECS = {
 }
 
 
+@pytest.mark.parametrize("use_kernel", [False, None], ids=["xla", "default"])
 @pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("name", SPECS)
-def test_decode_attention_matches_dot_product(name, sinks):
+def test_decode_attention_matches_dot_product(name, sinks, use_kernel):
     b, h, kh, d, t = 3, 8, 2, 16, 24
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     q = jax.random.normal(keys[0], (b, 1, h, d))
@@ -26,7 +29,12 @@ def test_decode_attention_matches_dot_product(name, sinks):
     sink = jax.random.normal(keys[3], (h,)) if sinks else None
     positions = jnp.array([[0], [11], [23]], jnp.int32)  # keys past a row's position: masked
     spec = ops.AttentionSpec(scale=d**-0.5, **SPECS[name])
-    got = ops.decode_attention(q, k, v, positions, spec, sinks=sink)
+    got = ops.decode_attention(q, k, v, positions, spec, sinks=sink, use_kernel=use_kernel)
+    jaxpr = str(jax.make_jaxpr(
+        lambda *a: ops.decode_attention(*a, spec, sinks=sink, use_kernel=use_kernel)
+    )(q, k, v, positions))  # fmt: skip
+    kernel = use_kernel is None and name != "chunk" and llm_kernels.cpu_kernels_available()
+    assert ("llm_kernels_paged_decode_attention" in jaxpr) == kernel
     kv_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     want = ops.dot_product_attention(
         q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), positions, kv_pos, spec, sinks=sink
@@ -34,5 +42,7 @@ def test_decode_attention_matches_dot_product(name, sinks):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # and the keys a row cannot see change nothing
     later = jnp.arange(t)[None, None, :, None] > positions[:, :, None, None]
-    noisy = ops.decode_attention(q, jnp.where(later, 1e3, k), v, positions, spec, sinks=sink)
+    noisy = ops.decode_attention(
+        q, jnp.where(later, 1e3, k), v, positions, spec, sinks=sink, use_kernel=use_kernel
+    )
     np.testing.assert_allclose(noisy, got, rtol=1e-5, atol=1e-6)

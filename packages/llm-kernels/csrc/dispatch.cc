@@ -52,6 +52,7 @@ void tgmm(const TgmmArgs& a) { LLMK_DISPATCH(tgmm, a) }
 void int8_matmul(const Int8MatmulArgs& a) { LLMK_DISPATCH(int8_matmul, a) }
 void int4_matmul(const Int4MatmulArgs& a) { LLMK_DISPATCH(int4_matmul, a) }
 void packed_matmul(const PackedMatmulArgs& a) { LLMK_DISPATCH(packed_matmul, a) }
+void paged_decode_attention(const PagedDecodeArgs& a) { LLMK_DISPATCH(paged_decode_attention, a) }
 const char* isa_name() {
 #if defined(LLMK_MULTI_ISA)
   switch (isa()) {

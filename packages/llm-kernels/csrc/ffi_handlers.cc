@@ -10,6 +10,7 @@
 
 #include "ffi_handlers.h"
 #include "kernels.h"
+#include "pool_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -236,27 +237,7 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
   return ffi::Error::Success();
 }
 
-// The panels are cut into chunks, claimed from an atomic counter by this thread and by helpers
-// scheduled on XLA's intra-op thread pool: no threads are spawned per call (a decode step makes
-// dozens of these calls, each tens of microseconds). A helper that starts after every chunk was
-// claimed returns at once, and the call waits only for chunks already claimed, so it never waits
-// on a helper still queued behind other work.
-struct PackedWork {
-  PackedMatmulArgs args;
-  int64_t panels = 0, chunk = 1, chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      PackedMatmulArgs a = args;
-      a.p0 = c * chunk;
-      a.p1 = std::min(a.p0 + chunk, panels);
-      packed_matmul(a);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
+// The panels are cut into chunks of a few panels, shared over XLA's pool (pool_for.h).
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -266,8 +247,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (!ok)
     return ffi::Error::InvalidArgument(
         "packed_matmul: expected x [m, k], w [ceil(n / 32), k, 32], y [m, n]");
-  auto work = std::make_shared<PackedWork>();
-  PackedMatmulArgs& a = work->args;
+  PackedMatmulArgs a;
   a.m = xd[0];
   a.k = xd[1];
   a.n = yd[1];
@@ -275,15 +255,76 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   a.w = w.typed_data();
   a.y = y->typed_data();
   if (a.m == 0 || a.n == 0) return ffi::Error::Success();
-  work->panels = wd[0];
+  const int64_t panels = wd[0];
   const bool small = a.m * a.k * a.n < (int64_t{1} << 16);
-  const int64_t workers =
-      small ? 1 : std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), work->panels);
-  work->chunk = std::max<int64_t>(1, work->panels / (4 * workers));
-  work->chunks = (work->panels + work->chunk - 1) / work->chunk;
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const int64_t workers = small ? 1 : std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t chunk = std::max<int64_t>(1, panels / (4 * std::min(workers, panels)));
+  pool_for(pool, (panels + chunk - 1) / chunk, workers, [a, chunk, panels](int64_t c) {
+    PackedMatmulArgs part = a;
+    part.p0 = c * chunk;
+    part.p1 = std::min(part.p0 + chunk, panels);
+    packed_matmul(part);
+  });
+  return ffi::Error::Success();
+}
+
+// q [B, H, D]; k, v paged pools [K, P, ps, D] with table [B, n], or contiguous [B, K, L, D].
+ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                    ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> table,
+                                    ffi::Buffer<ffi::F32> sinks, bool contiguous, int64_t window,
+                                    float softcap, float scale, bool has_sinks,
+                                    ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = table.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "paged_decode_attention: expected q [B, H, D], 4-d k and v, table [B, n]");
+  for (size_t i = 0; i < 4; ++i)
+    if (kd[i] != vd[i])
+      return ffi::Error::InvalidArgument("paged_decode_attention: k and v shapes differ");
+  PagedDecodeArgs a;
+  a.batch = qd[0];
+  a.heads = qd[1];
+  a.head_dim = qd[2];
+  if (contiguous) {  // [B, K, L, D]: row b is page b of size L
+    a.kv_heads = kd[1];
+    a.page_size = kd[2];
+    a.pages_per_row = 1;
+    a.kv_head_stride = kd[2] * kd[3];
+    a.page_stride = kd[1] * kd[2] * kd[3];
+    if (kd[0] != a.batch)
+      return ffi::Error::InvalidArgument("paged_decode_attention: cache batch != q batch");
+  } else {  // [K, P, ps, D]
+    a.kv_heads = kd[0];
+    a.page_size = kd[2];
+    a.pages_per_row = td[1];
+    a.kv_head_stride = kd[1] * kd[2] * kd[3];
+    a.page_stride = kd[2] * kd[3];
+    if (td[0] != a.batch)
+      return ffi::Error::InvalidArgument("paged_decode_attention: table rows != q batch");
+  }
+  if (kd[3] != a.head_dim || a.kv_heads <= 0 || a.heads % a.kv_heads != 0 ||
+      static_cast<int64_t>(lengths.element_count()) != a.batch ||
+      (has_sinks && static_cast<int64_t>(sinks.element_count()) != a.heads))
+    return ffi::Error::InvalidArgument(
+        "paged_decode_attention: head_dim, heads / kv_heads, lengths [B] or sinks [H] mismatch");
+  a.q = q.typed_data();
+  a.k = k.typed_data();
+  a.v = v.typed_data();
+  a.lengths = lengths.typed_data();
+  a.table = contiguous ? nullptr : table.typed_data();
+  a.sinks = has_sinks ? sinks.typed_data() : nullptr;
+  a.window = window;
+  a.softcap = softcap;
+  a.scale = scale;
+  a.out = out->typed_data();
+  const int64_t tasks = a.batch * a.kv_heads;
+  pool_for(pool, tasks, std::max<int64_t>(pool.num_threads(), 1), [a](int64_t t) {
+    PagedDecodeArgs part = a;
+    part.t0 = t;
+    part.t1 = t + 1;
+    paged_decode_attention(part);
+  });
   return ffi::Error::Success();
 }
 
@@ -378,4 +419,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmul, llmk::PackedMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttention, llmk::PagedDecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("contiguous")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_sinks")
                                   .Ret<ffi::Buffer<ffi::F32>>());

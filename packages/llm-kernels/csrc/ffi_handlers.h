@@ -12,4 +12,5 @@ XLA_FFI_Error* LlmkTgmm(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkInt8Matmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkInt4Matmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkPackedMatmul(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkPagedDecodeAttention(XLA_FFI_CallFrame* call_frame);
 }

@@ -81,6 +81,25 @@ struct PackedMatmulArgs {
   float* y;             // [m, n]
 };
 
+// One decode step of attention: q [batch, heads, head_dim] over each row's first lengths[b] keys.
+// Key t of row b, kv head h is at k + h * kv_head_stride + page * page_stride + (t % page_size) *
+// head_dim with page = table[b, t / page_size] (paged pools [K, P, page_size, D]), or page = b
+// when table is null (a contiguous [B, K, L, D] cache: page_size = L, one page per row).
+struct PagedDecodeArgs {
+  int64_t batch, heads, kv_heads, head_dim;
+  int64_t page_size, pages_per_row;
+  int64_t kv_head_stride, page_stride;  // in floats
+  const float *q, *k, *v;
+  const int32_t* lengths;  // [batch]
+  const int32_t* table;    // [batch, pages_per_row] or nullptr
+  const float* sinks;      // [heads] or nullptr: one more logit per head, attending to nothing
+  int64_t window;          // 0: none; else keys t > length - 1 - window
+  float softcap;           // 0: none
+  float scale;
+  float* out;              // [batch, heads, head_dim]
+  int64_t t0, t1;          // the (row, kv head) tasks b * kv_heads + h this call computes
+};
+
 #define LLMK_DECLARE_KERNELS(ns)                 \
   namespace ns {                                 \
   void attention_fwd(const AttnFwdArgs& a);      \
@@ -92,6 +111,7 @@ struct PackedMatmulArgs {
   void int8_matmul(const Int8MatmulArgs& a);     \
   void int4_matmul(const Int4MatmulArgs& a);     \
   void packed_matmul(const PackedMatmulArgs& a); \
+  void paged_decode_attention(const PagedDecodeArgs& a); \
   const char* isa_name();                        \
   }
 
@@ -109,6 +129,7 @@ void tgmm(const TgmmArgs& a);
 void int8_matmul(const Int8MatmulArgs& a);
 void int4_matmul(const Int4MatmulArgs& a);
 void packed_matmul(const PackedMatmulArgs& a);
+void paged_decode_attention(const PagedDecodeArgs& a);
 const char* isa_name();
 
 }  // namespace llmk

@@ -16,7 +16,7 @@ nb::capsule encapsulate(T* fn) {
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul, int8 / int4 / packed matmul).";
+  m.doc() = "CPU XLA FFI kernels of llm_kernels (flash attention, RMSNorm, grouped matmul, int8 / int4 / packed matmul, paged decode attention).";
   m.def("registrations", []() {
     nb::dict d;
     d["llm_kernels_attention_fwd"] = encapsulate(LlmkAttentionFwd);
@@ -28,6 +28,7 @@ NB_MODULE(_cpu_kernels, m) {
     d["llm_kernels_int8_matmul"] = encapsulate(LlmkInt8Matmul);
     d["llm_kernels_int4_matmul"] = encapsulate(LlmkInt4Matmul);
     d["llm_kernels_packed_matmul"] = encapsulate(LlmkPackedMatmul);
+    d["llm_kernels_paged_decode_attention"] = encapsulate(LlmkPagedDecodeAttention);
     return d;
   });
   m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");

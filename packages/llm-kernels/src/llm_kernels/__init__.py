@@ -1,6 +1,6 @@
 """llm_kernels: attention, normalisation, MoE grouped-matmul and int8 / int4 / packed matmul kernels.
 
-Public API: ``flash_attention``, ``rms_norm``, ``paged_attention``, ``grouped_matmul``,
+Public API: ``flash_attention``, ``rms_norm``, ``paged_attention``, ``decode_attention``, ``grouped_matmul``,
 ``int8_matmul``, ``int4_matmul``, ``packed_matmul`` (+ ``pack_panels``, ``unpack_panels``) (and their references ``mha_reference``, ``rms_norm_reference``,
 ``paged_attention_reference``, ``gmm_reference``, ``tgmm_reference``, ``int8_matmul_reference``,
 ``int4_matmul_reference``, ``packed_matmul_reference``), ``sharded_flash_attention``, ``cpu_kernels_available``, ``cpu_kernels_info``.
@@ -20,7 +20,11 @@ from llm_kernels.packed_matmul import (
     packed_matmul_reference,
     unpack_panels,
 )
-from llm_kernels.paged_attention import paged_attention, paged_attention_reference
+from llm_kernels.paged_attention import (
+    decode_attention,
+    paged_attention,
+    paged_attention_reference,
+)
 from llm_kernels.rms_norm import rms_norm, rms_norm_reference
 
 cpu_kernels_available()  # load + register now, so a broken build warns at import time
@@ -29,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "cpu_kernels_available",
     "cpu_kernels_info",
+    "decode_attention",
     "flash_attention",
     "gmm_reference",
     "grouped_matmul",

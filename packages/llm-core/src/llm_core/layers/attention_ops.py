@@ -86,12 +86,40 @@ def dot_product_attention(
     return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
 
-def decode_attention(q, k, v, q_pos, spec, sinks=None):
+def decode_kernel_applies(q, k, v, spec) -> bool:
+    """Whether a decode step runs llm-kernels' C++ decode attention: on the CPU with the compiled
+    kernels, float32 q and cache, causal, no chunk mask (the kernel reads keys [window start,
+    q_pos] of each row in place, so a row pays for its own length, not the cache's)."""
+    if not (spec.causal and spec.chunk is None and jax.default_backend() == "cpu"):
+        return False
+    if any(a.dtype != jnp.float32 for a in (q, k, v)):
+        return False
+    import llm_kernels
+
+    return llm_kernels.cpu_kernels_available()
+
+
+def decode_attention(q, k, v, q_pos, spec, sinks=None, use_kernel: bool | None = None):
     """One new token per row over a head-major cache: q [B,1,H,D], k, v [B,K,T,D] with key j at
     position j -> [B,1,H,D]. Same masking rule as the other backends (keys past q_pos are masked,
-    so unwritten cache positions never count). The matmuls keep (batch, kv head) as leading batch
-    dimensions of every operand, which XLA:CPU runs without copying the cache; the token-major
-    einsums of `dot_product_attention` made it transpose the whole cache every layer and step."""
+    so unwritten cache positions never count).
+
+    use_kernel None: llm-kernels' C++ decode attention where `decode_kernel_applies` (each row reads
+    only its keys up to q_pos). Otherwise XLA: the matmuls keep (batch, kv head) as leading batch
+    dimensions of every operand, which XLA:CPU runs without copying the cache (the token-major
+    einsums of `dot_product_attention` made it transpose the whole cache every layer and step), but
+    every row attends over all T positions, masked."""
+    if use_kernel is None:
+        use_kernel = decode_kernel_applies(q, k, v, spec)
+    if use_kernel:
+        import llm_kernels
+
+        out = llm_kernels.decode_attention(
+            q[:, 0], k, v, (q_pos[:, 0] + 1).astype(jnp.int32),
+            sm_scale=spec.scale, logit_soft_cap=spec.logit_softcap,
+            sliding_window=spec.sliding_window, sinks=sinks, backend="cpu",
+        )  # fmt: skip
+        return out[:, None]
     b, _, h, d = q.shape
     kh = k.shape[1]
     qg = q.reshape(b, kh, h // kh, d)

@@ -1,5 +1,7 @@
-"""Public paged_attention (decode): validation and dispatch between the Mosaic Pallas kernel
-(TPU, or any platform with interpret=True) and the jnp reference (the CPU and GPU default)."""
+"""Public decode attention: `paged_attention` over paged pools and `decode_attention` over a
+head-major contiguous cache. Validation and dispatch between the Mosaic Pallas kernel (paged; TPU,
+or any platform with interpret=True), the C++ kernel (the CPU default for float32: each row reads
+only its own keys) and the jnp reference (elsewhere: gathers every row to the table width, masks)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llm_kernels import _ffi
 from llm_kernels._platform import current_platform
 from llm_kernels.flash_attention.config import AttentionConfig
+from llm_kernels.paged_attention.cpu import decode_attention_cpu
 from llm_kernels.paged_attention.pallas_tpu import paged_attention_kernel
 from llm_kernels.paged_attention.reference import paged_attention_reference
 
@@ -54,6 +58,34 @@ def _validate(q, k_pages, v_pages, lengths, page_indices, sliding_window) -> Non
         )
 
 
+BACKENDS = ("reference", "cpu")
+
+
+def _cpu_backend(backend: str | None, op: str, *arrays) -> bool:
+    """Whether to run the C++ kernel: backend "cpu", or None on the CPU with float32 operands."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected None or one of {BACKENDS}")
+    if backend == "cpu":
+        _ffi.require_cpu_kernels(op)
+        bad = [a.dtype for a in arrays if a.dtype != jnp.float32]
+        if bad:
+            raise ValueError(f"{op}(backend='cpu') takes float32 q and cache, got {bad[0]}")
+        return True
+    return (
+        backend is None
+        and current_platform() == "cpu"
+        and all(a.dtype == jnp.float32 for a in arrays)
+        and _ffi.cpu_kernels_available()
+    )
+
+
+def _check_sinks(op: str, sinks, heads: int) -> None:
+    if sinks is not None and (sinks.ndim != 1 or sinks.shape[0] != heads):
+        raise ValueError(
+            f"{op}: sinks must be [num_heads] = [{heads}], got sinks.shape={tuple(sinks.shape)}"
+        )
+
+
 def paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -66,21 +98,20 @@ def paged_attention(
     sliding_window: int | None = None,
     interpret: bool = False,
     sinks: jax.Array | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """One decode step against a paged KV cache. q: [B, H, D] -> [B, H, D].
 
     Sequence b's keys are pages page_indices[b] of k_pages/v_pages, of which the first
     lengths[b] tokens are valid; the query sits at position lengths[b] - 1.
-    sinks: [H] learned logits in every softmax (GPT-OSS), in the kernel and the jax.numpy path.
+    sinks: [H] learned logits in every softmax (GPT-OSS), in the kernels and the jax.numpy path.
+    backend: None (Pallas on TPU or with interpret=True; on the CPU the C++ kernel for float32
+    when compiled; else the reference), "cpu" or "reference".
     """
     _validate(q, k_pages, v_pages, lengths, page_indices, sliding_window)
-    if sinks is not None and (sinks.ndim != 1 or sinks.shape[0] != q.shape[1]):
-        raise ValueError(
-            f"paged_attention: sinks must be [num_heads] = [{q.shape[1]}], got "
-            f"sinks.shape={tuple(sinks.shape)}"
-        )
+    _check_sinks("paged_attention", sinks, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if interpret or current_platform() == "tpu":
+    if backend is None and (interpret or current_platform() == "tpu"):
         cfg = AttentionConfig(
             causal=False,
             sliding_window=sliding_window,
@@ -91,7 +122,57 @@ def paged_attention(
             interpret=interpret,
         )
         return paged_attention_kernel(q, k_pages, v_pages, lengths, page_indices, cfg, sinks)
+    if _cpu_backend(backend, "paged_attention", q, k_pages, v_pages):
+        return decode_attention_cpu(
+            q, k_pages, v_pages, lengths, page_indices, sinks,
+            False, scale, logit_soft_cap, sliding_window,
+        )  # fmt: skip
     return paged_attention_reference(
         q, k_pages, v_pages, lengths, page_indices,
+        sm_scale=scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, sinks=sinks,
+    )  # fmt: skip
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """One decode step over a head-major contiguous cache k, v [B, K, L, D] (key j at position
+    j): q [B, H, D] sees row b's keys j < lengths[b] (and with a window, (lengths[b] - 1) - j <
+    window) -> [B, H, D]. Rows with no visible key (and no sinks) give zeros.
+
+    backend: None (the C++ kernel on the CPU for float32 when compiled: each row reads its own
+    length only; else the reference, which masks the whole cache), "cpu" or "reference".
+    """
+    if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(
+            "decode_attention: need q [batch, heads, head_dim] and k == v shape "
+            f"[batch, kv_heads, length, head_dim]; got q.shape={tuple(q.shape)}, "
+            f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+        )
+    table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+    pools = jnp.swapaxes(k, 0, 1)  # a view for validation's shape checks only
+    _validate(q, pools, pools, lengths, table, sliding_window)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"decode_attention: k batch {k.shape[0]} != q batch {q.shape[0]} (k.shape="
+            f"{tuple(k.shape)}, q.shape={tuple(q.shape)})"
+        )
+    _check_sinks("decode_attention", sinks, q.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if _cpu_backend(backend, "decode_attention", q, k, v):
+        return decode_attention_cpu(
+            q, k, v, lengths, None, sinks, True, scale, logit_soft_cap, sliding_window
+        )
+    return paged_attention_reference(
+        q, pools, jnp.swapaxes(v, 0, 1), lengths, table,
         sm_scale=scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, sinks=sinks,
     )  # fmt: skip
