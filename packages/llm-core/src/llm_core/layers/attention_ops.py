@@ -45,9 +45,18 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec: AttentionSpec):
     return mask
 
 
+def einsum_f32(subscripts: str, a, b):
+    """A float32-accumulating einsum. XLA:CPU has no kernel for some batched bf16 x bf16 -> f32
+    dots (they fail at run time, "Unsupported element type for DotThunk": a bfloat16 model's
+    prompt over its head-major cache did), so on the CPU narrower operands are widened first."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
 def _scores(q, k, spec: AttentionSpec):
     """q [B,S,K,G,D], k [B,T,K,D] -> float32 scores [B,K,G,S,T] with softcap applied."""
-    s = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * spec.scale
+    s = einsum_f32("bskgd,btkd->bkgst", q, k) * spec.scale
     if spec.logit_softcap is not None:
         s = spec.logit_softcap * jnp.tanh(s / spec.logit_softcap)
     return s
@@ -80,9 +89,7 @@ def dot_product_attention(
     scores = _scores(qg, k, spec)
     mask = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec)[:, None, None]
     probs = _masked_probs(scores, mask, sinks, kh)
-    out = jnp.einsum(
-        "bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    out = einsum_f32("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
     return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
 
@@ -123,15 +130,13 @@ def decode_attention(q, k, v, q_pos, spec, sinks=None, use_kernel: bool | None =
     b, _, h, d = q.shape
     kh = k.shape[1]
     qg = q.reshape(b, kh, h // kh, d)
-    s = jnp.einsum("bkgd,bktd->bkgt", qg, k, preferred_element_type=jnp.float32) * spec.scale
+    s = einsum_f32("bkgd,bktd->bkgt", qg, k) * spec.scale
     if spec.logit_softcap is not None:
         s = spec.logit_softcap * jnp.tanh(s / spec.logit_softcap)
     kv_pos = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (b, k.shape[2]))
     mask = _visible(q_pos, kv_pos, None, None, None, spec)[:, None, None]  # [B, 1, 1, 1, T]
     probs = _masked_probs(s[:, :, :, None], mask, sinks, kh)[:, :, :, 0]
-    out = jnp.einsum(
-        "bkgt,bktd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    out = einsum_f32("bkgt,bktd->bkgd", probs.astype(v.dtype), v)
     return out.reshape(b, 1, h, v.shape[-1]).astype(q.dtype)
 
 
@@ -191,9 +196,7 @@ def _online_softmax_step(carry, qg, q_pos, q_seg, kc, vc, pc, segc, validc, spec
     p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
     denom = denom * corr + p.sum(-1)
-    acc = acc * corr[..., None] + jnp.einsum(
-        "bkgst,btkd->bkgsd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32
-    )
+    acc = acc * corr[..., None] + einsum_f32("bkgst,btkd->bkgsd", p.astype(vc.dtype), vc)
     return m_new, denom, acc
 
 

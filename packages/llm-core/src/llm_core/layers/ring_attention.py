@@ -32,6 +32,7 @@ from llm_core.layers.attention_ops import (
     _sink_logits,
     _visible,
     context_size,
+    einsum_f32,
 )
 
 
@@ -149,7 +150,7 @@ def _pair_grads(qg, qp, qs, lse, delta, dout, kb, spec):
     """One (query half, key half) pair: (dq [B,S,K,G,D], dk [B,T,K,D], dv [B,T,K,Dv]), float32,
     from the saved log-sum-exp (softmax probabilities recomputed, as flash attention does)."""
     kc, vc, pc, segc = kb
-    raw = jnp.einsum("bskgd,btkd->bkgst", qg, kc, preferred_element_type=jnp.float32) * spec.scale
+    raw = einsum_f32("bskgd,btkd->bkgst", qg, kc) * spec.scale
     cap = spec.logit_softcap
     sc = raw if cap is None else cap * jnp.tanh(raw / cap)  # as attention_ops._scores
     mask = _visible(qp, pc, qs, segc, None, spec)[:, None, None]
