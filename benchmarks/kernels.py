@@ -25,7 +25,8 @@ bench-small's projection and head shapes at decode (1 and 8 rows) and prefill (6
 interleaved, median of 5 rounds, with the weight bytes the kernel reads per second.
 
 packed matmul (serving's float32 weights in 32-column panels): our C++ kernel against XLA's matmul on
-the row-major weight, on the same shapes; each call multiplies x by every weight of a set of about
+the row-major weight, on the same shapes, and with bfloat16 weights (bfloat16 panels against XLA's
+bfloat16 matmul); each call multiplies x by every weight of a set of about
 200 MB (so the weights stream from memory, as in a decode step), all inside one jitted program.
 
 decode attention (one decode step over bench-small's 8 layers of float32 cache: 8 heads, 4 kv heads,
@@ -318,6 +319,17 @@ def bench_packed_matmul(rounds: int = 5) -> None:
             f"({gb / t_ours:5.1f} GB/s, {gf['c++']:5.1f} GFLOP/s = "
             f"{100e9 * gf['c++'] / ceiling:4.1f}%), xla {t_xla * 1e3:7.3f} ms ({gb / t_xla:5.1f} "
             f"GB/s, {gf['xla']:5.1f} GFLOP/s), xla / c++ {t_xla / t_ours:5.2f}x"
+        )
+        # bfloat16 weights: panels widened in the kernel vs XLA's bf16 x bf16 matmul (the model's)
+        ws16 = [w.astype(jnp.bfloat16) for w in ws]
+        panels16 = [p.astype(jnp.bfloat16) for p in panels]
+        t16 = _interleaved({"c++": jax.jit(ours)}, (x, panels16), rounds)["c++"] / copies
+        x16 = x.astype(jnp.bfloat16)
+        t16_xla = _interleaved({"xla": jax.jit(xla)}, (x16, ws16), rounds)["xla"] / copies
+        print(
+            f"        bfloat16 weights: c++ {t16 * 1e3:7.3f} ms ({gb / 2 / t16:5.1f} GB/s), xla "
+            f"{t16_xla * 1e3:7.3f} ms, xla / c++ {t16_xla / t16:5.2f}x; c++ float32 / bfloat16 "
+            f"{t_ours / t16:4.2f}x"
         )
     print(f"load average after: {load_average()}")
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from llm_core import Linear, build_model, iter_linears, load_config, pack_linears, unstack_layers
+from llm_core.layers.packed import PackedLinear
 from llm_core.models.counting import count_params
 
 # Published totals (embeddings counted once when tied).
@@ -186,6 +187,22 @@ def test_incremental_decode_matches_full_forward(name):
     np.testing.assert_allclose(
         _decode(view, ids, view.init_cache(2, 16)), full, atol=1e-5, rtol=1e-5
     )
+
+
+def test_bfloat16_weights_pack_and_decode_like_the_full_forward():
+    """bfloat16 Linear weights are packed as bfloat16 panels (multiplied in float32)."""
+    cfg = tiny("llama3.1-8b").replace(dtype="bfloat16", weight_dtype="bfloat16")
+    model = build_model(cfg, rngs=nnx.Rngs(3))
+    ids = _tokens(s=9)
+    full = model(ids).astype(jnp.float32)
+    view = unstack_layers(model)
+    n_linears = sum(isinstance(m, Linear) for _, m in iter_linears(view))
+    assert pack_linears(view) == n_linears > 0
+    panels = [m.panels[...] for _, m in nnx.iter_graph(view) if isinstance(m, PackedLinear)]
+    assert panels and all(p.dtype == jnp.bfloat16 for p in panels)
+    out = _decode(view, ids, view.init_cache(2, 16)).astype(jnp.float32)
+    scale = float(jnp.abs(full).max())
+    assert float(jnp.abs(out - full).max()) < 0.05 * scale
 
 
 @pytest.mark.parametrize("name", ["llama3.1-8b", "gemma2-2b"])

@@ -238,8 +238,9 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
 }
 
 // The panels are cut into chunks of a few panels, shared over XLA's pool (pool_for.h).
-ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+template <ffi::DataType T>
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                            ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const bool ok = xd.size() == 2 && wd.size() == 3 && yd.size() == 2 && wd[1] == xd[1] &&
                   wd[2] == kPackedPanel && yd[0] == xd[0] &&
@@ -247,12 +248,15 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (!ok)
     return ffi::Error::InvalidArgument(
         "packed_matmul: expected x [m, k], w [ceil(n / 32), k, 32], y [m, n]");
-  PackedMatmulArgs a;
+  PackedMatmulArgs a{};
   a.m = xd[0];
   a.k = xd[1];
   a.n = yd[1];
   a.x = x.typed_data();
-  a.w = w.typed_data();
+  if constexpr (T == ffi::DataType::BF16)
+    a.w_bf16 = w.typed_data();
+  else
+    a.w = w.typed_data();
   a.y = y->typed_data();
   if (a.m == 0 || a.n == 0) return ffi::Error::Success();
   const int64_t panels = wd[0];
@@ -414,11 +418,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkInt4Matmul, llmk::Int4MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmul, llmk::PackedMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmul, llmk::PackedMatmulImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmulBf16, llmk::PackedMatmulImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttention, llmk::PagedDecodeAttentionImpl,

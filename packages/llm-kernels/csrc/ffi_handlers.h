@@ -12,5 +12,6 @@ XLA_FFI_Error* LlmkTgmm(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkInt8Matmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkInt4Matmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkPackedMatmul(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkPackedMatmulBf16(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkPagedDecodeAttention(XLA_FFI_CallFrame* call_frame);
 }

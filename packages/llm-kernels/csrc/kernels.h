@@ -78,6 +78,7 @@ struct PackedMatmulArgs {
   int64_t p0, p1;       // the panels this call computes
   const float* x;       // [m, k]
   const float* w;       // [ceil(n / kPackedPanel), k, kPackedPanel]
+  const uint16_t* w_bf16;  // the same in bfloat16 (then w is unused), or nullptr
   float* y;             // [m, n]
 };
 

@@ -28,6 +28,7 @@ NB_MODULE(_cpu_kernels, m) {
     d["llm_kernels_int8_matmul"] = encapsulate(LlmkInt8Matmul);
     d["llm_kernels_int4_matmul"] = encapsulate(LlmkInt4Matmul);
     d["llm_kernels_packed_matmul"] = encapsulate(LlmkPackedMatmul);
+    d["llm_kernels_packed_matmul_bf16"] = encapsulate(LlmkPackedMatmulBf16);
     d["llm_kernels_paged_decode_attention"] = encapsulate(LlmkPagedDecodeAttention);
     return d;
   });

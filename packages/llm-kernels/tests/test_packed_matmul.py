@@ -1,5 +1,5 @@
-"""packed_matmul: the C++ kernel on panel-packed weights against the jnp reference, forward and the
-gradient in x, across row counts that fill the kernel's 8 / 4 / 2 / 1-row blocks or not and column
+"""packed_matmul: the C++ kernel on panel-packed weights (float32 and bfloat16) against the jnp
+reference, forward and the gradient in x, across row counts that fill the kernel's 8 / 4 / 2 / 1-row blocks or not and column
 counts that fill the last 32-column panel or not; packing round trips; bad operands are refused."""
 
 import jax
@@ -44,6 +44,26 @@ def test_kernel_matches_the_reference_forward_and_gradient(lead, k, n):
     assert max_err(gx, want_gx) < 1e-5 * float(jnp.abs(want_gx).max())
 
 
+@pytest.mark.parametrize(("lead", "k", "n"), [((1,), 64, 32), ((3,), 7, 5), ((11,), 130, 300)])
+def test_bfloat16_panels_match_the_widened_weight(lead, k, n):
+    """bfloat16 panels: the kernel widens each weight exactly, so it matches x @ float32(w_bf16)."""
+    x, w = operands(np.random.default_rng(k * n), lead, k, n)
+    w16 = w.astype(jnp.bfloat16)
+    panels = pack_panels(w16)
+    assert panels.dtype == jnp.bfloat16
+    got = jax.jit(lambda x: packed_matmul(x, panels, n, backend="cpu"))(x)
+    want = x @ w16.astype(jnp.float32)
+    assert got.dtype == jnp.float32
+    assert max_err(got, want) < 1e-5 * float(jnp.abs(want).max())
+    assert max_err(packed_matmul_reference(x, panels, n), want) < 1e-5 * float(jnp.abs(want).max())
+    assert "llm_kernels_packed_matmul_bf16" in str(
+        jax.make_jaxpr(lambda x: packed_matmul(x, panels, n))(x)
+    )
+    gx = jax.grad(lambda x: jnp.sum(packed_matmul(x, panels, n, backend="cpu") ** 2))(x)
+    want_gx = jax.grad(lambda x: jnp.sum((x @ w16.astype(jnp.float32)) ** 2))(x)
+    assert max_err(gx, want_gx) < 1e-5 * float(jnp.abs(want_gx).max())
+
+
 def test_packing_round_trips_and_pads_the_last_panel_with_zeros():
     w = jnp.arange(5 * 70, dtype=jnp.float32).reshape(5, 70)
     panels = pack_panels(w)
@@ -66,7 +86,7 @@ def test_bad_operands_are_refused_by_name():
         packed_matmul(x[:, :8], panels, 40)
     with pytest.raises(ValueError, match="n=70"):
         packed_matmul(x, panels, 70)
-    with pytest.raises(ValueError, match="float32"):
-        packed_matmul(x, panels.astype(jnp.bfloat16), 40)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        packed_matmul(x, panels.astype(jnp.float16), 40)
     with pytest.raises(ValueError, match="backend"):
         packed_matmul(x, panels, 40, backend="tpu")

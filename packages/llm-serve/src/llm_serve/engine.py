@@ -135,8 +135,8 @@ class Engine:
     def from_model(cls, cfg, model: nnx.Module, *, decode_view: bool = True, **kwargs):
         """(engine, params). decode_view=True (default) serves `llm_core.unstack_layers(model)`
         (per-group weight arrays: copies, so drop `model` afterwards to free the stacked ones),
-        with its float32 Linear weights packed for `llm_kernels.packed_matmul` on the CPU
-        (`packed_matmul`, default on); False serves the model as it is."""
+        with its float32 and bfloat16 Linear weights packed for `llm_kernels.packed_matmul` on the
+        CPU (`packed_matmul`, default on); False serves the model as it is."""
         if decode_view:
             model = unstack_layers(model)
             if packs_on_this_backend(cfg):

@@ -386,7 +386,7 @@ class Config:
     # the device; a prompt starting with a cached prompt's first page-aligned tokens prefills only
     # the rest, and with the paged cache shares those full pages with the slots holding them. 0 = off
     prefix_cache_entries: int = 0
-    # on the CPU, float32 Linear weights of the served model packed in 32-column panels for
+    # on the CPU, float32 / bfloat16 Linear weights of the served model packed in 32-column panels for
     # llm_kernels.packed_matmul (decode reads them at the memory bandwidth; XLA's matmul on the
     # row-major weights does not); no effect on other platforms or without the compiled kernels
     packed_matmul: bool = True

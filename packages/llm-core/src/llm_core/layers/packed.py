@@ -1,10 +1,11 @@
 """Serving's CPU matmuls on panel-packed weights (`packed_matmul: true`, llm-serve's decode view).
 
-`PackedLinear` replaces a float32 `Linear` with no leading (layer) axes: its kernel flattened to
-[in, out] and stored as `llm_kernels.pack_panels` 32-column panels, multiplied by
-`llm_kernels.packed_matmul`. A decode step on the CPU is a stream of matmuls with a few rows that
-read every weight once; on a row-major weight XLA:CPU reaches a fraction of the memory bandwidth,
-on panels the kernel reaches it. The weights are frozen (the gradient flows to the input only).
+`PackedLinear` replaces a float32 or bfloat16 `Linear` with no leading (layer) axes: its kernel
+flattened to [in, out] and stored as `llm_kernels.pack_panels` 32-column panels (in its own dtype),
+multiplied by `llm_kernels.packed_matmul` in float32. A decode step on the CPU is a stream of matmuls
+with a few rows that read every weight once; on a row-major weight XLA:CPU reaches a fraction of the
+memory bandwidth (and its bfloat16 matrix-vector products far less), on panels the kernel reaches it.
+The weights are frozen (the gradient flows to the input only).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from llm_core.layers.quantize import set_module
 
 
 class PackedLinear(nnx.Module):
-    """A frozen float32 `Linear` with its kernel packed in panels; same call signature."""
+    """A frozen float32 or bfloat16 `Linear` with its kernel packed in panels; same call signature.
+    The product runs in float32 (bfloat16 weights are widened in registers), then is cast to the
+    layer's output dtype."""
 
     def __init__(self, base: Linear):
         from llm_kernels import pack_panels
@@ -44,13 +47,12 @@ class PackedLinear(nnx.Module):
         return Linear.__call__(self, x)
 
     def product(self, x: jax.Array, acc) -> jax.Array:
-        if x.dtype != jnp.float32:
-            return Linear.product(self, x, acc)
         from llm_kernels import packed_matmul
 
         lead = x.shape[: x.ndim - len(self.in_shape)]
         n = math.prod(self.out_shape)
-        y = packed_matmul(x.reshape(*lead, math.prod(self.in_shape)), self.panels[...], n)
+        x2 = x.reshape(*lead, math.prod(self.in_shape)).astype(jnp.float32)
+        y = packed_matmul(x2, self.panels[...], n)
         return y.reshape(*lead, *self.out_shape).astype(acc)
 
 
@@ -65,15 +67,15 @@ def packs_on_this_backend(cfg) -> bool:
 
 
 def pack_linears(model: nnx.Module) -> int:
-    """Replace every float32 `Linear` without leading (layer) axes, except MoE routers, with a
-    `PackedLinear`; returns how many. Run it on a decode view (`unstack_layers`), whose layers
-    hold their own arrays."""
+    """Replace every float32 or bfloat16 `Linear` without leading (layer) axes, except MoE routers,
+    with a `PackedLinear`; returns how many. Run it on a decode view (`unstack_layers`), whose
+    layers hold their own arrays."""
     chosen = [
         (path, lin)
         for path, lin in iter_linears(model)
         if isinstance(lin, Linear)
         and path[-1] != "router"
-        and lin.kernel[...].dtype == jnp.float32
+        and lin.kernel[...].dtype in (jnp.float32, jnp.bfloat16)
         and lin.kernel[...].ndim == len(lin.in_shape) + len(lin.out_shape)
     ]
     for path, lin in chosen:

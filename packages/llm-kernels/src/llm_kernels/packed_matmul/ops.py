@@ -1,4 +1,5 @@
-"""Public packed_matmul: float32 x @ w with w packed in 32-column panels (`pack_panels`).
+"""Public packed_matmul: float32 x @ w with w packed in 32-column panels (`pack_panels`), the panels
+float32 or bfloat16.
 
 On the CPU the C++ kernel (csrc/packed_matmul_kernels.cc) streams each panel once and feeds up to 8
 rows of x from registers, with the work split over XLA's intra-op thread pool. At decode's few rows
@@ -19,13 +20,13 @@ from llm_kernels._platform import current_platform
 from llm_kernels.packed_matmul.reference import PANEL, packed_matmul_reference, unpack_panels
 
 BACKENDS = ("reference", "cpu")
+PANEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _packed_cpu(x2: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-    return jax.ffi.ffi_call(
-        "llm_kernels_packed_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
-    )(x2, panels)
+    target = "llm_kernels_packed_matmul" + ("_bf16" if panels.dtype == jnp.bfloat16 else "")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(x2, panels)
 
 
 def _fwd(x2, panels, n):
@@ -33,7 +34,7 @@ def _fwd(x2, panels, n):
 
 
 def _bwd(n, panels, dy):
-    return jnp.matmul(dy, unpack_panels(panels, n).T), None
+    return jnp.matmul(dy, unpack_panels(panels, n).astype(jnp.float32).T), None
 
 
 _packed_cpu.defvjp(_fwd, _bwd)
@@ -42,14 +43,15 @@ _packed_cpu.defvjp(_fwd, _bwd)
 def packed_matmul(
     x: jax.Array, panels: jax.Array, n: int, *, backend: str | None = None
 ) -> jax.Array:
-    """x [..., k] @ w [k, n] -> [..., n] float32, with `panels` = pack_panels(w).
+    """x [..., k] @ w [k, n] -> [..., n] float32, with `panels` = pack_panels(w), float32 or
+    bfloat16 (widened in registers: half the bytes streamed; x is float32 either way).
 
     backend: None (the C++ kernel on the CPU when compiled, else the reference), "cpu",
     "reference".
     """
-    if panels.ndim != 3 or panels.shape[2] != PANEL or panels.dtype != jnp.float32:
+    if panels.ndim != 3 or panels.shape[2] != PANEL or panels.dtype not in PANEL_DTYPES:
         raise ValueError(
-            f"packed_matmul: panels must be float32 [p, k, {PANEL}] (pack_panels), got "
+            f"packed_matmul: panels must be float32 or bfloat16 [p, k, {PANEL}] (pack_panels), got "
             f"{panels.dtype}{tuple(panels.shape)}"
         )
     if panels.shape[0] != -(-n // PANEL):
