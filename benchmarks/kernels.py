@@ -29,8 +29,8 @@ the row-major weight, on the same shapes, and with bfloat16 weights (bfloat16 pa
 bfloat16 matmul); each call multiplies x by every weight of a set of about
 200 MB (so the weights stream from memory, as in a decode step), all inside one jitted program.
 
-decode attention (one decode step over bench-small's 8 layers of float32 cache: 8 heads, 4 kv heads,
-dim 64): the C++ kernel, which reads each row's own keys in place, against what ran before it, XLA's
+decode attention (one decode step over bench-small's 8 layers of float32 or bfloat16 cache: 8 heads, 4
+kv heads, dim 64): the C++ kernel, which reads each row's own keys in place, against what ran before it, XLA's
 head-major einsums over the whole cache length, masked (llm-core's `decode_attention`, use_kernel=False),
 and for paged pools the jnp reference, which gathers every row's pages; equal and ragged lengths.
 
@@ -41,6 +41,8 @@ the peak scratch the C++ kernels allocate themselves (counted by the module), in
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
 import os
 import platform
@@ -383,6 +385,10 @@ def _decode_operands(rng, lens, cache_len, layers, heads, kv_heads, dim, page):
     return q, ks, vs, jnp.asarray(lens, jnp.int32), pools[0], pools[1], table
 
 
+def _float_as(dtype, a):
+    return a.astype(dtype) if a.dtype == jnp.float32 else a
+
+
 def bench_decode_attention(rounds: int = 5, layers: int = 8, page: int = 16) -> None:
     """C++ decode attention against XLA's masked einsums (contiguous) and the gathering jnp
     reference (paged), each summed over `layers` caches inside one program, as in a decode step."""
@@ -390,16 +396,18 @@ def bench_decode_attention(rounds: int = 5, layers: int = 8, page: int = 16) -> 
 
     heads, kv_heads, dim = 8, 4, 64
     spec = AttentionSpec(scale=dim**-0.5)
-    print(f"\ndecode attention, {layers} layers of float32 cache, {heads} heads / {kv_heads} kv "
+    print(f"\ndecode attention, {layers} layers of float32 or bfloat16 cache, {heads} heads / {kv_heads} kv "
           f"heads of {dim}, pages of {page}; CPU {cpu_model()}, load average {load_average()}")  # fmt: skip
     fns = {"c++": _decode_contiguous(spec, True), "xla": _decode_contiguous(spec, False),
            "c++ paged": _decode_paged("cpu"), "jnp paged": _decode_paged("reference")}  # fmt: skip
     rng = np.random.default_rng(0)
-    for what, lens, cache_len in DECODE_CASES:
+    for (what, lens, cache_len), dtype in itertools.product(DECODE_CASES, ("float32", "bfloat16")):
         args = _decode_operands(rng, lens, cache_len, layers, heads, kv_heads, dim, page)
+        args = jax.tree.map(functools.partial(_float_as, dtype), args)
         t = _interleaved(fns, args, rounds, calls=20)
-        gb = sum(min(n, cache_len) for n in lens) * kv_heads * dim * 4 * 2 * layers / 1e9
-        print(f"  {what}: c++ {t['c++'] * 1e3:6.2f} ms ({gb / t['c++']:5.1f} GB/s of live K/V), "
+        size = jnp.dtype(dtype).itemsize
+        gb = sum(min(n, cache_len) for n in lens) * kv_heads * dim * size * 2 * layers / 1e9
+        print(f"  {what}, {dtype}: c++ {t['c++'] * 1e3:6.2f} ms ({gb / t['c++']:5.1f} GB/s of live K/V), "
               f"xla {t['xla'] * 1e3:6.2f} ms, xla / c++ {t['xla'] / t['c++']:5.2f}x; paged: c++ "
               f"{t['c++ paged'] * 1e3:6.2f} ms, jnp {t['jnp paged'] * 1e3:6.2f} ms, jnp / c++ "
               f"{t['jnp paged'] / t['c++ paged']:5.2f}x")  # fmt: skip

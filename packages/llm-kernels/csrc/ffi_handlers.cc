@@ -272,9 +272,11 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
-// q [B, H, D]; k, v paged pools [K, P, ps, D] with table [B, n], or contiguous [B, K, L, D].
+// q [B, H, D]; k, v paged pools [K, P, ps, D] with table [B, n], or contiguous [B, K, L, D]
+// (float32 or bfloat16 caches).
+template <ffi::DataType T>
 ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                    ffi::Buffer<T> k, ffi::Buffer<T> v,
                                     ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> table,
                                     ffi::Buffer<ffi::F32> sinks, bool contiguous, int64_t window,
                                     float softcap, float scale, bool has_sinks,
@@ -286,7 +288,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   for (size_t i = 0; i < 4; ++i)
     if (kd[i] != vd[i])
       return ffi::Error::InvalidArgument("paged_decode_attention: k and v shapes differ");
-  PagedDecodeArgs a;
+  PagedDecodeArgs a{};
   a.batch = qd[0];
   a.heads = qd[1];
   a.head_dim = qd[2];
@@ -315,6 +317,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   a.q = q.typed_data();
   a.k = k.typed_data();
   a.v = v.typed_data();
+  a.bf16_cache = T == ffi::DataType::BF16;
   a.lengths = lengths.typed_data();
   a.table = contiguous ? nullptr : table.typed_data();
   a.sinks = has_sinks ? sinks.typed_data() : nullptr;
@@ -432,12 +435,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmulBf16, llmk::PackedMatmulImpl<ffi::
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttention, llmk::PagedDecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttention, llmk::PagedDecodeAttentionImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("contiguous")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_sinks")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttentionBf16, llmk::PagedDecodeAttentionImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -90,7 +90,9 @@ struct PagedDecodeArgs {
   int64_t batch, heads, kv_heads, head_dim;
   int64_t page_size, pages_per_row;
   int64_t kv_head_stride, page_stride;  // in floats
-  const float *q, *k, *v;
+  const float* q;
+  const void *k, *v;       // float, or bfloat16 bits (uint16_t) when bf16_cache
+  bool bf16_cache;
   const int32_t* lengths;  // [batch]
   const int32_t* table;    // [batch, pages_per_row] or nullptr
   const float* sinks;      // [heads] or nullptr: one more logit per head, attending to nothing

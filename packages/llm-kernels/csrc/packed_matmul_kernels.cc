@@ -16,16 +16,6 @@ namespace LLMK_ISA {
 namespace {
 constexpr int kVec = kPackedPanel / W;  // vectors per panel row
 
-typedef uint16_t vh __attribute__((vector_size(W * 2), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-
-inline vf load_weights(const float* p) { return load(p); }
-// bfloat16 is the top half of a float32: widening is a shift.
-inline vf load_weights(const uint16_t* p) {
-  const vu bits = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
-  return (vf)bits;
-}
-
 template <int kRows, typename T>
 inline void panel_rows(const float* __restrict x, int64_t ldx, const T* __restrict panel,
                        int64_t k, float* __restrict y, int64_t ldy, int64_t cols) {
@@ -40,7 +30,7 @@ inline void panel_rows(const float* __restrict x, int64_t ldx, const T* __restri
     __builtin_prefetch(w + 8 * kPackedPanel + 16);
     vf wv[kVec];
 #pragma GCC unroll 8
-    for (int v = 0; v < kVec; ++v) wv[v] = load_weights(w + v * W);
+    for (int v = 0; v < kVec; ++v) wv[v] = load_widened(w + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const vf xv = splat(x[r * ldx + i]);

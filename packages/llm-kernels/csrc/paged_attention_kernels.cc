@@ -2,7 +2,8 @@
 // task reads only that row's own keys, [max(0, length - window), length), page by page in place, so a
 // short request next to a long one pays for its own length, not the batch's longest (the jnp path
 // gathers every row's pages up to the table width and masks). Online softmax over blocks of keys;
-// the G query heads of a kv head share each key and value load. Compiled once per ISA (LLMK_ISA).
+// the G query heads of a kv head share each key and value load. The cache is float32 or bfloat16
+// (widened in registers); q, the softmax and the output are float32. Compiled once per ISA.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -40,35 +41,37 @@ inline float reduce_add(vf x) {
 #endif
 }
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+template <typename T>
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t d) {
   vf acc{};
   int64_t i = 0;
-  for (; i + W <= d; i += W) acc += load(a + i) * load(b + i);
+  for (; i + W <= d; i += W) acc += load(a + i) * load_widened(b + i);
   float s = reduce_add(acc);
-  for (; i < d; ++i) s += a[i] * b[i];
+  for (; i < d; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
 // y[0, U * W) += sum_j p[j] * v_j[0, U * W): U independent accumulator chains (one long chain over
 // the keys would wait on the FMA latency at every key).
-template <int U>
+template <int U, typename T>
 inline void accumulate_vectors(float* __restrict y, const float* __restrict p,
-                               const float* const* vrows, int64_t n, int64_t offset) {
+                               const T* const* vrows, int64_t n, int64_t offset) {
   vf acc[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) acc[u] = load(y + u * W);
   for (int64_t j = 0; j < n; ++j) {
     const vf pj = splat(p[j]);
-    const float* v = vrows[j] + offset;
+    const T* v = vrows[j] + offset;
 #pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) acc[u] += pj * load(v + u * W);
+    for (int u = 0; u < U; ++u) acc[u] += pj * load_widened(v + u * W);
   }
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) store(y + u * W, acc[u]);
 }
 
 // y[0, d) += sum_j p[j] * v_j over the block's n keys.
-inline void accumulate(float* __restrict y, const float* __restrict p, const float* const* vrows,
+template <typename T>
+inline void accumulate(float* __restrict y, const float* __restrict p, const T* const* vrows,
                        int64_t n, int64_t d) {
   int64_t i = 0;
   for (; i + 8 * W <= d; i += 8 * W) accumulate_vectors<8>(y + i, p, vrows, n, i);
@@ -86,26 +89,28 @@ inline void accumulate(float* __restrict y, const float* __restrict p, const flo
   }
   for (; i < d; ++i) {
     float acc = y[i];
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * vrows[j][i];
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * widen(vrows[j][i]);
     y[i] = acc;
   }
 }
 
+template <typename T>  // the cache's element type: float, or uint16_t bfloat16 bits
 struct Task {
   const PagedDecodeArgs& a;
+  const T *k, *v;
   int64_t b, kh, group;
   std::vector<float>& acc;  // [group, head_dim]
   std::vector<float>& s;    // [group, kBlock]
 
   // Pointers to the K and V rows of keys [t0, t0 + n), which may span pages.
-  void rows(int64_t t0, int64_t n, const float** krows, const float** vrows) const {
+  void rows(int64_t t0, int64_t n, const T** krows, const T** vrows) const {
     int64_t page_index = t0 / a.page_size, offset = t0 % a.page_size;
     for (int64_t j = 0; j < n;) {
       const int64_t page = a.table ? a.table[b * a.pages_per_row + page_index] : b;
       const int64_t base = kh * a.kv_head_stride + page * a.page_stride;
       for (; offset < a.page_size && j < n; ++offset, ++j) {
-        krows[j] = a.k + base + offset * a.head_dim;
-        vrows[j] = a.v + base + offset * a.head_dim;
+        krows[j] = k + base + offset * a.head_dim;
+        vrows[j] = v + base + offset * a.head_dim;
       }
       offset = 0;
       ++page_index;
@@ -126,8 +131,8 @@ struct Task {
     }
     std::fill(acc.begin(), acc.end(), 0.f);
     const float* q = a.q + (b * a.heads + kh * group) * d;
-    const float* krows[kBlock];
-    const float* vrows[kBlock];
+    const T* krows[kBlock];
+    const T* vrows[kBlock];
     for (int64_t t0 = start; t0 < len;) {
       const int64_t n = std::min(kBlock, len - t0);
       rows(t0, n, krows, vrows);
@@ -174,8 +179,14 @@ void paged_decode_attention(const PagedDecodeArgs& a) {
   acc.resize(group * a.head_dim);
   s.resize(group * kBlock + W);
   for (int64_t task = a.t0; task < a.t1; ++task) {
-    Task t{a, task / a.kv_heads, task % a.kv_heads, group, acc, s};
-    t.run();
+    const int64_t b = task / a.kv_heads, kh = task % a.kv_heads;
+    if (a.bf16_cache) {
+      const auto* k = static_cast<const uint16_t*>(a.k);
+      Task<uint16_t>{a, k, static_cast<const uint16_t*>(a.v), b, kh, group, acc, s}.run();
+    } else {
+      const auto* k = static_cast<const float*>(a.k);
+      Task<float>{a, k, static_cast<const float*>(a.v), b, kh, group, acc, s}.run();
+    }
   }
 }
 

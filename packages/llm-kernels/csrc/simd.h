@@ -20,6 +20,22 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef float vf_u __attribute__((vector_size(W * 4), aligned(4)));  // unaligned access
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+
+// bfloat16 storage (uint16_t bits) is the top half of a float32: widening is a shift.
+typedef uint16_t vh_u __attribute__((vector_size(W * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+inline vf load_widened(const float* p) { return load(p); }
+inline vf load_widened(const uint16_t* p) {
+  const vu bits = __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu) << 16;
+  return (vf)bits;
+}
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 inline void store(float* p, vf x) { *reinterpret_cast<vf_u*>(p) = x; }
 // `x - 0`, not `0 + x`: only the former is an identity in IEEE arithmetic (0 + -0 = +0), so only
 // it folds to a single broadcast load instead of a scalar add before every broadcast.

@@ -111,6 +111,31 @@ def test_contiguous_kernel_matches_numpy(kw):
     assert max_err(decode_attention(q, k, v, lengths, **kw), got) == 0.0  # CPU default: kernel
 
 
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_bfloat16_cache_matches_its_widened_float32_copy(layout):
+    """A bfloat16 cache is widened exactly in the kernel: the same as the float32 kernel on the
+    widened cache (and a bfloat16 q gives that result rounded to bfloat16)."""
+    rng = np.random.default_rng(5)
+    q, k, v, lengths, table = paged_case(rng, 4, 8, 2, 40, 16, 4, [0, 5, 37, 64])
+    if layout == "contiguous":
+        k, v = (jnp.asarray(rng.normal(size=(4, 2, 64, 40)), jnp.float32) for _ in range(2))
+
+    def run(q, k, v, backend="cpu"):
+        if layout == "paged":
+            return paged_attention(q, k, v, lengths, table, sliding_window=30, backend=backend)
+        return decode_attention(q, k, v, lengths, sliding_window=30, backend=backend)
+
+    k16, v16 = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    want = run(q, k16.astype(jnp.float32), v16.astype(jnp.float32))
+    got = jax.jit(run)(q, k16, v16)
+    assert got.dtype == jnp.float32
+    assert max_err(got, want) < 1e-5
+    assert max_err(run(q, k16, v16, "reference").astype(jnp.float32), want) < 2e-2
+    got16 = jax.jit(run)(q.astype(jnp.bfloat16), k16, v16)
+    assert got16.dtype == jnp.bfloat16
+    assert max_err(got16.astype(jnp.float32), want) < 2e-2
+
+
 def test_gradients_match_the_reference():
     rng = np.random.default_rng(3)
     q, k, v, lengths, table = paged_case(rng, 3, 4, 2, 16, 8, 3, [2, 11, 24])
@@ -132,8 +157,10 @@ def test_gradients_match_the_reference():
 def test_bad_operands_are_refused():
     rng = np.random.default_rng(4)
     q, k, v, lengths, table = paged_case(rng, 2, 4, 2, 16, 8, 2, [3, 4])
-    with pytest.raises(ValueError, match="float32"):
-        paged_attention(q.astype(jnp.bfloat16), k, v, lengths, table, backend="cpu")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        paged_attention(q.astype(jnp.float16), k, v, lengths, table, backend="cpu")
+    with pytest.raises(ValueError, match="k and v alike"):
+        paged_attention(q, k, v.astype(jnp.bfloat16), lengths, table, backend="cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         paged_attention(q, k, v, lengths, table, backend="gpu")
     with pytest.raises(ValueError, match="sinks must be"):

@@ -39,7 +39,7 @@ through `llm_kernels.paged_attention`). Either way a decode step works on a cach
 follows the longest active request, in power-of-two buckets of at least DECODE_MIN_BUCKET (the
 contiguous cache is grown or cut between steps; the paged step sees only the leading columns of the
 page table), so short requests do not pay for `kv_cache_max_length` positions per step; on the CPU
-(float32) the attention kernel then reads each row only up to its own position.
+(float32 or bfloat16 caches) the attention kernel then reads each row only up to its own position.
 """
 
 from __future__ import annotations

@@ -95,11 +95,11 @@ def dot_product_attention(
 
 def decode_kernel_applies(q, k, v, spec) -> bool:
     """Whether a decode step runs llm-kernels' C++ decode attention: on the CPU with the compiled
-    kernels, float32 q and cache, causal, no chunk mask (the kernel reads keys [window start,
-    q_pos] of each row in place, so a row pays for its own length, not the cache's)."""
+    kernels, float32 or bfloat16 q and cache, causal, no chunk mask (the kernel reads keys [window
+    start, q_pos] of each row in place, so a row pays for its own length, not the cache's)."""
     if not (spec.causal and spec.chunk is None and jax.default_backend() == "cpu"):
         return False
-    if any(a.dtype != jnp.float32 for a in (q, k, v)):
+    if k.dtype != v.dtype or any(a.dtype not in (jnp.float32, jnp.bfloat16) for a in (q, k, v)):
         return False
     import llm_kernels
 

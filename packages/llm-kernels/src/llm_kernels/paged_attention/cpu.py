@@ -1,8 +1,9 @@
 """The C++ decode attention (csrc/paged_attention_kernels.cc) under `jax.ffi.ffi_call`.
 
 Each (row, kv head) reads only its own keys, [max(0, length - window), length), in place: from the
-pages its table names (paged pools) or from its row of a head-major contiguous cache. float32
-only. The kernel is a forward; gradients (never needed by a decode step, kept for honesty) come
+pages its table names (paged pools) or from its row of a head-major contiguous cache. The cache is
+float32 or bfloat16 (widened in registers); q is computed in float32 and the output returned in
+q's dtype. The kernel is a forward; gradients (never needed by a decode step, kept for honesty) come
 from the jax.numpy reference, so the op is differentiable like every other kernel here.
 """
 
@@ -20,16 +21,16 @@ from llm_kernels.paged_attention.reference import paged_attention_reference
 def _call(q, k, v, lengths, table, sinks, contiguous, scale, softcap, window):
     has_sinks = sinks is not None
     table = jnp.zeros((q.shape[0], 1), jnp.int32) if table is None else table
-    return jax.ffi.ffi_call(
-        "llm_kernels_paged_decode_attention",
-        jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        vmap_method="sequential",
+    target = "llm_kernels_paged_decode_attention" + ("_bf16" if k.dtype == jnp.bfloat16 else "")
+    out = jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
     )(
-        q, k, v, lengths, table,
+        q.astype(jnp.float32), k, v, lengths, table,
         sinks.astype(jnp.float32) if has_sinks else jnp.zeros((1,), jnp.float32),
         contiguous=contiguous, window=np.int64(window or 0), softcap=np.float32(softcap or 0.0),
         scale=np.float32(scale), has_sinks=has_sinks,
     )  # fmt: skip
+    return out.astype(q.dtype)
 
 
 def _as_pages(k):
@@ -49,8 +50,8 @@ def _reference(q, k, v, lengths, table, sinks, contiguous, scale, softcap, windo
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def decode_attention_cpu(q, k, v, lengths, table, sinks, contiguous, scale, softcap, window):
-    """q [B, H, D] float32; k, v pools [K, P, ps, D] with table [B, n], or contiguous [B, K, L, D]
-    with table None -> [B, H, D] float32."""
+    """q [B, H, D]; k, v (float32 or bfloat16) pools [K, P, ps, D] with table [B, n], or
+    contiguous [B, K, L, D] with table None -> [B, H, D] in q's dtype."""
     return _call(q, k, v, lengths, table, sinks, contiguous, scale, softcap, window)
 
 

@@ -1,7 +1,7 @@
 """Public decode attention: `paged_attention` over paged pools and `decode_attention` over a
 head-major contiguous cache. Validation and dispatch between the Mosaic Pallas kernel (paged; TPU,
-or any platform with interpret=True), the C++ kernel (the CPU default for float32: each row reads
-only its own keys) and the jnp reference (elsewhere: gathers every row to the table width, masks)."""
+or any platform with interpret=True), the C++ kernel (the CPU default for float32 and bfloat16
+caches: each row reads only its own keys) and the jnp reference (elsewhere: gathers every row to the table width, masks)."""
 
 from __future__ import annotations
 
@@ -61,20 +61,27 @@ def _validate(q, k_pages, v_pages, lengths, page_indices, sliding_window) -> Non
 BACKENDS = ("reference", "cpu")
 
 
-def _cpu_backend(backend: str | None, op: str, *arrays) -> bool:
-    """Whether to run the C++ kernel: backend "cpu", or None on the CPU with float32 operands."""
+CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _cpu_backend(backend: str | None, op: str, q, k, v) -> bool:
+    """Whether to run the C++ kernel: backend "cpu", or None on the CPU with a float32 or bfloat16
+    cache (k and v of one dtype)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected None or one of {BACKENDS}")
+    supported = k.dtype == v.dtype and k.dtype in CACHE_DTYPES and q.dtype in CACHE_DTYPES
     if backend == "cpu":
         _ffi.require_cpu_kernels(op)
-        bad = [a.dtype for a in arrays if a.dtype != jnp.float32]
-        if bad:
-            raise ValueError(f"{op}(backend='cpu') takes float32 q and cache, got {bad[0]}")
+        if not supported:
+            raise ValueError(
+                f"{op}(backend='cpu') takes float32 or bfloat16 q and cache (k and v alike), got "
+                f"q {q.dtype}, k {k.dtype}, v {v.dtype}"
+            )
         return True
     return (
         backend is None
+        and supported
         and current_platform() == "cpu"
-        and all(a.dtype == jnp.float32 for a in arrays)
         and _ffi.cpu_kernels_available()
     )
 
@@ -105,8 +112,8 @@ def paged_attention(
     Sequence b's keys are pages page_indices[b] of k_pages/v_pages, of which the first
     lengths[b] tokens are valid; the query sits at position lengths[b] - 1.
     sinks: [H] learned logits in every softmax (GPT-OSS), in the kernels and the jax.numpy path.
-    backend: None (Pallas on TPU or with interpret=True; on the CPU the C++ kernel for float32
-    when compiled; else the reference), "cpu" or "reference".
+    backend: None (Pallas on TPU or with interpret=True; on the CPU the C++ kernel for float32 or
+    bfloat16 pools when compiled; else the reference), "cpu" or "reference".
     """
     _validate(q, k_pages, v_pages, lengths, page_indices, sliding_window)
     _check_sinks("paged_attention", sinks, q.shape[1])
@@ -149,8 +156,9 @@ def decode_attention(
     j): q [B, H, D] sees row b's keys j < lengths[b] (and with a window, (lengths[b] - 1) - j <
     window) -> [B, H, D]. Rows with no visible key (and no sinks) give zeros.
 
-    backend: None (the C++ kernel on the CPU for float32 when compiled: each row reads its own
-    length only; else the reference, which masks the whole cache), "cpu" or "reference".
+    backend: None (the C++ kernel on the CPU for a float32 or bfloat16 cache when compiled: each
+    row reads its own length only; else the reference, which masks the whole cache), "cpu" or
+    "reference".
     """
     if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(
