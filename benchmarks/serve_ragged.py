@@ -1,14 +1,16 @@
 """Decoding next to a long request: llm-serve's decode step with one long request and short ones.
 
-bench-small (float32, 2048-position cache), `--batch` slots: slot 0 holds a `--long`-token prompt, the others `--short`
-tokens, so the decode step works on a cache length bucket of the long one. Each side is the same
-engine (contiguous and paged caches) with decode attention either by llm-kernels' C++ kernel, which
-reads each row only up to its own position (the default on the CPU), or by the path before it: XLA's
-einsums over the whole bucket, masked (contiguous), and the jnp reference that gathers every row's
-pages (paged). The sides are interleaved, `--steps` decode steps per round, median of `--repeats`
-rounds; prints ms per step, tokens/s, the CPU model and the load average before and after.
+bench-small (float32, 2048-position cache), `--batch` slots: slot 0 holds a `--long`-token prompt,
+the others `--short` tokens, so the decode step works on a cache length bucket of the long one. Each
+side is the same engine (contiguous and paged caches) with decode attention either by llm-kernels'
+C++ kernel, which reads each row only up to its own position (the default on the CPU), or by the
+path before it: XLA's einsums over the whole bucket, masked (contiguous), and the jnp reference that
+gathers every row's pages (paged); an int8 cache (`--kv-cache-dtype int8`) was dequantized first.
+The sides are interleaved, `--steps` decode steps per round, median of `--repeats` rounds; prints
+ms per step, tokens/s, the CPU model and the load average before and after.
 
     python benchmarks/serve_ragged.py [--batch 8] [--long 1800] [--short 32] [--steps 32]
+                                      [--kv-cache-dtype auto|int8]
 """
 
 from __future__ import annotations
@@ -26,21 +28,25 @@ from kernels import cpu_model, load_average
 
 import llm_kernels
 from llm_core import build_model, load_config
-from llm_core.layers import attention_ops
+from llm_core.layers import attention_ops, kv_cache
 from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
 
 
 @contextlib.contextmanager
 def decode_attention_before_the_kernel():
-    """While tracing: contiguous caches take XLA's masked einsums, paged pools the jnp reference."""
+    """While tracing: contiguous caches take XLA's masked einsums, paged pools the jnp reference,
+    int8 caches are dequantized first."""
     applies, paged = attention_ops.decode_kernel_applies, llm_kernels.paged_attention
+    int8 = kv_cache.reads_int8_in_place
     attention_ops.decode_kernel_applies = lambda *_: False
+    kv_cache.reads_int8_in_place = lambda *_: False
     llm_kernels.paged_attention = functools.partial(paged, backend="reference")
     try:
         yield
     finally:
         attention_ops.decode_kernel_applies, llm_kernels.paged_attention = applies, paged
+        kv_cache.reads_int8_in_place = int8
 
 
 def filled_engine(cfg, model, kind: str, prompts: list[np.ndarray], new_tokens: int):
@@ -61,9 +67,11 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}; load average before: {load_average()}")
-    overrides = [f"max_decode_slots={args.batch}", "kv_cache_max_length=2048"]
+    overrides = [f"max_decode_slots={args.batch}", "kv_cache_max_length=2048",
+                 f"kv_cache_dtype={args.kv_cache_dtype}"]  # fmt: skip
     cfg = load_config("bench-small.yml", overrides)
     new_tokens = args.steps * (args.repeats + 1) + 1
     if args.long + new_tokens > cfg.kv_cache_max_length:
@@ -99,7 +107,7 @@ def main() -> None:
                 np.asarray(out.tokens)  # the scheduler reads every step's tokens back too
             times[key].append((time.perf_counter() - start) / args.steps)
             entry[2] = state
-    print(f"bench-small float32, batch {args.batch}: one {args.long}-token prompt and "
+    print(f"bench-small float32, {args.kv_cache_dtype} KV cache, batch {args.batch}: one {args.long}-token prompt and "
           f"{args.batch - 1} of {args.short}; {args.steps} steps per round, median of {args.repeats}")  # fmt: skip
     for kind in ("contiguous", "paged"):
         ours = statistics.median(times[(kind, "c++ kernel")])

@@ -8,7 +8,7 @@ import pytest
 
 import llm_kernels
 from llm_core.layers import attention_ops as ops
-from llm_core.layers.kv_cache import ContiguousKV
+from llm_core.layers.kv_cache import ContiguousKV, Int8ContiguousKV, Int8PagedKV
 
 SPECS = {
     "causal": {},
@@ -67,3 +67,29 @@ def test_bfloat16_prompt_over_a_contiguous_cache():
     got = jax.jit(prompt)(*bf16)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05)
+
+
+def test_int8_caches_are_read_in_place_by_the_kernel():
+    """A decode step over an int8 cache (contiguous and paged) goes to the C++ kernel with the int8
+    rows and scales, and equals XLA's attention over the dequantized cache."""
+    if not llm_kernels.cpu_kernels_available():
+        pytest.skip("C++ kernels not built")
+    b, h, kh, d, length, page = 3, 8, 2, 16, 32, 8
+    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+    k, v = (jax.random.normal(key, (b, length, kh, d)) for key in keys[:2])
+    q = jax.random.normal(keys[2], (b, 1, h, d))
+    sink = jax.random.normal(keys[3], (h,))
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    step = jnp.array([[3], [17], [31]], jnp.int32)
+    spec = ops.AttentionSpec(scale=d**-0.5, sliding_window=12)
+    contiguous = Int8ContiguousKV.create(b, length, kh, d).write(k, v, positions)
+    table = jnp.arange(1, 1 + b * length // page, dtype=jnp.int32).reshape(b, -1)
+    paged = Int8PagedKV.create(b, kh, d, 1 + b * length // page, page, length // page)
+    paged = paged.with_table(table).write(k, v, positions)
+    deq = [contiguous.k * contiguous.k_scale, contiguous.v * contiguous.v_scale]
+    want = ops.decode_attention(q, *deq, step, spec, sinks=sink, use_kernel=False)
+    for cache in (contiguous, paged):
+        got = cache.attend(q, step, spec, sinks=sink)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        jaxpr = str(jax.make_jaxpr(lambda q, c: c.attend(q, step, spec, sinks=sink))(q, cache))
+        assert "llm_kernels_paged_decode_attention_int8" in jaxpr

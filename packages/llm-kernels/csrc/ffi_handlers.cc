@@ -278,7 +278,8 @@ template <ffi::DataType T>
 ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                     ffi::Buffer<T> k, ffi::Buffer<T> v,
                                     ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> table,
-                                    ffi::Buffer<ffi::F32> sinks, bool contiguous, int64_t window,
+                                    ffi::Buffer<ffi::F32> sinks, ffi::Buffer<ffi::F32> k_scale,
+                                    ffi::Buffer<ffi::F32> v_scale, bool contiguous, int64_t window,
                                     float softcap, float scale, bool has_sinks,
                                     ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = table.dimensions();
@@ -317,7 +318,18 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   a.q = q.typed_data();
   a.k = k.typed_data();
   a.v = v.typed_data();
-  a.bf16_cache = T == ffi::DataType::BF16;
+  a.cache_type = T == ffi::DataType::BF16 ? PagedDecodeArgs::kBF16
+                 : T == ffi::DataType::S8 ? PagedDecodeArgs::kI8
+                                          : PagedDecodeArgs::kF32;
+  if (a.cache_type == PagedDecodeArgs::kI8) {
+    const int64_t per_scale = static_cast<int64_t>(k.element_count()) / a.head_dim;
+    if (static_cast<int64_t>(k_scale.element_count()) != per_scale ||
+        static_cast<int64_t>(v_scale.element_count()) != per_scale)
+      return ffi::Error::InvalidArgument(
+          "paged_decode_attention: int8 k / v need k_scale / v_scale of their shape with head_dim 1");
+    a.k_scale = k_scale.typed_data();
+    a.v_scale = v_scale.typed_data();
+  }
   a.lengths = lengths.typed_data();
   a.table = contiguous ? nullptr : table.typed_data();
   a.sinks = has_sinks ? sinks.typed_data() : nullptr;
@@ -444,6 +456,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttention, llmk::PagedDecodeAttenti
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contiguous")
                                   .Attr<int64_t>("window")
                                   .Attr<float>("softcap")
@@ -459,6 +473,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttentionBf16, llmk::PagedDecodeAtt
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("contiguous")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_sinks")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttentionI8, llmk::PagedDecodeAttentionImpl<ffi::DataType::S8>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("contiguous")
                                   .Attr<int64_t>("window")

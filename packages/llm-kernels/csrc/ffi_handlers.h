@@ -15,4 +15,5 @@ XLA_FFI_Error* LlmkPackedMatmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkPackedMatmulBf16(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkPagedDecodeAttention(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LlmkPagedDecodeAttentionBf16(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LlmkPagedDecodeAttentionI8(XLA_FFI_CallFrame* call_frame);
 }

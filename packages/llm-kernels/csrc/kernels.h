@@ -91,8 +91,10 @@ struct PagedDecodeArgs {
   int64_t page_size, pages_per_row;
   int64_t kv_head_stride, page_stride;  // in floats
   const float* q;
-  const void *k, *v;       // float, or bfloat16 bits (uint16_t) when bf16_cache
-  bool bf16_cache;
+  const void *k, *v;       // float, bfloat16 bits (uint16_t) or int8, as cache_type says
+  enum CacheType { kF32, kBF16, kI8 } cache_type;
+  // int8 caches: a float32 scale per key and kv head, laid out as k / v with head_dim 1
+  const float *k_scale, *v_scale;
   const int32_t* lengths;  // [batch]
   const int32_t* table;    // [batch, pages_per_row] or nullptr
   const float* sinks;      // [heads] or nullptr: one more logit per head, attending to nothing

@@ -31,6 +31,7 @@ NB_MODULE(_cpu_kernels, m) {
     d["llm_kernels_packed_matmul_bf16"] = encapsulate(LlmkPackedMatmulBf16);
     d["llm_kernels_paged_decode_attention"] = encapsulate(LlmkPagedDecodeAttention);
     d["llm_kernels_paged_decode_attention_bf16"] = encapsulate(LlmkPagedDecodeAttentionBf16);
+    d["llm_kernels_paged_decode_attention_int8"] = encapsulate(LlmkPagedDecodeAttentionI8);
     return d;
   });
   m.def("isa", []() { return llmk::isa_name(); }, "The SIMD build picked at runtime.");

@@ -2,8 +2,9 @@
 // task reads only that row's own keys, [max(0, length - window), length), page by page in place, so a
 // short request next to a long one pays for its own length, not the batch's longest (the jnp path
 // gathers every row's pages up to the table width and masks). Online softmax over blocks of keys;
-// the G query heads of a kv head share each key and value load. The cache is float32 or bfloat16
-// (widened in registers); q, the softmax and the output are float32. Compiled once per ISA.
+// the G query heads of a kv head share each key and value load. The cache is float32, bfloat16 or
+// int8 with a scale per key and head (widened in registers; a key's scale multiplies its score, a
+// value's its softmax weight); q, the softmax and the output are float32. Compiled once per ISA.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -94,7 +95,7 @@ inline void accumulate(float* __restrict y, const float* __restrict p, const T* 
   }
 }
 
-template <typename T>  // the cache's element type: float, or uint16_t bfloat16 bits
+template <typename T>  // the cache's element type: float, uint16_t bfloat16 bits, or int8_t
 struct Task {
   const PagedDecodeArgs& a;
   const T *k, *v;
@@ -102,15 +103,20 @@ struct Task {
   std::vector<float>& acc;  // [group, head_dim]
   std::vector<float>& s;    // [group, kBlock]
 
-  // Pointers to the K and V rows of keys [t0, t0 + n), which may span pages.
-  void rows(int64_t t0, int64_t n, const T** krows, const T** vrows) const {
+  // Pointers to the K and V rows of keys [t0, t0 + n), which may span pages, and (int8) their
+  // scales.
+  void rows(int64_t t0, int64_t n, const T** krows, const T** vrows, float* kscale,
+            float* vscale) const {
     int64_t page_index = t0 / a.page_size, offset = t0 % a.page_size;
     for (int64_t j = 0; j < n;) {
       const int64_t page = a.table ? a.table[b * a.pages_per_row + page_index] : b;
       const int64_t base = kh * a.kv_head_stride + page * a.page_stride;
+      const int64_t scales = base / a.head_dim;  // the scales' layout has head_dim 1
       for (; offset < a.page_size && j < n; ++offset, ++j) {
         krows[j] = k + base + offset * a.head_dim;
         vrows[j] = v + base + offset * a.head_dim;
+        kscale[j] = a.k_scale ? a.k_scale[scales + offset] : 1.f;
+        vscale[j] = a.v_scale ? a.v_scale[scales + offset] : 1.f;
       }
       offset = 0;
       ++page_index;
@@ -133,14 +139,15 @@ struct Task {
     const float* q = a.q + (b * a.heads + kh * group) * d;
     const T* krows[kBlock];
     const T* vrows[kBlock];
+    alignas(64) float kscale[kBlock], vscale[kBlock], weights[kBlock];
     for (int64_t t0 = start; t0 < len;) {
       const int64_t n = std::min(kBlock, len - t0);
-      rows(t0, n, krows, vrows);
+      rows(t0, n, krows, vrows, kscale, vscale);
       for (int64_t g = 0; g < group; ++g) {
         float* sg = s.data() + g * kBlock;
         float mx = kNegInf;
         for (int64_t j = 0; j < n; ++j) {
-          float x = dot(q + g * d, krows[j], d) * a.scale;
+          float x = dot(q + g * d, krows[j], d) * (a.scale * kscale[j]);
           if (a.softcap > 0.f) x = a.softcap * std::tanh(x / a.softcap);
           sg[j] = x;
           mx = std::max(mx, x);
@@ -160,7 +167,12 @@ struct Task {
         float* y = acc.data() + g * d;
         if (alpha != 1.f)
           for (int64_t i = 0; i < d; ++i) y[i] *= alpha;
-        accumulate(y, sg, vrows, n, d);
+        if (a.v_scale) {  // int8: each value row's scale joins its softmax weight
+          for (int64_t j = 0; j < n; ++j) weights[j] = sg[j] * vscale[j];
+          accumulate(y, weights, vrows, n, d);
+        } else {
+          accumulate(y, sg, vrows, n, d);
+        }
       }
       t0 += n;
     }
@@ -171,6 +183,13 @@ struct Task {
     }
   }
 };
+
+template <typename T>
+void run_task(const PagedDecodeArgs& a, int64_t b, int64_t kh, int64_t group,
+              std::vector<float>& acc, std::vector<float>& s) {
+  const auto* k = static_cast<const T*>(a.k);
+  Task<T>{a, k, static_cast<const T*>(a.v), b, kh, group, acc, s}.run();
+}
 }  // namespace
 
 void paged_decode_attention(const PagedDecodeArgs& a) {
@@ -180,12 +199,15 @@ void paged_decode_attention(const PagedDecodeArgs& a) {
   s.resize(group * kBlock + W);
   for (int64_t task = a.t0; task < a.t1; ++task) {
     const int64_t b = task / a.kv_heads, kh = task % a.kv_heads;
-    if (a.bf16_cache) {
-      const auto* k = static_cast<const uint16_t*>(a.k);
-      Task<uint16_t>{a, k, static_cast<const uint16_t*>(a.v), b, kh, group, acc, s}.run();
-    } else {
-      const auto* k = static_cast<const float*>(a.k);
-      Task<float>{a, k, static_cast<const float*>(a.v), b, kh, group, acc, s}.run();
+    switch (a.cache_type) {
+      case PagedDecodeArgs::kBF16:
+        run_task<uint16_t>(a, b, kh, group, acc, s);
+        break;
+      case PagedDecodeArgs::kI8:
+        run_task<int8_t>(a, b, kh, group, acc, s);
+        break;
+      default:
+        run_task<float>(a, b, kh, group, acc, s);
     }
   }
 }

@@ -29,6 +29,12 @@ inline vf load_widened(const uint16_t* p) {
   const vu bits = __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu) << 16;
   return (vf)bits;
 }
+// int8 (a quantized cache): exact in float32; the caller applies the scale.
+typedef int8_t vb_u __attribute__((vector_size(W), aligned(1)));
+inline vf load_widened(const int8_t* p) {
+  return __builtin_convertvector(__builtin_convertvector(*reinterpret_cast<const vb_u*>(p), vi), vf);
+}
+inline float widen(int8_t x) { return static_cast<float>(x); }
 inline float widen(float x) { return x; }
 inline float widen(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;

@@ -1,5 +1,5 @@
-"""The C++ decode attention (paged pools and contiguous caches) against a per-row numpy softmax and
-the jnp reference, forward and gradients: GQA groups of 1, 2 and 4, head dims that do and do not fill
+"""The C++ decode attention (paged pools and contiguous caches; float32, bfloat16 and scaled int8)
+against a per-row numpy softmax and the jnp reference, forward and gradients: GQA groups of 1, 2 and 4, head dims that do and do not fill
 a SIMD vector, lengths of 0, 1, a partial page, a full table and past it, sliding windows, soft-cap
 and sinks; bad operands are refused by name."""
 
@@ -134,6 +134,43 @@ def test_bfloat16_cache_matches_its_widened_float32_copy(layout):
     got16 = jax.jit(run)(q.astype(jnp.bfloat16), k16, v16)
     assert got16.dtype == jnp.bfloat16
     assert max_err(got16.astype(jnp.float32), want) < 2e-2
+
+
+def quantized(x):
+    """Symmetric int8 per token and head, as llm-core's int8 caches store it."""
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0, 1e-8)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_int8_cache_matches_its_dequantized_float32_copy(layout):
+    """An int8 cache with per-token scales is read in place: the same as the float32 kernel on the
+    dequantized cache, and the reference backend dequantizes first."""
+    rng = np.random.default_rng(6)
+    q, k, v, lengths, table = paged_case(rng, 4, 8, 2, 40, 16, 4, [0, 5, 37, 64])
+    if layout == "contiguous":
+        k, v = (jnp.asarray(rng.normal(size=(4, 2, 64, 40)), jnp.float32) for _ in range(2))
+    (kq, ks), (vq, vs) = quantized(k), quantized(v)
+    sinks = jnp.asarray(rng.normal(size=8), jnp.float32)
+
+    def run(q, k, v, backend="cpu", **scales):
+        kw = {"sliding_window": 30, "logit_soft_cap": 5.0, "sinks": sinks, "backend": backend}
+        if layout == "paged":
+            return paged_attention(q, k, v, lengths, table, **kw, **scales)
+        return decode_attention(q, k, v, lengths, **kw, **scales)
+
+    want = run(q, kq.astype(jnp.float32) * ks, vq.astype(jnp.float32) * vs)
+    got = jax.jit(lambda q, *a: run(q, *a[:2], k_scale=a[2], v_scale=a[3]))(q, kq, vq, ks, vs)
+    assert got.dtype == jnp.float32
+    assert max_err(got, want) < 1e-5
+    ref = run(q, kq, vq, "reference", k_scale=ks, v_scale=vs)
+    assert max_err(ref, want) < 1e-5
+    jaxpr = str(jax.make_jaxpr(lambda q: run(q, kq, vq, None, k_scale=ks, v_scale=vs))(q))
+    assert "llm_kernels_paged_decode_attention_int8" in jaxpr  # the CPU default reads int8
+    with pytest.raises(ValueError, match="int8 cache needs"):
+        run(q, kq, vq, k_scale=ks)
+    with pytest.raises(ValueError, match="for int8 caches"):
+        run(q, k, v, k_scale=ks, v_scale=vs)
 
 
 def test_gradients_match_the_reference():

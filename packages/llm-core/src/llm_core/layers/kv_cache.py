@@ -21,8 +21,9 @@ them to a whole model's cache with `map_layer_caches`, never looking inside):
   prompt, `with_table(table)` installs a new page table.
 
 - `Int8ContiguousKV` / `Int8PagedKV` (`kv_cache_dtype: int8`): the float caches in int8 with
-  per-token, per-head scales; the paged one dequantizes a row's pages on reading (the paged kernel
-  reads float pools), so its decode steps take the gathered path.
+  per-token, per-head scales. A decode step on the CPU is read in place, int8 rows and scales, by
+  llm-kernels' C++ decode attention (`reads_int8_in_place`); elsewhere, and for prompt chunks, the
+  cache (the paged one: a row's gathered pages) is dequantized first.
 - `LatentKV` and `PagedLatentKV` (`latent_cache.py`): MLA's one latent row per token.
 
 Positions at or beyond a cache's capacity are dropped on write (use that for padding tokens).
@@ -192,6 +193,16 @@ class Int8ContiguousKV(LayerCache):
         )  # fmt: skip
 
     def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
+        if reads_int8_in_place(q, spec):
+            import llm_kernels
+
+            out = llm_kernels.decode_attention(
+                q[:, 0], self.k, self.v, (positions[:, 0] + 1).astype(jnp.int32),
+                sm_scale=spec.scale, logit_soft_cap=spec.logit_softcap,
+                sliding_window=spec.sliding_window, sinks=sinks, backend="cpu",
+                k_scale=self.k_scale, v_scale=self.v_scale,
+            )  # fmt: skip
+            return out[:, None]
         k = (self.k.astype(jnp.float32) * self.k_scale).astype(q.dtype)
         v = (self.v.astype(jnp.float32) * self.v_scale).astype(q.dtype)
         return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
@@ -256,6 +267,10 @@ class Int8PagedKV(LayerCache, PagedTable):
         )  # fmt: skip
 
     def attend(self, q, positions, spec, backend="dot_product", chunk=512, sinks=None):
+        if reads_int8_in_place(q, spec):
+            scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+            return paged_decode(q, self.k, self.v, self.table, positions, spec, sinks, **scales)
+
         def read(pool, scale):
             values = gather_pages(pool, self.table).astype(jnp.float32)
             return (values * gather_pages(scale, self.table)).astype(q.dtype)
@@ -346,22 +361,30 @@ def attend_paged(q, k_pool, v_pool, table, positions, spec, backend: str, chunk:
     if q.shape[1] != 1 or spec.chunk is not None:  # the paged kernel has no chunk mask
         k, v = gather_pages(k_pool, table), gather_pages(v_pool, table)
         return _attend_contiguous(q, k, v, positions, spec, backend, chunk, sinks)
+    return paged_decode(q, k_pool.astype(q.dtype), v_pool.astype(q.dtype), table, positions, spec,
+                        sinks)  # fmt: skip
+
+
+def paged_decode(q, k_pool, v_pool, table, positions, spec, sinks=None, **scales):
+    """One decode step (q [B, 1, H, D]) over paged pools through `llm_kernels.paged_attention`
+    (`scales`: k_scale / v_scale of int8 pools)."""
     import llm_kernels
 
     max_len = table.shape[-1] * k_pool.shape[-2]
     lengths = jnp.clip(positions[:, 0] + 1, 1, max_len).astype(jnp.int32)
     out = llm_kernels.paged_attention(
-        q[:, 0],
-        k_pool.astype(q.dtype),
-        v_pool.astype(q.dtype),
-        lengths,
-        table,
-        sm_scale=spec.scale,
-        logit_soft_cap=spec.logit_softcap,
-        sliding_window=spec.sliding_window,
-        sinks=sinks,
-    )
+        q[:, 0], k_pool, v_pool, lengths, table,
+        sm_scale=spec.scale, logit_soft_cap=spec.logit_softcap,
+        sliding_window=spec.sliding_window, sinks=sinks, **scales,
+    )  # fmt: skip
     return out[:, None]
+
+
+def reads_int8_in_place(q, spec) -> bool:
+    """Whether a step over an int8 cache goes to llm-kernels' C++ decode attention, which reads the
+    int8 rows and their scales in place (a decode step where `decode_kernel_applies` for a float
+    cache of q's dtype); otherwise the cache is dequantized first."""
+    return q.shape[1] == 1 and ops.decode_kernel_applies(q, q, q, spec)
 
 
 def is_layer_cache(x) -> bool:

@@ -2,7 +2,7 @@
 
 Each (row, kv head) reads only its own keys, [max(0, length - window), length), in place: from the
 pages its table names (paged pools) or from its row of a head-major contiguous cache. The cache is
-float32 or bfloat16 (widened in registers); q is computed in float32 and the output returned in
+float32, bfloat16 or int8 with per-token scales (widened in registers); q is computed in float32 and the output returned in
 q's dtype. The kernel is a forward; gradients (never needed by a decode step, kept for honesty) come
 from the jax.numpy reference, so the op is differentiable like every other kernel here.
 """
@@ -17,20 +17,35 @@ import numpy as np
 
 from llm_kernels.paged_attention.reference import paged_attention_reference
 
+TARGETS = {"float32": "", "bfloat16": "_bf16", "int8": "_int8"}
 
-def _call(q, k, v, lengths, table, sinks, contiguous, scale, softcap, window):
+
+def _call(q, k, v, lengths, table, sinks, contiguous, scale, softcap, window, scales=None):
     has_sinks = sinks is not None
     table = jnp.zeros((q.shape[0], 1), jnp.int32) if table is None else table
-    target = "llm_kernels_paged_decode_attention" + ("_bf16" if k.dtype == jnp.bfloat16 else "")
+    none = jnp.zeros((1,), jnp.float32)
+    k_scale, v_scale = scales if scales is not None else (none, none)
+    target = "llm_kernels_paged_decode_attention" + TARGETS[jnp.dtype(k.dtype).name]
     out = jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
     )(
         q.astype(jnp.float32), k, v, lengths, table,
-        sinks.astype(jnp.float32) if has_sinks else jnp.zeros((1,), jnp.float32),
+        sinks.astype(jnp.float32) if has_sinks else none,
+        k_scale.astype(jnp.float32), v_scale.astype(jnp.float32),
         contiguous=contiguous, window=np.int64(window or 0), softcap=np.float32(softcap or 0.0),
         scale=np.float32(scale), has_sinks=has_sinks,
     )  # fmt: skip
     return out.astype(q.dtype)
+
+
+def decode_attention_int8_cpu(
+    q, k, v, k_scale, v_scale, lengths, table, sinks, contiguous, scale, softcap, window
+):
+    """The kernel on an int8 cache (k, v int8; scales float32 of their shape with head_dim 1),
+    dequantized in registers. Forward only: an int8 cache is never differentiated."""
+    return _call(
+        q, k, v, lengths, table, sinks, contiguous, scale, softcap, window, (k_scale, v_scale)
+    )
 
 
 def _as_pages(k):
