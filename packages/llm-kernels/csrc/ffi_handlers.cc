@@ -2,11 +2,7 @@
 // Leading dimensions beyond the op's own rank are folded into the batch, which is what
 // ffi_call(vmap_method="broadcast_all") produces under jax.vmap.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <string>
-#include <thread>
 
 #include "ffi_handlers.h"
 #include "kernels.h"
@@ -447,56 +443,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPackedMatmulBf16, llmk::PackedMatmulImpl<ffi::
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttention, llmk::PagedDecodeAttentionImpl<ffi::DataType::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("contiguous")
-                                  .Attr<int64_t>("window")
-                                  .Attr<float>("softcap")
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("has_sinks")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// One binding per cache dtype (float32, bfloat16, int8); the scale buffers are read for int8 only.
+#define LLMK_PAGED_DECODE_HANDLER(symbol, dtype)                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, llmk::PagedDecodeAttentionImpl<ffi::DataType::dtype>, \
+                                ffi::Ffi::Bind()                                            \
+                                    .Ctx<ffi::ThreadPool>()                                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::dtype>>()                         \
+                                    .Arg<ffi::Buffer<ffi::dtype>>()                         \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Attr<bool>("contiguous")                               \
+                                    .Attr<int64_t>("window")                                \
+                                    .Attr<float>("softcap")                                 \
+                                    .Attr<float>("scale")                                   \
+                                    .Attr<bool>("has_sinks")                                \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttentionBf16, llmk::PagedDecodeAttentionImpl<ffi::DataType::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("contiguous")
-                                  .Attr<int64_t>("window")
-                                  .Attr<float>("softcap")
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("has_sinks")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmkPagedDecodeAttentionI8, llmk::PagedDecodeAttentionImpl<ffi::DataType::S8>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("contiguous")
-                                  .Attr<int64_t>("window")
-                                  .Attr<float>("softcap")
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("has_sinks")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+LLMK_PAGED_DECODE_HANDLER(LlmkPagedDecodeAttention, F32);
+LLMK_PAGED_DECODE_HANDLER(LlmkPagedDecodeAttentionBf16, BF16);
+LLMK_PAGED_DECODE_HANDLER(LlmkPagedDecodeAttentionI8, S8);
