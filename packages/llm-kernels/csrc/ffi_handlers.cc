@@ -293,6 +293,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
     a.kv_heads = kd[1];
     a.page_size = kd[2];
     a.pages_per_row = 1;
+    a.num_pages = kd[0];
     a.kv_head_stride = kd[2] * kd[3];
     a.page_stride = kd[1] * kd[2] * kd[3];
     if (kd[0] != a.batch)
@@ -301,6 +302,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
     a.kv_heads = kd[0];
     a.page_size = kd[2];
     a.pages_per_row = td[1];
+    a.num_pages = kd[1];
     a.kv_head_stride = kd[1] * kd[2] * kd[3];
     a.page_stride = kd[2] * kd[3];
     if (td[0] != a.batch)
@@ -322,7 +324,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
     if (static_cast<int64_t>(k_scale.element_count()) != per_scale ||
         static_cast<int64_t>(v_scale.element_count()) != per_scale)
       return ffi::Error::InvalidArgument(
-          "paged_decode_attention: int8 k / v need k_scale / v_scale of their shape with head_dim 1");
+          "paged_decode_attention: int8 k / v need k_scale / v_scale of their shape, head_dim 1");
     a.k_scale = k_scale.typed_data();
     a.v_scale = v_scale.typed_data();
   }

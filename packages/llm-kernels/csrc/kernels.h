@@ -88,7 +88,7 @@ struct PackedMatmulArgs {
 // when table is null (a contiguous [B, K, L, D] cache: page_size = L, one page per row).
 struct PagedDecodeArgs {
   int64_t batch, heads, kv_heads, head_dim;
-  int64_t page_size, pages_per_row;
+  int64_t page_size, pages_per_row, num_pages;  // num_pages: of the pool (contiguous: batch)
   int64_t kv_head_stride, page_stride;  // in floats
   const float* q;
   const void *k, *v;       // float, bfloat16 bits (uint16_t) or int8, as cache_type says

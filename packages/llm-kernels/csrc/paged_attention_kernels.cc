@@ -1,10 +1,11 @@
-// One decode step of attention over a paged (or contiguous) KV cache on the CPU: each (row, kv head)
-// task reads only that row's own keys, [max(0, length - window), length), page by page in place, so a
-// short request next to a long one pays for its own length, not the batch's longest (the jnp path
-// gathers every row's pages up to the table width and masks). Online softmax over blocks of keys;
-// the G query heads of a kv head share each key and value load. The cache is float32, bfloat16 or
-// int8 with a scale per key and head (widened in registers; a key's scale multiplies its score, a
-// value's its softmax weight); q, the softmax and the output are float32. Compiled once per ISA.
+// One decode step of attention over a paged (or contiguous) KV cache on the CPU: each (row, kv
+// head) task reads only that row's own keys, [max(0, length - window), length), page by page in
+// place, so a short request next to a long one pays for its own length, not the batch's longest
+// (the jnp path gathers every row's pages up to the table width and masks). Online softmax over
+// blocks of keys; the G query heads of a kv head share each key and value load. The cache is
+// float32, bfloat16 or int8 with a scale per key and head (widened in registers; a key's scale
+// multiplies its score, a value's its softmax weight); q, the softmax and the output are float32.
+// Compiled once per ISA.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -109,7 +110,10 @@ struct Task {
             float* vscale) const {
     int64_t page_index = t0 / a.page_size, offset = t0 % a.page_size;
     for (int64_t j = 0; j < n;) {
-      const int64_t page = a.table ? a.table[b * a.pages_per_row + page_index] : b;
+      // a page id outside the pool is clamped into it (as XLA's gather does): never read past it
+      const int64_t last = a.num_pages - 1;
+      const int64_t page =
+          a.table ? std::clamp<int64_t>(a.table[b * a.pages_per_row + page_index], 0, last) : b;
       const int64_t base = kh * a.kv_head_stride + page * a.page_stride;
       const int64_t scales = base / a.head_dim;  // the scales' layout has head_dim 1
       for (; offset < a.page_size && j < n; ++offset, ++j) {

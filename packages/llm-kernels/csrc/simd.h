@@ -32,7 +32,8 @@ inline vf load_widened(const uint16_t* p) {
 // int8 (a quantized cache): exact in float32; the caller applies the scale.
 typedef int8_t vb_u __attribute__((vector_size(W), aligned(1)));
 inline vf load_widened(const int8_t* p) {
-  return __builtin_convertvector(__builtin_convertvector(*reinterpret_cast<const vb_u*>(p), vi), vf);
+  const vi widened = __builtin_convertvector(*reinterpret_cast<const vb_u*>(p), vi);
+  return __builtin_convertvector(widened, vf);
 }
 inline float widen(int8_t x) { return static_cast<float>(x); }
 inline float widen(float x) { return x; }

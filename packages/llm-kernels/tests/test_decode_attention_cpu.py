@@ -191,6 +191,17 @@ def test_gradients_match_the_reference():
         assert max_err(got, want) < 1e-5
 
 
+def test_page_ids_outside_the_pool_are_clamped_not_read_out_of_bounds():
+    rng = np.random.default_rng(8)
+    q, k, v, lengths, table = paged_case(rng, 2, 4, 2, 16, 8, 2, [16, 16])
+    wild = table.at[0, 1].set(10**6).at[1, 0].set(-5)
+    clamped = jnp.clip(wild, 0, k.shape[1] - 1)
+    got = paged_attention(q, k, v, lengths, wild, backend="cpu")
+    want = paged_attention(q, k, v, lengths, clamped, backend="cpu")
+    assert max_err(got, want) == 0.0
+    assert max_err(want, paged_attention_reference(q, k, v, lengths, clamped)) < 2e-5
+
+
 def test_bad_operands_are_refused():
     rng = np.random.default_rng(4)
     q, k, v, lengths, table = paged_case(rng, 2, 4, 2, 16, 8, 2, [3, 4])
