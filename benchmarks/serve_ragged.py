@@ -28,7 +28,7 @@ from kernels import cpu_model, load_average
 
 import llm_kernels
 from llm_core import build_model, load_config
-from llm_core.layers import attention_ops, kv_cache
+from llm_core.layers import attention_ops
 from llm_serve.engine import Engine
 from llm_serve.sampling import SamplingParams
 
@@ -38,15 +38,12 @@ def decode_attention_before_the_kernel():
     """While tracing: contiguous caches take XLA's masked einsums, paged pools the jnp reference,
     int8 caches are dequantized first."""
     applies, paged = attention_ops.decode_kernel_applies, llm_kernels.paged_attention
-    int8 = kv_cache.reads_int8_in_place
-    attention_ops.decode_kernel_applies = lambda *_: False
-    kv_cache.reads_int8_in_place = lambda *_: False
+    attention_ops.decode_kernel_applies = lambda *_: False  # int8 caches ask it too
     llm_kernels.paged_attention = functools.partial(paged, backend="reference")
     try:
         yield
     finally:
         attention_ops.decode_kernel_applies, llm_kernels.paged_attention = applies, paged
-        kv_cache.reads_int8_in_place = int8
 
 
 def filled_engine(cfg, model, kind: str, prompts: list[np.ndarray], new_tokens: int):

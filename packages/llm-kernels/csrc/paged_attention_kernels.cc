@@ -103,6 +103,7 @@ struct Task {
   int64_t b, kh, group;
   std::vector<float>& acc;  // [group, head_dim]
   std::vector<float>& s;    // [group, kBlock]
+  std::vector<float>& ml;   // [2, group]: running max and sum of each query head
 
   // Pointers to the K and V rows of keys [t0, t0 + n), which may span pages, and (int8) their
   // scales.
@@ -133,7 +134,8 @@ struct Task {
     const int64_t query_len = std::max<int64_t>(a.lengths[b], 0);
     const int64_t len = std::min<int64_t>(query_len, a.page_size * a.pages_per_row);
     const int64_t start = a.window > 0 ? std::max<int64_t>(0, query_len - a.window) : 0;
-    std::vector<float> m(group), l(group);
+    float* m = ml.data();
+    float* l = ml.data() + group;
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
       m[g] = a.sinks ? a.sinks[h] : kNegInf;  // a sink is one more logit, with no value
@@ -190,28 +192,29 @@ struct Task {
 
 template <typename T>
 void run_task(const PagedDecodeArgs& a, int64_t b, int64_t kh, int64_t group,
-              std::vector<float>& acc, std::vector<float>& s) {
+              std::vector<float>& acc, std::vector<float>& s, std::vector<float>& ml) {
   const auto* k = static_cast<const T*>(a.k);
-  Task<T>{a, k, static_cast<const T*>(a.v), b, kh, group, acc, s}.run();
+  Task<T>{a, k, static_cast<const T*>(a.v), b, kh, group, acc, s, ml}.run();
 }
 }  // namespace
 
 void paged_decode_attention(const PagedDecodeArgs& a) {
   const int64_t group = a.heads / a.kv_heads;
-  thread_local std::vector<float> acc, s;
+  thread_local std::vector<float> acc, s, ml;  // reused across tasks: no allocation per task
   acc.resize(group * a.head_dim);
   s.resize(group * kBlock + W);
+  ml.resize(2 * group);
   for (int64_t task = a.t0; task < a.t1; ++task) {
     const int64_t b = task / a.kv_heads, kh = task % a.kv_heads;
     switch (a.cache_type) {
       case PagedDecodeArgs::kBF16:
-        run_task<uint16_t>(a, b, kh, group, acc, s);
+        run_task<uint16_t>(a, b, kh, group, acc, s, ml);
         break;
       case PagedDecodeArgs::kI8:
-        run_task<int8_t>(a, b, kh, group, acc, s);
+        run_task<int8_t>(a, b, kh, group, acc, s, ml);
         break;
       default:
-        run_task<float>(a, b, kh, group, acc, s);
+        run_task<float>(a, b, kh, group, acc, s, ml);
     }
   }
 }

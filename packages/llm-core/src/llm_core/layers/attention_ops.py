@@ -93,13 +93,15 @@ def dot_product_attention(
     return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
 
-def decode_kernel_applies(q, k, v, spec) -> bool:
+def decode_kernel_applies(q, spec, cache_dtype) -> bool:
     """Whether a decode step runs llm-kernels' C++ decode attention: on the CPU with the compiled
-    kernels, float32 or bfloat16 q and cache, causal, no chunk mask (the kernel reads keys [window
-    start, q_pos] of each row in place, so a row pays for its own length, not the cache's)."""
+    kernels, a float32 or bfloat16 q, a float32, bfloat16 or (scaled) int8 cache, causal, no chunk
+    mask (the kernel reads keys [window start, q_pos] of each row in place, so a row pays for its
+    own length, not the cache's)."""
     if not (spec.causal and spec.chunk is None and jax.default_backend() == "cpu"):
         return False
-    if k.dtype != v.dtype or any(a.dtype not in (jnp.float32, jnp.bfloat16) for a in (q, k, v)):
+    floats = (jnp.float32, jnp.bfloat16)
+    if q.dtype not in floats or cache_dtype not in (*floats, jnp.int8):
         return False
     import llm_kernels
 
@@ -117,7 +119,7 @@ def decode_attention(q, k, v, q_pos, spec, sinks=None, use_kernel: bool | None =
     einsums of `dot_product_attention` made it transpose the whole cache every layer and step), but
     every row attends over all T positions, masked."""
     if use_kernel is None:
-        use_kernel = decode_kernel_applies(q, k, v, spec)
+        use_kernel = k.dtype == v.dtype != jnp.int8 and decode_kernel_applies(q, spec, k.dtype)
     if use_kernel:
         import llm_kernels
 

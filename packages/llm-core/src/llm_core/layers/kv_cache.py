@@ -382,9 +382,8 @@ def paged_decode(q, k_pool, v_pool, table, positions, spec, sinks=None, **scales
 
 def reads_int8_in_place(q, spec) -> bool:
     """Whether a step over an int8 cache goes to llm-kernels' C++ decode attention, which reads the
-    int8 rows and their scales in place (a decode step where `decode_kernel_applies` for a float
-    cache of q's dtype); otherwise the cache is dequantized first."""
-    return q.shape[1] == 1 and ops.decode_kernel_applies(q, q, q, spec)
+    int8 rows and their scales in place; otherwise the cache is dequantized first."""
+    return q.shape[1] == 1 and ops.decode_kernel_applies(q, spec, jnp.int8)
 
 
 def is_layer_cache(x) -> bool:
