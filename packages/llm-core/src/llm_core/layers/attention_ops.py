@@ -70,13 +70,17 @@ def _sink_logits(sinks, kh: int, shape):
 def _masked_probs(scores, mask, sinks, kh: int):
     """Softmax of float32 scores [B, K, G, S, T] over the visible keys (mask broadcast to them);
     sinks [H] join each row's softmax, then are dropped; rows that see no key get zeros."""
+    probs = _softmax_visible(scores, mask, sinks, kh)
+    return jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+
+
+def _softmax_visible(scores, mask, sinks, kh: int):
+    """`_masked_probs` without zeroing the rows that see no key (callers zero their outputs)."""
     scores = jnp.where(mask, scores, NEG_INF)
     if sinks is None:
-        probs = jax.nn.softmax(scores, axis=-1)
-    else:  # the sink column joins the softmax, then is dropped
-        sink = _sink_logits(sinks, kh, scores.shape)
-        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
-    return jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+        return jax.nn.softmax(scores, axis=-1)
+    sink = _sink_logits(sinks, kh, scores.shape)  # the sink column joins, then is dropped
+    return jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
 
 
 def dot_product_attention(
@@ -85,12 +89,18 @@ def dot_product_attention(
     """Reference backend. q [B,S,H,D]; k, v [B,T,K,D] -> [B,S,H,D]."""
     b, s, h, d = q.shape
     kh = k.shape[2]
-    qg = q.reshape(b, s, kh, h // kh, d)
-    scores = _scores(qg, k, spec)
+    # head-major operands ([B, K, ...]: batch dims lead, as XLA:CPU's matmuls take them without
+    # transposing the [S, T] probabilities; bench-small's step: 3% faster)
+    qh = q.reshape(b, s, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
+    kh_, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    scores = einsum_f32("bkgsd,bktd->bkgst", qh, kh_) * spec.scale
+    if spec.logit_softcap is not None:
+        scores = spec.logit_softcap * jnp.tanh(scores / spec.logit_softcap)
     mask = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec)[:, None, None]
-    probs = _masked_probs(scores, mask, sinks, kh)
-    out = einsum_f32("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
-    return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype)
+    probs = _softmax_visible(scores, mask, sinks, kh)
+    out = einsum_f32("bkgst,bktd->bkgsd", probs.astype(v.dtype), vh)
+    out = jnp.where(mask.any(-1, keepdims=True), out, 0.0)  # rows that see no key: zeros
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
 
 def decode_kernel_applies(q, spec, cache_dtype) -> bool:
