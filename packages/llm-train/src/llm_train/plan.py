@@ -51,12 +51,14 @@ def _activation_bytes(cfg: Config, mesh) -> dict[str, float]:
     # per token, per layer, every intermediate of a decoder layer (elements); d-wide ones / sp
     qh, kvh, mm = split(h, "heads") * hd, split(kv, "kv_heads") * hd, split(m, "mlp")
     matmul_outs = qh + 2 * kvh + d / sp + (3 * mm if cfg.gated_mlp else 2 * mm)
-    rope_and_gates = qh + kvh + 2 * mm  # rotated q/k, activation and product
+    # rotated q/k, and the MLP's product (llm_core's gated VJP recomputes the activation; a plain
+    # MLP keeps its activation and the down projection's input)
+    rope_and_gates = qh + kvh + (mm if cfg.gated_mlp else 2 * mm)
     norms_residual = 4 * d / sp
-    # scores, masked scores, exp and probabilities against every key (the ring keeps none: its
-    # backward recomputes each block's)
+    # three tensors against every key: scores, masked scores and probabilities (measured against
+    # the compiled step; the ring keeps none: its backward recomputes each block's)
     ring = mesh.shape.get("context", 1) > 1 and cfg.context_parallel_strategy == "ring"
-    scores = 0 if ring else 4 * split(h, "heads") * cfg.seq_len
+    scores = 0 if ring else 3 * split(h, "heads") * cfg.seq_len
     per_token = matmul_outs + rope_and_gates + norms_residual + scores + qh
     full_layer = b * s * per_token * act
     saved_per_layer = {
