@@ -18,6 +18,7 @@ Pure (weights passed in, no module state) so that the same code runs on one devi
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -51,10 +52,9 @@ def gated_activation(cfg) -> Callable:
             return (up + 1) * gate * jax.nn.sigmoid(gate * alpha)
 
         return clamped
-    from llm_core.layers.mlp import ACTIVATIONS
+    from llm_core.layers.mlp import ACTIVATIONS, gated
 
-    act = ACTIVATIONS[cfg.mlp_activation]
-    return lambda gate, up: act(gate) * up
+    return partial(gated, ACTIVATIONS[cfg.mlp_activation])
 
 
 def resolve_matmul(method: str) -> str:
