@@ -93,11 +93,11 @@ def dot_product_attention(
     # head-major operands ([B, K, ...]: batch dims lead, as XLA:CPU's matmuls take them without
     # transposing the [S, T] probabilities; bench-small's step: 5% faster)
     qh = q.reshape(b, s, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
-    kh_, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
-    scores = _scores(qh, kh_, spec, "bkgsd,bktd->bkgst")
+    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    scores = _scores(qh, keys, spec, "bkgsd,bktd->bkgst")
     mask = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, spec)[:, None, None]
     probs = _softmax_visible(scores, mask, sinks, kh)
-    out = einsum_f32("bkgst,bktd->bkgsd", probs.astype(v.dtype), vh)
+    out = einsum_f32("bkgst,bktd->bkgsd", probs.astype(v.dtype), values)
     out = jnp.where(mask.any(-1, keepdims=True), out, 0.0)  # rows that see no key: zeros
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, v.shape[-1]).astype(q.dtype)
 
