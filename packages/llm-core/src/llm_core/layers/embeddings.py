@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm_core.layers.linear import flat_product
 from llm_core.layers.params import dtype_of, param
 
 
@@ -29,10 +30,6 @@ class Embedder(nnx.Module):
         return x
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output head: x @ embedding^T, accumulated in float32."""
-        return jnp.einsum(
-            "bse,ve->bsv",
-            x,
-            self.embedding[...].astype(x.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        """Tied output head: x @ embedding^T, accumulated in float32 (`flat_product`, as every
+        Linear: the embedding's gradient reads the logits' gradient in place)."""
+        return flat_product(x, self.embedding[...].astype(x.dtype).T, 1, jnp.float32)

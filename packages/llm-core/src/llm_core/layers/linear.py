@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from llm_core.layers.params import param
+from llm_core.layers.sequence_parallel import length_axes
 
 
 class Linear(nnx.Module):
@@ -68,13 +69,30 @@ class Linear(nnx.Module):
     def product(self, x: jax.Array, acc) -> jax.Array:
         """x contracted with `weight` over the input axes, accumulated in `acc`. Quantized variants
         may compute it without materialising the float weight."""
-        n_in = len(self.in_shape)
-        return jax.lax.dot_general(
-            x,
-            self.weight(x.dtype),
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-            preferred_element_type=acc,
-        )
+        return flat_product(x, self.weight(x.dtype), len(self.in_shape), acc)
+
+
+def flat_product(x: jax.Array, w: jax.Array, n_in: int, acc) -> jax.Array:
+    """x [..., *in] contracted with w [*in, *out] over the `n_in` input axes, the leading axes of x
+    merged into one first. With two or more leading axes ([batch, seq]), XLA:CPU computes the
+    weight gradient from a transposed copy of the output gradient; merged, it reads it in place
+    (bench-small's step: 1.06 -> 0.83 s). Not under a mesh that splits the length axis (context or
+    sequence parallelism): merging it with the batch axis would make the partitioner gather it."""
+    lead = x.shape[: x.ndim - n_in]
+    merge = len(lead) > 1 and not _length_split()
+    flat = x.reshape((-1, *x.shape[x.ndim - n_in :])) if merge else x
+    y = jax.lax.dot_general(
+        flat,
+        w,
+        ((tuple(range(flat.ndim - n_in, flat.ndim)), tuple(range(n_in))), ((), ())),
+        preferred_element_type=acc,
+    )
+    return y.reshape(lead + y.shape[flat.ndim - n_in :]) if merge else y
+
+
+def _length_split() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and length_axes(dict(mesh.shape)) is not None
 
 
 class GroupedLinear(nnx.Module):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_core.layers.linear import GroupedLinear, Linear, iter_linears
+from llm_core.layers.linear import GroupedLinear, Linear, flat_product, iter_linears
 from llm_core.layers.quantize import Int8Linear, quantize_int8, set_module
 
 DEFAULT_TARGETS = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
@@ -133,13 +133,8 @@ class LoRALinear(nnx.Module):
                 jax.random.fold_in(key, self.salt[...]), 1.0 - self.dropout, x.shape
             )
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        contract = tuple(range(x.ndim - n_in, x.ndim))
-        h = jax.lax.dot_general(
-            x, self.lora_a[...].astype(x.dtype), ((contract, tuple(range(n_in))), ((), ()))
-        )
-        up = jax.lax.dot_general(
-            h, self.lora_b[...].astype(x.dtype), (((h.ndim - 1,), (0,)), ((), ()))
-        )
+        h = flat_product(x, self.lora_a[...].astype(x.dtype), n_in, x.dtype)
+        up = flat_product(h, self.lora_b[...].astype(x.dtype), 1, x.dtype)
         return (y + (self.scale * up).astype(y.dtype)).astype(y.dtype)
 
 
