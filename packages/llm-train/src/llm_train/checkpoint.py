@@ -6,6 +6,9 @@ A training checkpoint is one orbax step folder holding two items saved together:
           (all equal: the pipelines follow one global data order, so any process count resumes)
 Orbax writes a step into a temporary folder and renames it when complete, so a save killed half-way
 never damages the last good checkpoint.
+
+orbax is imported, and its manager made, on first use: a fresh run's first step does not wait for
+it (0.12 s of a cold start).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 STATE, DATA = "state", "data"
@@ -38,20 +40,35 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
-            enable_async_checkpointing=use_async,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._keep, self._use_async = keep, use_async
+        self._manager = None
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            import orbax.checkpoint as ocp
+
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep if self._keep > 0 else None,
+                enable_async_checkpointing=self._use_async,
+                create=True,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        return self._manager
 
     def latest_step(self) -> int | None:
+        if self._manager is None and not _listable(self.directory):
+            return None  # nothing saved yet: no need for orbax
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        if self._manager is None and not _listable(self.directory):
+            return []
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+        import orbax.checkpoint as ocp
+
         data = {"processes": _gather_json(data_state)}
         return self.manager.save(
             step,
@@ -66,6 +83,8 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        import orbax.checkpoint as ocp
+
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -90,8 +109,15 @@ class Checkpointer:
         return out[STATE], data_state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+
+
+def _listable(directory: str) -> bool:
+    """Whether `directory` exists with anything in it (where a checkpoint could be)."""
+    return os.path.isdir(directory) and any(os.scandir(directory))

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from llm_core import Config, matmul_params
+from llm_train.quiet_imports import without
 
 # Dense peak FLOP/s per device for known accelerators (bf16); the CPU is measured.
 KNOWN_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "h100": 989e12}
@@ -60,14 +61,8 @@ def _import_summary_writer():
     """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever it
     is installed (to accept torch tensors; it works without it), which took 2.5 s of a 6.3 s start
     to the first step on bench-small. Unless torch is already loaded, it is hidden for the import."""
-    hidden = "torch" not in sys.modules
-    if hidden:
-        sys.modules["torch"] = None  # `import torch` now raises ImportError
-    try:
+    with without("torch"):
         from tensorboardX import SummaryWriter
-    finally:
-        if hidden and sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
     return SummaryWriter
 
 
