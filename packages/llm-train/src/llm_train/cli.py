@@ -7,6 +7,7 @@ import os
 import sys
 
 from llm_train.host_memory import HUGE_PAGES_MIN_STEPS, rerun_with_huge_pages
+from llm_train.start_up import pause_gc, resume_gc
 
 EPILOG = """examples:
   llm-train train pretrain.yml model_name=llama3.2-1b dataset_kind=text \\
@@ -78,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pause_gc()  # until the first train step is done (llm_train.start_up)
+    try:
+        return _main(argv)
+    finally:
+        resume_gc()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [x for x in extra if "=" not in x or x.startswith("-")]

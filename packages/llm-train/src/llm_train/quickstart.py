@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from llm_train.host_memory import rerun_with_huge_pages
+from llm_train.start_up import pause_gc
 
 # Sized for about three minutes on 2 CPU cores (measured on the held-out loss of stdlib
 # subpackages the run never sees): at this budget a small model that takes more steps beats a larger
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         rerun_with_huge_pages("llm_train.quickstart", sys.argv[1:])
 
     t_start = time.time()
+    pause_gc()  # until the first train step is done (llm_train.start_up)
     import llm_core
     from llm_core import count_params
     from llm_train.data.tokenizer import load_tokenizer, train_bpe

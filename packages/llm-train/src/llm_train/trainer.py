@@ -21,6 +21,7 @@ from llm_train.data.pipeline import Data
 from llm_train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from llm_train.optim import make_optimizer, make_schedule
 from llm_train.sharding import build_mesh, check_batch
+from llm_train.start_up import resume_gc
 from llm_train.step import Steps
 
 
@@ -201,6 +202,8 @@ def train(
                     }
                     writer.write(record)
                     writer.progress(record)
+                if step == start:
+                    resume_gc()  # start-up is over (llm_train.start_up)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and data.has_eval():
                     ev = evaluate(steps, state, data)
                     result.eval_losses[step + 1] = ev["eval_loss"]
