@@ -53,7 +53,7 @@ class QuantizedLinear(nnx.Module):
     def product(self, x: jax.Array, acc) -> jax.Array:
         return Linear.product(self, x, acc)
 
-    def _flat_product(self, x: jax.Array, matmul, acc) -> jax.Array:
+    def _flat_inputs_product(self, x: jax.Array, matmul, acc) -> jax.Array:
         """x [..., in...] -> matmul(x [..., k]) [..., n] (a weight-only kernel over the flattened
         axes) -> [..., out...] in `acc`."""
         lead = x.shape[: x.ndim - len(self.in_shape)]
@@ -80,7 +80,7 @@ class Int8Linear(QuantizedLinear):
 
         k, n = math.prod(self.in_shape), math.prod(self.out_shape)
         q, scale = self.kernel_q[...].reshape(k, n), self.scale[...].reshape(n)
-        return self._flat_product(x, lambda x2: int8_matmul(x2, q, scale), acc)
+        return self._flat_inputs_product(x, lambda x2: int8_matmul(x2, q, scale), acc)
 
     def weight(self, dtype) -> jax.Array:
         # leading (layer) axes from the scale's rank: inside a scan they are gone
@@ -149,7 +149,7 @@ class Int4Linear(QuantizedLinear):
         n = math.prod(self.out_shape)
         q = self.kernel_q[...].reshape(-1, n)
         scale = self.scale[...].reshape(-1, n)
-        return self._flat_product(x, lambda x2: int4_matmul(x2, q, scale), acc)
+        return self._flat_inputs_product(x, lambda x2: int4_matmul(x2, q, scale), acc)
 
 
 def set_module(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
